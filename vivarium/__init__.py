@@ -1,0 +1,7 @@
+"""vivarium: disposable, network-fenced Debian VMs for AI coding agents."""
+
+from vivarium.sandbox import Sandbox, Status
+
+__all__ = ["Sandbox", "Status"]
+
+__version__ = "0.1.0"

@@ -1,0 +1,3 @@
+from vivarium.cli import main
+
+raise SystemExit(main())

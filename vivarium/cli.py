@@ -1,0 +1,392 @@
+"""The command line: verbs → Sandbox calls. The only place that prints for humans or exits."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import subprocess
+import sys
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from rich.console import Console
+from rich.markup import escape
+from rich.table import Table
+
+from vivarium import config as cfg
+from vivarium import doctor as doctor_mod
+from vivarium.errors import UsageError, VivariumError
+from vivarium.image.build import build_image
+from vivarium.image.recipe import Recipe
+from vivarium.progress import PhaseDisplay
+from vivarium.sandbox import Sandbox, list_sandboxes
+
+out = Console(highlight=False, soft_wrap=True)
+err = Console(stderr=True, highlight=False, soft_wrap=True)
+
+Handler = Callable[[argparse.Namespace], int]
+
+
+# ------------------------------------------------------------ the parser
+
+
+def _add_setting_flags(p: argparse.ArgumentParser) -> None:
+    """One flag per setting that has one, straight from the settings table."""
+    g = p.add_argument_group("settings (override vivarium.toml)")
+    for s in cfg.SETTINGS:
+        if s.flag:
+            g.add_argument(
+                s.flag, dest=f"set:{s.name}", metavar=s.metavar, help=s.help,
+                action="append" if s.repeat else "store",
+            )  # fmt: skip
+
+
+def _overrides(args: argparse.Namespace) -> dict[str, object]:
+    found: dict[str, object] = {}
+    for s in cfg.SETTINGS:
+        value = getattr(args, f"set:{s.name}", None)
+        if value is None:
+            continue
+        if s.name == "share":
+            value = [cfg.parse_share_flag(v) for v in value]
+        found[s.name] = value
+    return found
+
+
+def load_config(args: argparse.Namespace) -> cfg.Config:
+    path = cfg.find_config(args.config, Path.cwd())
+    config = cfg.load(path, _overrides(args))
+    for note in config.notes:
+        err.print(f"[yellow]note:[/] {note}")
+    return config
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vivarium", description="Disposable, network-fenced Debian VMs for AI coding agents.")
+    p.add_argument("--config", type=Path, metavar="FILE", help="settings file (default: ./vivarium.toml)")
+    p.add_argument("--debug", action="store_true", help="log every command run; tracebacks on errors")
+    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
+
+    b = verbs.add_parser("build", help="build the guest image (cached by its recipe)")
+    b.add_argument("--force", action="store_true", help="rebuild even if the image is cached")
+    _add_setting_flags(b)
+    b.set_defaults(func=cmd_build)
+
+    c = verbs.add_parser("config", help="show the effective settings")
+    csub = c.add_subparsers(dest="config_verb", metavar="show", required=True)
+    cs = csub.add_parser("show", help="print the effective settings")
+    cs.add_argument("--json", action="store_true")
+    _add_setting_flags(cs)
+    cs.set_defaults(func=cmd_config_show)
+
+    d = verbs.add_parser("doctor", help="check what this host has and what is missing")
+    d.add_argument("--json", action="store_true")
+    d.set_defaults(func=cmd_doctor)
+
+    _sandbox_verbs(verbs)
+    return p
+
+
+def _name(p: argparse.ArgumentParser, optional: bool = True) -> None:
+    if optional:
+        p.add_argument("name", nargs="?", default="default", help="sandbox name (default: default)")
+    else:
+        p.add_argument("name", help="sandbox name")
+
+
+def _sandbox_verbs(verbs: Any) -> None:
+    u = verbs.add_parser("up", help="build if needed, create if needed, boot, wait for SSH")
+    _name(u)
+    u.add_argument("--auto-ports", action="store_true", help="pick free host ports where the configured ones are busy")
+    u.add_argument("--timeout", type=float, metavar="SECONDS", help="how long to wait for SSH (default 180 with KVM, 600 with TCG)")
+    _add_setting_flags(u)
+    u.set_defaults(func=cmd_up)
+
+    s = verbs.add_parser("ssh", help="open a shell (or run CMD) in the sandbox over SSH")
+    _name(s)
+    s.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD...")
+    s.set_defaults(func=cmd_ssh)
+
+    e = verbs.add_parser("exec", help="run CMD in the sandbox; exits with its exit code")
+    _name(e)
+    e.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD...")
+    e.set_defaults(func=cmd_exec)
+
+    sc = verbs.add_parser("ssh-config", help="print a Host block for ~/.ssh/config")
+    _name(sc)
+    sc.set_defaults(func=cmd_ssh_config)
+
+    ls = verbs.add_parser("ls", help="list sandboxes")
+    ls.add_argument("--json", action="store_true")
+    ls.set_defaults(func=cmd_ls)
+
+    st = verbs.add_parser("status", help="state, pid, accelerator, ports, image, uptime")
+    _name(st)
+    st.add_argument("--json", action="store_true")
+    st.set_defaults(func=cmd_status)
+
+    lg = verbs.add_parser("logs", help="the serial console log")
+    _name(lg)
+    lg.add_argument("-f", "--follow", action="store_true")
+    lg.set_defaults(func=cmd_logs)
+
+    sp = verbs.add_parser("stop", help="power off (ACPI), kill after a timeout")
+    _name(sp)
+    sp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
+    sp.set_defaults(func=cmd_stop)
+
+    d = verbs.add_parser("destroy", help="stop and delete the sandbox and its disk")
+    _name(d)
+    d.set_defaults(func=cmd_destroy)
+
+    r = verbs.add_parser("reset", help="back to the pristine image (a new overlay); restarts it if it ran")
+    _name(r)
+    r.add_argument("--timeout", type=float, metavar="SECONDS")
+    r.set_defaults(func=cmd_reset)
+
+    pt = verbs.add_parser("port", help="add, remove or list forwarded ports at runtime")
+    _name(pt, optional=False)
+    psub = pt.add_subparsers(dest="port_verb", metavar="add|rm|ls", required=True)
+    pa = psub.add_parser("add", help="forward HOST:GUEST (bound to 127.0.0.1 unless --bind)")
+    pa.add_argument("spec", metavar="HOST:GUEST")
+    pa.add_argument("--bind", default="127.0.0.1")
+    pr = psub.add_parser("rm", help="remove the forward on host port HOST")
+    pr.add_argument("host", type=int, metavar="HOST")
+    pl = psub.add_parser("ls", help="list forwards")
+    pl.add_argument("--json", action="store_true")
+    pt.set_defaults(func=cmd_port)
+
+
+# --------------------------------------------------------------- verbs
+
+
+def _command(args: argparse.Namespace) -> list[str]:
+    return list(args.command)
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    box = Sandbox(args.name, load_config(args))
+    if box.exists() and box.pid() is not None:
+        err.print(f"sandbox {args.name!r} is already running")
+        _print_connect(box)
+        return 0
+    for f in box.config.forward:
+        if f.bind not in ("127.0.0.1", "::1"):
+            err.print(f"[yellow]warning:[/] host port {f.host} is bound to {f.bind}: reachable from your network")
+    with PhaseDisplay(f"up {args.name}", err) as show:
+        status = box.up(progress=show, auto_ports=args.auto_ports, timeout=args.timeout)
+        took = show.elapsed()
+    meta = box.meta()
+    err.print(f"sandbox {args.name!r} is up in {took:.1f}s ({status.accel}: {meta.get('accel_reason', '')})")
+    _print_connect(box)
+    return 0
+
+
+def _print_connect(box: Sandbox) -> None:
+    st = box.status()
+    out.print(f"  vivarium ssh {box.name}        # or: ssh -p {st.ssh_port} {st.user}@127.0.0.1 -i {box.dir.key}")
+    for p in st.ports:
+        out.print(f"  {p['bind']}:{p['host']} → guest {p['guest']}")
+
+
+def cmd_ssh(args: argparse.Namespace) -> int:
+    box = Sandbox(args.name)
+    cmd = _command(args)
+    argv = box.target().argv(cmd, tty=sys.stdin.isatty() or None, batch=False)
+    return subprocess.call(argv)
+
+
+def cmd_exec(args: argparse.Namespace) -> int:
+    cmd = _command(args)
+    if not cmd:
+        raise UsageError("exec needs a command", hint=f"vivarium exec {args.name} -- CMD...")
+    box = Sandbox(args.name)
+    return box.exec(cmd).returncode
+
+
+def cmd_ssh_config(args: argparse.Namespace) -> int:
+    out.print(Sandbox(args.name).target().config_block(), end="")
+    return 0
+
+
+def cmd_ls(args: argparse.Namespace) -> int:
+    rows = [b.status() for b in list_sandboxes()]
+    if args.json:
+        out.print_json(json.dumps([r.to_dict() for r in rows]))
+        return 0
+    t = Table("name", "state", "accel", "ssh", "memory", "cpus", "uptime")
+    for r in rows:
+        t.add_row(r.name, r.state, r.accel, str(r.ssh_port or ""), r.memory, str(r.cpus), _uptime(r.uptime))
+    out.print(t)
+    return 0
+
+
+def _uptime(seconds: float | None) -> str:
+    if seconds is None:
+        return ""
+    m, s = divmod(int(seconds), 60)
+    h, m = divmod(m, 60)
+    return f"{h}h{m:02d}m" if h else f"{m}m{s:02d}s"
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    st = Sandbox(args.name).status()
+    if args.json:
+        out.print_json(json.dumps(st.to_dict()))
+        return 0
+    for key, value in st.to_dict().items():
+        if key == "ports":
+            value = ", ".join(f"{p['bind']}:{p['host']}→{p['guest']}" for p in value)
+        elif key == "uptime":
+            value = _uptime(value)
+        out.print(f"{key:8} {value if value is not None else ''}")
+    return 0
+
+
+def cmd_logs(args: argparse.Namespace) -> int:
+    box = Sandbox(args.name)
+    box.meta()
+    path = box.dir.serial
+    if not path.exists():
+        err.print("no console log yet")
+        return 0
+    with path.open(errors="replace") as f:
+        sys.stdout.write(f.read())
+        while args.follow:
+            line = f.readline()
+            if line:
+                sys.stdout.write(line)
+                sys.stdout.flush()
+            else:
+                time.sleep(0.3)
+    return 0
+
+
+def cmd_stop(args: argparse.Namespace) -> int:
+    how = Sandbox(args.name).stop(timeout=args.timeout)
+    err.print(f"sandbox {args.name!r}: {how}")
+    return 0
+
+
+def cmd_destroy(args: argparse.Namespace) -> int:
+    Sandbox(args.name).destroy()
+    err.print(f"sandbox {args.name!r} destroyed")
+    return 0
+
+
+def cmd_reset(args: argparse.Namespace) -> int:
+    box = Sandbox(args.name)
+    started = time.monotonic()
+    with PhaseDisplay(f"reset {args.name}", err) as show:
+        restarted = box.reset(progress=show, timeout=args.timeout)
+    again = " and started again" if restarted else ""
+    err.print(f"sandbox {args.name!r} reset to its image{again} in {time.monotonic() - started:.1f}s")
+    return 0
+
+
+def cmd_port(args: argparse.Namespace) -> int:
+    box = Sandbox(args.name)
+    if args.port_verb == "add":
+        host_s, _, guest_s = args.spec.partition(":")
+        try:
+            host, guest = cfg.parse_port(host_s, "HOST"), cfg.parse_port(guest_s or host_s, "GUEST")
+        except VivariumError as e:
+            raise UsageError(f"port add: {e.message}", hint="write it as HOST:GUEST, e.g. 8080:80") from None
+        box.port_add(host, guest, args.bind)
+        err.print(f"{args.bind}:{host} → guest {guest}")
+    elif args.port_verb == "rm":
+        box.port_rm(args.host)
+    else:
+        ports = box.status().ports
+        if args.json:
+            out.print_json(json.dumps(ports))
+        else:
+            for p in ports:
+                out.print(f"{p['bind']}:{p['host']} → guest {p['guest']}")
+    return 0
+
+
+def cmd_build(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    image, built = build_with_progress(config, force=args.force)
+    if built:
+        err.print(f"built image {image.key} in {image.manifest['seconds']:.0f}s ({image.manifest['mode']} mode, kernel {image.manifest['kernel']})")
+    else:
+        err.print(f"image {image.key} is up to date (cached)")
+    if image.left_out:
+        err.print(f"[yellow]warning:[/] this image lacks {', '.join(image.left_out)}: the download host was unreachable at build time; "
+                  "`vivarium build --force` when online")  # fmt: skip
+    out.print(str(image.path))
+    return 0
+
+
+def build_with_progress(config: cfg.Config, *, force: bool = False) -> tuple[Any, bool]:
+    recipe = Recipe.from_config(config)
+    with PhaseDisplay("build", err) as show:
+        return build_image(recipe, force=force, progress=show)
+
+
+def cmd_config_show(args: argparse.Namespace) -> int:
+    config = load_config(args)
+    data = cfg.to_dict(config)
+    if args.json:
+        out.print_json(json.dumps(data))
+        return 0
+    out.print(f"# effective settings{' from ' + str(config.source) if config.source else ' (defaults)'}")
+    for s in cfg.SETTINGS:
+        value = data[s.section][s.key] if s.section else data[s.key]
+        out.print(f"{s.name:24} {json.dumps(value)}")
+    return 0
+
+
+def cmd_doctor(args: argparse.Namespace) -> int:
+    results = doctor_mod.checks()
+    bad = [c for c in results if not c.ok and c.required]
+    if args.json:
+        out.print_json(json.dumps([c.__dict__ for c in results]))
+    else:
+        t = Table("check", "", "detail", "fix")
+        for c in results:
+            mark = "[green]ok[/]" if c.ok else ("[red]missing[/]" if c.required else "[yellow]no[/]")
+            t.add_row(c.name, mark, c.detail, c.fix)
+        out.print(t)
+    return 1 if bad else 0
+
+
+# --------------------------------------------------------------- main
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = parser()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    # Everything after the first `--` is the guest command, never our options.
+    command: list[str] | None = None
+    if "--" in argv:
+        at = argv.index("--")
+        argv, command = argv[:at], argv[at + 1 :]
+    args = p.parse_args(argv)
+    if command is not None:
+        if not hasattr(args, "command"):
+            p.error(f"{args.verb} takes no command after --")
+        args.command = [*getattr(args, "command", []), *command]
+    logging.basicConfig(
+        level=logging.DEBUG if args.debug else logging.WARNING,
+        format="%(name)s: %(message)s",
+        stream=sys.stderr,
+    )
+    try:
+        code: int = args.func(args)
+        return code
+    except VivariumError as e:
+        if args.debug:
+            raise
+        err.print(f"[red]error:[/] {escape(e.message)}")
+        if e.hint:
+            err.print(f"  hint: {escape(e.hint)}")
+        return e.exit_code
+    except KeyboardInterrupt:
+        err.print("interrupted")
+        return 130

@@ -1,0 +1,66 @@
+"""`vivarium doctor`: what this host has, what is missing, and which package brings it."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+
+from vivarium import state
+from vivarium.errors import MissingProgram
+from vivarium.run import PACKAGES, find_program, run
+from vivarium.vm import accel
+
+MIN_FREE = 8 << 30  # an image build needs a few GiB; instances grow from there
+
+
+@dataclass(frozen=True)
+class Check:
+    name: str
+    ok: bool
+    detail: str
+    fix: str = ""
+    required: bool = True
+
+
+def checks(kernel: Path | None = None) -> list[Check]:
+    out = [_program(p) for p in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "ssh", "ssh-keygen")]
+    out.append(_program("tmux", required=False))
+    try:
+        a = accel.choose(kernel)
+        out.append(Check("KVM usable", a.name == "kvm", a.reason, "" if a.name == "kvm" else "vivarium boots with TCG instead", required=False))
+    except MissingProgram as e:
+        out.append(Check("KVM usable", False, str(e), e.hint, required=False))
+    out.append(_userns())
+    out.append(_free_disk())
+    return out
+
+
+def _program(name: str, required: bool = True) -> Check:
+    try:
+        path = find_program(name)
+    except MissingProgram:
+        return Check(name, False, "not found", f"apt-get install {PACKAGES[name]}", required)
+    return Check(name, True, path, required=required)
+
+
+def _userns() -> Check:
+    if os.geteuid() == 0:
+        return Check("user namespaces", True, "not needed: running as root (image builds use root mode)", required=False)
+    try:
+        run(["unshare", "--map-auto", "--map-root-user", "--", "true"], timeout=10)
+    except Exception as e:  # noqa: BLE001 - any failure means "not usable"
+        return Check("user namespaces", False, f"rootless builds unavailable: {e}",
+                     "apt-get install uidmap; give your user ranges in /etc/subuid and /etc/subgid", required=True)  # fmt: skip
+    return Check("user namespaces", True, "unprivileged user namespaces work (rootless builds)", required=False)
+
+
+def _free_disk() -> Check:
+    where = state.cache_dir()
+    probe = where
+    while not probe.exists():
+        probe = probe.parent
+    free = shutil.disk_usage(probe).free
+    detail = f"{free / (1 << 30):.1f} GiB free at {where}"
+    return Check("free disk", free >= MIN_FREE, detail, "free some space or set VIVARIUM_HOME elsewhere")

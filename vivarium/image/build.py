@@ -1,0 +1,351 @@
+"""Build the guest image: mmdebstrap → ext4 → qcow2 base disk, kernel, initrd.
+
+Images live in the cache under their recipe key. A build works in a temporary
+directory beside the cache entry and renames it into place only when complete,
+so an interrupted build leaves nothing half-made behind.
+"""
+
+from __future__ import annotations
+
+import fcntl
+import hashlib
+import json
+import logging
+import os
+import shlex
+import shutil
+import subprocess
+import time
+import urllib.error
+import urllib.request
+import uuid
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vivarium import state
+from vivarium.config import Download
+from vivarium.errors import BuildError, DownloadError
+from vivarium.guest import CUSTOMIZE, EARLY, FINAL_HOSTS, FINAL_RESOLV, ROOTFS
+from vivarium.image.recipe import Recipe
+from vivarium.run import find_program, run, spawn
+
+log = logging.getLogger("vivarium.build")
+
+HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
+
+# Report a phase name and a detail line. The CLI draws it; tests collect it.
+Progress = Callable[[str, str], None]
+
+
+def _quiet(phase: str, detail: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Image:
+    key: str
+    path: Path
+    manifest: dict[str, Any]
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "base.qcow2"
+    @property
+    def kernel(self) -> Path:
+        return self.path / "vmlinuz"
+    @property
+    def initrd(self) -> Path:
+        return self.path / "initrd.img"
+
+    @property
+    def build_id(self) -> str:
+        return str(self.manifest["build_id"])
+
+    @property
+    def left_out(self) -> list[str]:
+        return list(self.manifest.get("left_out", []))
+
+
+def find_image(key: str) -> Image | None:
+    path = state.images_dir() / key
+    try:
+        manifest = json.loads((path / "manifest.json").read_text())
+    except (OSError, ValueError):
+        return None
+    image = Image(key, path, manifest)
+    if not all(p.is_file() for p in (image.disk, image.kernel, image.initrd)):
+        return None
+    return image
+
+
+def rootless() -> bool:
+    return os.geteuid() != 0
+
+
+def userns_prefix() -> list[str]:
+    """Run a command as root in a user namespace mapping our subordinate ids.
+
+    A rootless mmdebstrap leaves files owned by subordinate uids; reading them
+    back with their in-image owners needs the same mapping.
+    """
+    return ["unshare", "--map-auto", "--map-root-user", "--"] if rootless() else []
+
+
+def build_image(recipe: Recipe, *, force: bool = False, progress: Progress = _quiet) -> tuple[Image, bool]:
+    """The image for `recipe`, built unless cached. Returns (image, was_built)."""
+    key = recipe.key()
+    root = state.images_dir()
+    root.mkdir(parents=True, exist_ok=True)
+    with _build_lock(root / f".{key}.lock"):
+        cached = find_image(key)
+        if cached and not force:
+            return cached, False
+        for stale in root.glob(f".tmp-{key}-*"):
+            _remove_tree(stale)
+        tmp = root / f".tmp-{key}-{os.getpid()}"
+        tmp.mkdir()
+        try:
+            _build_into(tmp, recipe, progress)
+            final = root / key
+            if final.exists():
+                # Running instances keep their open base; stopped ones see the
+                # new build id and are told to reset.
+                old = root / f".old-{key}-{os.getpid()}"
+                final.rename(old)
+                shutil.rmtree(old, ignore_errors=True)
+            tmp.rename(final)
+        except BaseException:
+            _remove_tree(tmp)
+            raise
+    image = find_image(key)
+    assert image is not None
+    return image, True
+
+
+@contextmanager
+def _build_lock(path: Path) -> Iterator[None]:
+    with open(path, "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        yield
+
+
+def _remove_tree(path: Path) -> None:
+    if rootless() and path.exists():
+        subprocess.run([*userns_prefix(), "rm", "-rf", str(path)], check=False)
+    shutil.rmtree(path, ignore_errors=True)
+
+
+def _build_into(tmp: Path, recipe: Recipe, progress: Progress) -> dict[str, Any]:
+    started = time.monotonic()
+    for prog in ("mmdebstrap", "mke2fs", "qemu-img", *(["unshare", "newuidmap"] if rootless() else [])):
+        find_program(prog)
+
+    overlay = tmp / "overlay"
+    overlay.mkdir()
+    got, left_out = fetch_downloads(recipe.downloads, overlay, progress)
+
+    rootdir = tmp / "root"
+    argv = mmdebstrap_argv(recipe, rootdir, overlay, mode="unshare" if rootless() else "root")
+    logfile = tmp / "build.log"
+    _run_mmdebstrap(argv, logfile, progress)
+
+    progress("pack", "ext4 filesystem")
+    raw = tmp / "base.raw"
+    ns = userns_prefix()
+    used = int(run([*ns, "du", "-s", "--block-size=1", rootdir]).stdout.split()[0])
+    size_mib = (used * 6 // 5) // (1 << 20) + 512
+    run([*ns, "mke2fs", "-q", "-t", "ext4", "-m", "0", "-i", "8192", "-L", "vivarium", "-d", rootdir, raw, f"{size_mib}M"])
+    kernel_version = _copy_boot(rootdir, tmp)
+    _remove_tree(rootdir)
+    progress("pack", "qcow2 base disk")
+    run(["qemu-img", "convert", "-O", "qcow2", raw, tmp / "base.qcow2"])
+    raw.unlink()
+    shutil.rmtree(overlay)
+
+    manifest = {
+        "key": recipe.key(),
+        "build_id": uuid.uuid4().hex[:12],
+        "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+        "seconds": round(time.monotonic() - started, 1),
+        "mode": "rootless" if rootless() else "root",
+        "kernel": kernel_version,
+        "downloads": got,
+        "left_out": left_out,
+        "recipe": recipe.describe(),
+    }
+    (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
+    return manifest
+
+
+def mmdebstrap_argv(recipe: Recipe, target: Path, overlay: Path, *, mode: str) -> list[str]:
+    """The mmdebstrap command line for a recipe: pure, so tests can read it."""
+    q = shlex.quote
+    # Build-time network inside the image is the host's: its name overrides and
+    # CA bundle (a TLS-inspecting proxy), in /tmp only, gone before packing.
+    ca = "/tmp/vivarium-host-ca.crt"
+    ca_env = " ".join(f"{v}={ca}" for v in ("NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO"))
+    in_image = f'chroot "$1" env HOME=/root DEBIAN_FRONTEND=noninteractive {ca_env}'
+    hooks = [
+        f"--essential-hook=sync-in {q(str(EARLY))} /",
+        f"--customize-hook=sync-in {q(str(ROOTFS))} /",
+        f"--customize-hook=sync-in {q(str(overlay))} /",
+        f"--customize-hook=upload {q(str(CUSTOMIZE))} /tmp/vivarium-customize.sh",
+        f"--customize-hook={in_image} sh /tmp/vivarium-customize.sh {q(recipe.user)} {recipe.uid}",
+        f'--customize-hook=cp /etc/hosts "$1/etc/hosts"; cat {q(str(HOST_CA))} > "$1{ca}" 2>/dev/null || : > "$1{ca}"',
+    ]
+    if recipe.agents:
+        pkgs = " ".join(q(p) for p in recipe.npm_packages())
+        hooks.append(f"--customize-hook={in_image} npm install --global --no-fund --no-audit --loglevel=error {pkgs}")
+    if recipe.setup:
+        hooks.append(f"--customize-hook=cat > \"$1/tmp/vivarium-setup.sh\" <<'VIVARIUM_SETUP_EOF'\n{recipe.setup}\nVIVARIUM_SETUP_EOF")
+        hooks.append(f"--customize-hook={in_image} sh -e /tmp/vivarium-setup.sh")
+    hooks.append('--customize-hook=rm -rf "$1"/tmp/vivarium-* "$1"/root/.npm "$1"/var/cache/apt/archives/*.deb')
+    hooks.append(f"--customize-hook=upload {q(str(FINAL_HOSTS))} /etc/hosts")
+    hooks.append(f"--customize-hook=upload {q(str(FINAL_RESOLV))} /etc/resolv.conf")
+    hooks.append("--customize-hook=echo vivarium > \"$1/etc/hostname\"")
+    dpkg_excludes = [
+        "path-exclude=/usr/share/man/*",
+        "path-exclude=/usr/share/info/*",
+        "path-exclude=/usr/share/doc/*",
+        "path-include=/usr/share/doc/*/copyright",
+        "path-exclude=/usr/share/locale/*",
+        "path-include=/usr/share/locale/locale.alias",
+    ]
+    return [
+        "mmdebstrap",
+        f"--mode={mode}",
+        "--variant=minbase",
+        "--format=directory",
+        f"--include={','.join(recipe.packages)}",
+        *(f"--dpkgopt={o}" for o in dpkg_excludes),
+        *hooks,
+        recipe.suite,
+        str(target),
+        recipe.mirror,
+    ]
+
+
+ORDER = ("resolve", "download", "install", "customise", "pack")
+
+# mmdebstrap's progress lines → our phases
+_PHASES = (
+    ("running apt-get update", "resolve"),
+    ("downloading packages", "download"),
+    ("extracting archives", "install"),
+    ("installing essential", "install"),
+    ("installing remaining", "install"),
+    ("running --customize-hook", "customise"),
+    ("running special hook", "customise"),
+    ("running --essential-hook", "install"),
+    ("cleaning package lists", "customise"),
+)
+
+
+def _run_mmdebstrap(argv: list[str], logfile: Path, progress: Progress) -> None:
+    progress("resolve", "starting mmdebstrap")
+    current = "resolve"
+    remaining = False
+    with logfile.open("w") as out:
+        proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        assert proc.stdout is not None
+        try:
+            for line in proc.stdout:
+                out.write(line)
+                text = line.strip()
+                if "installing remaining" in text:
+                    remaining = True
+                for needle, phase in _PHASES:
+                    if phase == "customise" and not remaining:
+                        phase = "install"  # the essential hook runs mid-install
+                    # Phases only move forward.
+                    if needle in text and ORDER.index(phase) >= ORDER.index(current):
+                        current = phase
+                        progress(phase, text.removeprefix("I: "))
+                        break
+            rc = proc.wait()
+        except BaseException:
+            proc.terminate()
+            proc.wait()
+            raise
+    if rc != 0:
+        saved = state.cache_dir() / "logs" / "build-failed.log"
+        saved.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(logfile, saved)
+        lines = [ln for ln in logfile.read_text().splitlines() if ln.strip()]
+        errors = [ln for ln in lines if ln.startswith(("E:", "W: hook", "npm ERR", "npm error"))]
+        last = (errors or lines or ["no output"])[-1]
+        raise BuildError(f"mmdebstrap failed: {last}", hint=f"full log: {saved}")
+
+
+def _copy_boot(rootdir: Path, dest: Path) -> str:
+    """Copy the kernel and initrd out of the image; return the kernel version."""
+    ns = userns_prefix()
+    names = run([*ns, "ls", rootdir / "boot"]).stdout.split()
+    kernels = sorted(n for n in names if n.startswith("vmlinuz-"))
+    if not kernels:
+        raise BuildError("the image has no kernel in /boot", hint="keep linux-image-cloud-amd64 in the package list")
+    version = kernels[-1].removeprefix("vmlinuz-")
+    for src, name in ((f"vmlinuz-{version}", "vmlinuz"), (f"initrd.img-{version}", "initrd.img")):
+        run([*ns, "cp", rootdir / "boot" / src, dest / name])
+    return version
+
+
+# ---------------------------------------------------------------- downloads
+
+USER_AGENT = "vivarium (image build)"
+
+
+def fetch_downloads(downloads: tuple[Download, ...], overlay: Path, progress: Progress) -> tuple[list[dict[str, str]], list[str]]:
+    """Fetch and verify each download into `overlay` at its destination path.
+
+    A wrong checksum or an HTTP error fails the build. A host that cannot be
+    reached (no network) leaves the tool out, and says so.
+    """
+    got: list[dict[str, str]] = []
+    left_out: list[str] = []
+    cache = state.cache_dir() / "downloads"
+    for d in downloads:
+        progress("download", f"{d.name} from {d.url}")
+        cached = cache / d.sha256
+        if not cached.is_file():
+            try:
+                data = _fetch(d)
+            except _Unreachable as e:
+                log.warning("left out %s: %s is unreachable (%s)", d.name, d.url, e)
+                left_out.append(d.name)
+                continue
+            cache.mkdir(parents=True, exist_ok=True)
+            part = cache / f".{d.sha256}.part"
+            part.write_bytes(data)
+            part.rename(cached)
+        target = overlay / d.dest.lstrip("/")
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(cached, target)
+        target.chmod(0o755)
+        got.append({"name": d.name, "url": d.url, "sha256": d.sha256, "dest": d.dest})
+    return got, left_out
+
+
+class _Unreachable(Exception):
+    pass
+
+
+def _fetch(d: Download, timeout: float = 30.0) -> bytes:
+    req = urllib.request.Request(d.url, headers={"User-Agent": USER_AGENT})
+    try:
+        with urllib.request.urlopen(req, timeout=timeout) as resp:
+            data: bytes = resp.read()
+    except urllib.error.HTTPError as e:
+        raise DownloadError(f"download {d.name}: {d.url} answered {e.code} {e.reason}", hint="fix the url in [[image.download]]") from None
+    except (urllib.error.URLError, TimeoutError, ConnectionError) as e:
+        raise _Unreachable(getattr(e, "reason", e)) from None
+    actual = hashlib.sha256(data).hexdigest()
+    if actual != d.sha256:
+        raise DownloadError(
+            f"download {d.name}: {d.url} has sha256 {actual}, expected {d.sha256}",
+            hint="the file changed or the sum is wrong; check it before trusting it",
+        )
+    return data

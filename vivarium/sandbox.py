@@ -1,0 +1,413 @@
+"""Sandbox: one named VM instance through its life. Also the Python API.
+
+    from vivarium import Sandbox
+    box = Sandbox("default")
+    box.up()
+    box.exec(["uname", "-a"])
+    box.reset()
+
+build → create → start → ready → stop / reset / destroy. The CLI is a thin
+layer over this class.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import shutil
+import socket
+import subprocess
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+from vivarium import config as cfg
+from vivarium import ssh, state
+from vivarium.errors import InstanceError, UsageError, VMError
+from vivarium.image.build import Image, build_image, find_image
+from vivarium.image.recipe import Recipe
+from vivarium.run import run
+from vivarium.vm import accel as accel_mod
+from vivarium.vm import machine
+from vivarium.vm.qemu import MachineSpec, PortForward
+
+Progress = Callable[[str, str], None]
+
+# The guest prints these on its serial console as it comes up (boot-setup).
+PHASE_MARK = "vivarium-phase:"
+SSH_PORT = 22
+
+
+def _quiet(phase: str, detail: str) -> None:
+    pass
+
+
+@dataclass(frozen=True)
+class Status:
+    name: str
+    state: str  # running | stopped | crashed
+    pid: int | None
+    accel: str
+    ports: list[dict[str, Any]]
+    image: str
+    uptime: float | None
+    ssh_port: int | None
+    user: str
+    memory: str
+    cpus: int
+    path: str
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+class Sandbox:
+    """A named instance. Cheap to construct; nothing happens until a method is called."""
+
+    def __init__(self, name: str = "default", config: cfg.Config | None = None) -> None:
+        self.dir = state.InstanceDir.of(name)
+        self.name = name
+        self._config = config
+
+    # ------------------------------------------------------------ queries
+
+    @property
+    def config(self) -> cfg.Config:
+        if self._config is None:
+            self._config = cfg.load(cfg.find_config(None, Path.cwd()))
+        return self._config
+
+    def exists(self) -> bool:
+        return self.dir.exists()
+
+    def meta(self) -> dict[str, Any]:
+        return self.dir.read_meta()
+
+    def pid(self) -> int | None:
+        return machine.read_pid(self.dir.pidfile, self.name)
+
+    def state(self) -> str:
+        if self.pid() is not None:
+            return "running"
+        meta = self.meta()
+        return "crashed" if meta.get("running") else "stopped"
+
+    def status(self) -> Status:
+        meta = self.meta()
+        pid = self.pid()
+        st = "running" if pid else ("crashed" if meta.get("running") else "stopped")
+        started = meta.get("started_at")
+        return Status(
+            name=self.name,
+            state=st,
+            pid=pid,
+            accel=meta.get("accel", ""),
+            ports=meta.get("ports", []),
+            image=meta.get("image", ""),
+            uptime=round(time.time() - started, 1) if pid and started else None,
+            ssh_port=meta.get("ssh_port"),
+            user=meta.get("user", ""),
+            memory=cfg.format_size(meta.get("memory", 0)),
+            cpus=meta.get("cpus", 0),
+            path=str(self.dir.path),
+        )
+
+    def target(self) -> ssh.Target:
+        meta = self.meta()
+        if self.pid() is None:
+            raise InstanceError(f"sandbox {self.name!r} is not running", hint=f"start it with `vivarium up {self.name}`")
+        return ssh.Target(
+            alias=f"vivarium-{self.name}", user=meta["user"], port=meta["ssh_port"],
+            key=self.dir.key, known_hosts=self.dir.known_hosts,
+        )  # fmt: skip
+
+    # ---------------------------------------------------------- lifecycle
+
+    def up(self, *, progress: Progress = _quiet, auto_ports: bool = False, timeout: float | None = None) -> Status:
+        """Build if needed, create if needed, start if stopped, wait for SSH."""
+        with self.dir.lock():
+            if self.exists() and self.pid() is not None:
+                return self.status()
+            image = self._image(progress)
+            if not self.exists():
+                self._create(image)
+            meta = self.meta()
+            if meta["build_id"] != image.build_id:
+                raise InstanceError(
+                    f"sandbox {self.name!r} was made from an image that has since been rebuilt",
+                    hint=f"`vivarium reset {self.name}` starts it afresh from the new image",
+                )
+            self._start(meta, image, progress, auto_ports=auto_ports, timeout=timeout)
+        return self.status()
+
+    def _image(self, progress: Progress) -> Image:
+        if self.exists():
+            key = self.meta()["image"]
+            image = find_image(key)
+            if image is None:
+                raise InstanceError(
+                    f"the image of sandbox {self.name!r} ({key}) is gone from the cache",
+                    hint=f"`vivarium reset {self.name}` rebuilds it from the current settings",
+                )
+            return image
+        image, _ = build_image(Recipe.from_config(self.config), progress=progress)
+        return image
+
+    def _create(self, image: Image) -> None:
+        """A new instance: overlay disks on the base, keys. Milliseconds."""
+        c = self.config
+        self.dir.path.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.dir.path, 0o700)
+        self._new_disks(image, c.vm.disk, c.vm.swap)
+        ssh.make_keys(self.dir.key, self.dir.host_key, self.dir.known_hosts, f"vivarium-{self.name}")
+        self.dir.write_meta({
+            "name": self.name,
+            "created": time.time(),
+            "image": image.key,
+            "build_id": image.build_id,
+            "user": c.vm.user,
+            "disk": c.vm.disk,
+            "swap": c.vm.swap,
+            "running": False,
+        })  # fmt: skip
+
+    def _new_disks(self, image: Image, disk: int, swap: int) -> None:
+        for path in (self.dir.disk, self.dir.swap):
+            path.unlink(missing_ok=True)
+        run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", image.disk, self.dir.disk, str(disk)])
+        run(["qemu-img", "create", "-q", "-f", "qcow2", self.dir.swap, str(swap)])
+
+    def _forwards(self, auto_ports: bool) -> list[PortForward]:
+        """The configured forwards, with a free port swapped in for busy ones if asked."""
+        wanted = [PortForward(f.host, f.guest, f.bind) for f in self.config.forward]
+        if not any(f.guest == SSH_PORT for f in wanted):
+            wanted.append(PortForward(free_port(), SSH_PORT))
+        out = []
+        for f in wanted:
+            if not port_free(f.bind, f.host):
+                if not auto_ports:
+                    holder = port_holder(f.host, exclude=self.name)
+                    who = f" by sandbox {holder!r}" if holder else ""
+                    raise VMError(
+                        f"host port {f.host} (forward to guest port {f.guest}) is in use{who}",
+                        hint="pass --auto-ports to pick free ports, or change [[forward]] in vivarium.toml",
+                    )
+                f = PortForward(free_port(f.bind), f.guest, f.bind)
+            out.append(f)
+        return out
+
+    def _start(self, meta: dict[str, Any], image: Image, progress: Progress, *, auto_ports: bool, timeout: float | None) -> None:
+        c = self.config
+        progress("start", "choosing the accelerator")
+        acc = accel_mod.choose(image.kernel)
+        forwards = self._forwards(auto_ports)
+        ssh_port = next(f.host for f in forwards if f.guest == SSH_PORT)
+        fw = self._write_fw_cfg(meta["user"])
+        spec = MachineSpec(
+            name=self.name, kernel=image.kernel, initrd=image.initrd,
+            disk=self.dir.disk, swap=self.dir.swap,
+            memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
+            forwards=tuple(forwards), qmp=self.dir.qmp, serial=self.dir.serial, pidfile=self.dir.pidfile,
+            fw_cfg=fw,
+        )  # fmt: skip
+        self._resize_disk(c.vm.disk, meta)
+        self.dir.serial.unlink(missing_ok=True)
+        progress("kernel", f"starting QEMU ({acc.name})")
+        pid = machine.start(spec)
+        meta.update({
+            "running": True, "pid": pid, "started_at": time.time(), "accel": acc.name, "accel_reason": acc.reason,
+            "ssh_port": ssh_port, "memory": c.vm.memory, "cpus": c.vm.cpus,
+            "ports": [{"host": f.host, "guest": f.guest, "bind": f.bind} for f in forwards],
+        })  # fmt: skip
+        self.dir.write_meta(meta)
+        limit = timeout or (180.0 if acc.name == "kvm" else 600.0)
+        try:
+            self._wait_ready(pid, ssh_port, limit, progress)
+        except BaseException:
+            machine.kill(pid, self.name)
+            meta["running"] = False
+            self.dir.write_meta(meta)
+            raise
+
+    def _resize_disk(self, disk: int, meta: dict[str, Any]) -> None:
+        if disk > meta.get("disk", 0):
+            run(["qemu-img", "resize", "-q", self.dir.disk, str(disk)])
+            meta["disk"] = disk
+
+    def _write_fw_cfg(self, user: str) -> tuple[tuple[str, Path], ...]:
+        d = self.dir.fwcfg
+        d.mkdir(mode=0o700, exist_ok=True)
+        files = {
+            "user": user,
+            "hostname": self.name if self.name != "default" else "vivarium",
+            "authorized_key": self.dir.key.with_suffix(".pub").read_text().strip(),
+        }
+        out = []
+        for name, text in files.items():
+            (d / name).write_text(text)
+            out.append((name, d / name))
+        out.append(("ssh_host_key", self.dir.host_key))
+        return tuple(out)
+
+    def _wait_ready(self, pid: int, port: int, limit: float, progress: Progress) -> None:
+        target = ssh.Target(
+            alias=f"vivarium-{self.name}", user=self.meta()["user"], port=port,
+            key=self.dir.key, known_hosts=self.dir.known_hosts,
+        )  # fmt: skip
+        deadline = time.monotonic() + limit
+        phase = "kernel"
+        while time.monotonic() < deadline:
+            if not machine.is_ours(pid, self.name):
+                raise VMError(f"QEMU exited while sandbox {self.name!r} was booting: {self._serial_tail(1)}",
+                              hint=f"console log: {self.dir.serial}")  # fmt: skip
+            if phase == "kernel" and PHASE_MARK in self._serial_text():
+                phase = "systemd"
+                progress(phase, "starting services")
+            if ssh.banner("127.0.0.1", port):
+                if phase != "sshd":
+                    phase = "sshd"
+                    progress(phase, "logging in")
+                if ssh.check(target):
+                    return
+            time.sleep(0.25)
+        tail = self._serial_tail(8)
+        raise VMError(
+            f"sandbox {self.name!r} did not answer SSH within {limit:.0f}s (stuck in phase {phase}); last console lines:\n{tail}",
+            hint=f"console log: {self.dir.serial}",
+        )
+
+    def _serial_text(self) -> str:
+        try:
+            return self.dir.serial.read_text(errors="replace")
+        except OSError:
+            return ""
+
+    def _serial_tail(self, n: int) -> str:
+        lines = [ln for ln in self._serial_text().splitlines() if ln.strip()]
+        return "\n".join(lines[-n:]) or "(the console printed nothing)"
+
+    def stop(self, timeout: float = 30.0) -> str:
+        with self.dir.lock():
+            meta = self.meta()
+            pid = self.pid()
+            how = "was not running"
+            if pid is not None:
+                how = machine.stop(pid, self.name, self.dir.qmp, timeout)
+            meta["running"] = False
+            self.dir.write_meta(meta)
+            self.dir.qmp.unlink(missing_ok=True)
+            self.dir.pidfile.unlink(missing_ok=True)
+            return how
+
+    def destroy(self) -> None:
+        if not self.exists():
+            raise InstanceError(f"no sandbox named {self.name!r}", hint="see `vivarium ls`")
+        self.stop(timeout=10)
+        shutil.rmtree(self.dir.path)
+
+    def reset(self, *, progress: Progress = _quiet, timeout: float | None = None) -> bool:
+        """Back to the pristine image: a new overlay. Restarts it if it was running."""
+        was_running = self.pid() is not None
+        if was_running:
+            self.stop()
+        with self.dir.lock():
+            meta = self.meta()
+            image = find_image(meta["image"])
+            recipe_key = Recipe.from_config(self.config).key() if self._config is not None else meta["image"]
+            if image is None or recipe_key != meta["image"]:
+                image, _ = build_image(Recipe.from_config(self.config), progress=progress)
+            self._new_disks(image, meta["disk"], meta["swap"])
+            meta.update({"image": image.key, "build_id": image.build_id, "running": False})
+            self.dir.write_meta(meta)
+        if was_running:
+            self.up(progress=progress, timeout=timeout)
+        return was_running
+
+    # -------------------------------------------------------------- exec
+
+    def exec(
+        self,
+        command: Sequence[str],
+        *,
+        capture: bool = False,
+        input: str | None = None,
+        timeout: float | None = None,
+    ) -> subprocess.CompletedProcess[str]:
+        """Run a command in the guest as the agent user. Its exit code is returned as is."""
+        if not command:
+            raise UsageError("exec needs a command", hint="vivarium exec NAME -- CMD...")
+        argv = self.target().argv(command, tty=False)
+        return subprocess.run(
+            argv,
+            input=input,
+            stdin=None if input is not None else subprocess.DEVNULL,
+            capture_output=capture,
+            text=True,
+            timeout=timeout,
+            check=False,
+        )
+
+    # ------------------------------------------------------------- ports
+
+    def port_add(self, host: int, guest: int, bind: str = "127.0.0.1") -> None:
+        with self.dir.lock():
+            meta = self.meta()
+            if self.pid() is None:
+                raise InstanceError(f"sandbox {self.name!r} is not running")
+            if not port_free(bind, host):
+                holder = port_holder(host)
+                raise VMError(f"host port {host} is in use{f' by sandbox {holder!r}' if holder else ''}")
+            reply = machine.hmp(self.dir.qmp, f"hostfwd_add net0 tcp:{bind}:{host}-:{guest}")
+            if reply:
+                raise VMError(f"QEMU refused the forward: {reply}")
+            meta["ports"].append({"host": host, "guest": guest, "bind": bind})
+            self.dir.write_meta(meta)
+
+    def port_rm(self, host: int) -> None:
+        with self.dir.lock():
+            meta = self.meta()
+            match = [p for p in meta.get("ports", []) if p["host"] == host]
+            if not match:
+                raise UsageError(f"sandbox {self.name!r} forwards no host port {host}", hint=f"see `vivarium port {self.name} ls`")
+            if match[0]["guest"] == SSH_PORT and match[0]["host"] == meta.get("ssh_port"):
+                raise UsageError(f"port {host} carries vivarium's own SSH connection; it stays")
+            reply = machine.hmp(self.dir.qmp, f"hostfwd_remove net0 tcp:{match[0]['bind']}:{host}")
+            if reply and "removed" not in reply:
+                raise VMError(f"QEMU refused to remove the forward: {reply}")
+            meta["ports"] = [p for p in meta["ports"] if p["host"] != host]
+            self.dir.write_meta(meta)
+
+
+def list_sandboxes() -> list[Sandbox]:
+    return [Sandbox(d.name) for d in state.list_instances()]
+
+
+def port_free(bind: str, port: int) -> bool:
+    family = socket.AF_INET6 if ":" in bind else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as s:
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            s.bind((bind, port))
+        except OSError:
+            return False
+    return True
+
+
+def free_port(bind: str = "127.0.0.1") -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+        s.bind((bind, 0))
+        port: int = s.getsockname()[1]
+        return port
+
+
+def port_holder(port: int, exclude: str = "") -> str | None:
+    """Which of our running sandboxes holds host `port`, if any."""
+    for box in list_sandboxes():
+        if box.name == exclude:
+            continue
+        with contextlib.suppress(Exception):
+            if box.pid() is not None and any(p["host"] == port for p in box.meta().get("ports", [])):
+                return box.name
+    return None

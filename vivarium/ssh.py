@@ -1,0 +1,94 @@
+"""SSH into an instance: keys, the ssh argv, readiness.
+
+Each instance has its own client key and its own host key, both made on the
+host; the guest gets them at boot over fw_cfg. So the host knows the guest's
+host key before the first connection and checks it strictly.
+"""
+
+from __future__ import annotations
+
+import shlex
+import socket
+import subprocess
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+
+from vivarium.run import find_program, run
+
+
+def make_keys(client_key: Path, host_key: Path, known_hosts: Path, alias: str) -> None:
+    """Generate the instance's client key and host key, and pin the host key."""
+    for key, comment in ((client_key, f"vivarium-{alias}"), (host_key, f"vivarium-{alias}-host")):
+        key.unlink(missing_ok=True)
+        key.with_suffix(".pub").unlink(missing_ok=True)
+        run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-C", comment, "-f", key])
+    pub = host_key.with_suffix(".pub").read_text().split()
+    known_hosts.write_text(f"{alias} {pub[0]} {pub[1]}\n")
+
+
+@dataclass(frozen=True)
+class Target:
+    """Where and as whom to connect."""
+
+    alias: str  # HostKeyAlias, also the ssh-config Host name
+    user: str
+    port: int
+    key: Path
+    known_hosts: Path
+    host: str = "127.0.0.1"
+
+    def options(self) -> list[str]:
+        return [
+            "-o", f"HostKeyAlias={self.alias}",
+            "-o", f"UserKnownHostsFile={self.known_hosts}",
+            "-o", "StrictHostKeyChecking=yes",
+            "-o", "IdentitiesOnly=yes",
+            "-o", "IdentityAgent=none",
+            "-o", "LogLevel=ERROR",
+            "-o", "ConnectTimeout=10",
+            "-o", "ServerAliveInterval=15",
+            "-i", str(self.key),
+            "-p", str(self.port),
+        ]  # fmt: skip
+
+    def argv(self, command: Sequence[str] = (), *, tty: bool | None = None, batch: bool = True) -> list[str]:
+        """ssh argv; `command` keeps its word boundaries on the far side."""
+        flags = ["-t"] if tty else ["-T"] if tty is False else []
+        if batch:
+            flags += ["-o", "BatchMode=yes"]
+        remote = [shlex.join(command)] if command else []
+        return [find_program("ssh"), *self.options(), *flags, f"{self.user}@{self.host}", "--", *remote]
+
+    def config_block(self) -> str:
+        return "\n".join([
+            f"Host {self.alias}",
+            f"  HostName {self.host}",
+            f"  Port {self.port}",
+            f"  User {self.user}",
+            f"  IdentityFile {self.key}",
+            "  IdentitiesOnly yes",
+            f"  HostKeyAlias {self.alias}",
+            f"  UserKnownHostsFile {self.known_hosts}",
+            "  StrictHostKeyChecking yes",
+            "",
+        ])  # fmt: skip
+
+
+def banner(host: str, port: int, timeout: float = 1.0) -> bool:
+    """Does an SSH server answer on host:port? (No ssh process: cheap to poll.)"""
+    try:
+        with socket.create_connection((host, port), timeout=timeout) as s:
+            s.settimeout(timeout)
+            return s.recv(8).startswith(b"SSH-")
+    except OSError:
+        return False
+
+
+def check(target: Target, timeout: float = 20.0) -> bool:
+    """One real login: sshd up is not enough, the key must be in place."""
+    try:
+        proc = subprocess.run(target.argv(["true"]), stdin=subprocess.DEVNULL, capture_output=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return False
+    return proc.returncode == 0

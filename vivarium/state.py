@@ -1,0 +1,144 @@
+"""Where things live on disk: the image cache, instances, locks, pid files.
+
+VIVARIUM_HOME puts everything under one root (tests use it); otherwise the
+XDG cache and state directories.
+"""
+
+from __future__ import annotations
+
+import errno
+import fcntl
+import json
+import os
+import re
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from vivarium.errors import InstanceError, UsageError
+
+NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
+
+
+def _xdg(var: str, fallback: str) -> Path:
+    value = os.environ.get(var)
+    return Path(value) if value and os.path.isabs(value) else Path.home() / fallback
+
+
+def cache_dir() -> Path:
+    home = os.environ.get("VIVARIUM_HOME")
+    return Path(home) / "cache" if home else _xdg("XDG_CACHE_HOME", ".cache") / "vivarium"
+
+
+def state_dir() -> Path:
+    home = os.environ.get("VIVARIUM_HOME")
+    return Path(home) / "state" if home else _xdg("XDG_STATE_HOME", ".local/state") / "vivarium"
+
+
+def images_dir() -> Path:
+    return cache_dir() / "images"
+
+
+def instances_dir() -> Path:
+    return state_dir() / "instances"
+
+
+def check_name(name: str) -> str:
+    if not NAME_RE.fullmatch(name):
+        raise UsageError(
+            f"{name!r} is not a valid sandbox name",
+            hint="use lowercase letters, digits and '-', at most 31 characters",
+        )
+    return name
+
+
+@dataclass(frozen=True)
+class InstanceDir:
+    """The files of one named instance."""
+
+    name: str
+    path: Path
+
+    @classmethod
+    def of(cls, name: str) -> InstanceDir:
+        return cls(check_name(name), instances_dir() / name)
+
+    @property
+    def disk(self) -> Path:
+        return self.path / "disk.qcow2"
+    @property
+    def swap(self) -> Path:
+        return self.path / "swap.qcow2"
+    @property
+    def key(self) -> Path:
+        return self.path / "id_ed25519"
+    @property
+    def host_key(self) -> Path:
+        return self.path / "ssh_host_ed25519_key"
+    @property
+    def known_hosts(self) -> Path:
+        return self.path / "known_hosts"
+    @property
+    def qmp(self) -> Path:
+        return self.path / "qmp.sock"
+    @property
+    def pidfile(self) -> Path:
+        return self.path / "qemu.pid"
+    @property
+    def serial(self) -> Path:
+        return self.path / "serial.log"
+    @property
+    def meta(self) -> Path:
+        return self.path / "instance.json"
+    @property
+    def lockfile(self) -> Path:
+        return self.path / "lock"
+    @property
+    def fwcfg(self) -> Path:
+        return self.path / "fw_cfg"
+
+    def exists(self) -> bool:
+        return bool(self.meta.exists())
+
+    def read_meta(self) -> dict[str, Any]:
+        try:
+            data: dict[str, Any] = json.loads(self.meta.read_text())
+        except FileNotFoundError:
+            raise InstanceError(f"no sandbox named {self.name!r}", hint="see `vivarium ls`, or create it with `vivarium up`") from None
+        return data
+
+    def write_meta(self, data: dict[str, Any]) -> None:
+        write_atomic(self.meta, json.dumps(data, indent=2) + "\n")
+
+    @contextmanager
+    def lock(self, *, wait: bool = True) -> Iterator[None]:
+        """Hold this instance's lock: one `up`, `stop` or `reset` at a time."""
+        self.path.mkdir(parents=True, exist_ok=True)
+        with open(self.lockfile, "a") as f:
+            try:
+                fcntl.flock(f, fcntl.LOCK_EX | (0 if wait else fcntl.LOCK_NB))
+            except OSError as e:
+                if e.errno in (errno.EAGAIN, errno.EACCES):
+                    raise InstanceError(f"sandbox {self.name!r} is busy with another vivarium command") from None
+                raise
+            try:
+                yield
+            finally:
+                fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def list_instances() -> list[InstanceDir]:
+    root = instances_dir()
+    if not root.is_dir():
+        return []
+    return [InstanceDir(p.name, p) for p in sorted(root.iterdir()) if (p / "instance.json").exists()]
+
+
+def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
+    tmp = path.with_name(f".{path.name}.tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    with os.fdopen(fd, "w") as f:
+        f.write(text)
+    os.replace(tmp, path)

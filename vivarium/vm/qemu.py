@@ -1,0 +1,97 @@
+"""The QEMU command line: a pure function of typed values.
+
+Nothing here touches the disk or reads the config; tests look at the list.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+# The guest's side of QEMU user networking (fixed by slirp's defaults).
+GUEST_IP = "10.0.2.15"
+
+KERNEL_CMDLINE = (
+    "root=/dev/vda rw console=ttyS0 quiet loglevel=3 "
+    "systemd.show_status=false rd.udev.log_level=3 "
+    # The guest is disposable and untrusted as a whole: the host fences it, so
+    # side-channel mitigations inside it only cost boot and run time.
+    "mitigations=off "
+    "tsc=reliable no_timer_check"
+)
+
+
+@dataclass(frozen=True)
+class PortForward:
+    host: int
+    guest: int
+    bind: str = "127.0.0.1"
+
+    def hostfwd(self) -> str:
+        return f"tcp:{self.bind}:{self.host}-:{self.guest}"
+
+
+@dataclass(frozen=True)
+class MachineSpec:
+    """Everything QEMU needs to boot one instance."""
+
+    name: str
+    kernel: Path
+    initrd: Path
+    disk: Path
+    swap: Path
+    memory_mib: int
+    cpus: int
+    accel_args: tuple[str, ...]
+    forwards: tuple[PortForward, ...]
+    qmp: Path
+    serial: Path
+    pidfile: Path
+    fw_cfg: tuple[tuple[str, Path], ...] = ()  # (name under opt/vivarium/, file)
+    cmdline: str = KERNEL_CMDLINE
+    extra: tuple[str, ...] = field(default=())
+
+
+def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
+    """The full qemu-system-x86_64 argv for `spec`."""
+    netdev = ",".join(["user", "id=net0", *(f"hostfwd={f.hostfwd()}" for f in spec.forwards)])
+    argv = [
+        "qemu-system-x86_64",
+        "-name", f"vivarium-{spec.name},process=vivarium-{spec.name}",
+        "-machine", "q35,vmport=off,hpet=off",
+        *spec.accel_args,
+        "-m", f"{spec.memory_mib}M",
+        "-smp", str(spec.cpus),
+        "-nodefaults", "-no-user-config", "-display", "none",
+        "-kernel", str(spec.kernel),
+        "-initrd", str(spec.initrd),
+        "-append", spec.cmdline,
+        "-drive", f"if=none,id=root,file={_escape(spec.disk)},format=qcow2,discard=unmap",
+        "-device", "virtio-blk-pci,drive=root",
+        "-drive", f"if=none,id=swap,file={_escape(spec.swap)},format=qcow2,discard=unmap",
+        "-device", "virtio-blk-pci,drive=swap",
+        "-netdev", netdev,
+        "-device", "virtio-net-pci,netdev=net0",
+        "-object", "rng-random,id=rng0,filename=/dev/urandom",
+        "-device", "virtio-rng-pci,rng=rng0",
+        "-chardev", f"file,id=serial0,path={_escape(spec.serial)}",
+        "-serial", "chardev:serial0",
+        "-qmp", f"unix:{_escape(spec.qmp)},server=on,wait=off",
+        "-pidfile", str(spec.pidfile),
+    ]  # fmt: skip
+    for name, path in spec.fw_cfg:
+        argv += ["-fw_cfg", f"name=opt/vivarium/{name},file={_escape(path)}"]
+    if daemonize:
+        argv.append("-daemonize")
+    argv += spec.extra
+    return argv
+
+
+def _escape(path: Path | str) -> str:
+    """QEMU option values escape a comma by doubling it."""
+    return str(path).replace(",", ",,")
+
+
+def forwards_of(items: Sequence[tuple[int, int, str]]) -> tuple[PortForward, ...]:
+    return tuple(PortForward(h, g, b) for h, g, b in items)
