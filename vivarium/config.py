@@ -89,13 +89,9 @@ class Config:
     network: NetworkSettings
     image: ImageSettings
     kube: KubeSettings
+    uid: int = 1000  # the agent user's uid in the guest: the host user's, unless that is root
     source: Path | None = None  # the file it came from, if any
     notes: tuple[str, ...] = ()  # clamps and other things the user should hear
-
-    @property
-    def uid(self) -> int:
-        """The agent user's uid in the guest: the host's, unless that is root."""
-        return guest_uid(self.vm.user)
 
 
 # ------------------------------------------------------------------- parsers
@@ -262,9 +258,7 @@ def _parse_abs(value: object, where: str) -> str:
     return s
 
 
-parse_forwards = _table_list(
-    {"host": parse_port, "guest": parse_port, "bind": _parse_bind}, ("host", "guest"), Forward
-)
+parse_forwards = _table_list({"host": parse_port, "guest": parse_port, "bind": _parse_bind}, ("host", "guest"), Forward)
 parse_downloads = _table_list(
     {"name": parse_str, "url": parse_str, "sha256": _parse_sha256, "dest": _parse_abs},
     ("name", "url", "sha256", "dest"),
@@ -347,17 +341,26 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vm", "cpus", 16, parse_cpus, "virtual CPUs (clamped to the host)", "--cpus", "N"),
     Setting("vm", "disk", "320G", parse_size, "root disk size (sparse)", "--disk", "SIZE", dump=format_size),
     Setting("vm", "swap", "32G", parse_size, "swap disk size (sparse)", "--swap", "SIZE", dump=format_size),
-    Setting("vm", "user", "", parse_user, "agent user in the guest (\"\" = the host user, or agent)", "--user", "NAME"),
+    Setting("vm", "user", "", parse_user, 'agent user in the guest ("" = the host user, or agent)', "--user", "NAME"),
     Setting("", "forward", ORIGIN_FORWARDS, parse_forwards, "host → guest TCP port forwards", dump=_dump_tables),
-    Setting("", "share", [{"host": "."}], _parse_raw_shares, "host directories shared into the guest",
-            "--share", "HOST[:GUEST][:MODE]", repeat=True, dump=_dump_tables),
+    Setting(
+        "",
+        "share",
+        [{"host": "."}],
+        _parse_raw_shares,
+        "host directories shared into the guest",
+        "--share",
+        "HOST[:GUEST][:MODE]",
+        repeat=True,
+        dump=_dump_tables,
+    ),
     Setting("network", "mode", "lan-block", _choice("lan-block", "allowlist", "offline"), "egress policy", "--network", "MODE"),
     Setting("network", "allow", [], _str_list(_check_domain), "domains allowed in allowlist mode", "--allow", "DOMAIN", repeat=True),
     Setting("network", "allow_cidrs", [], _str_list(_check_cidr), "address ranges opened on purpose"),
     Setting("network", "deny_cidrs", [], _str_list(_check_cidr), "address ranges denied on top"),
-    Setting("network", "dns_upstream", "", parse_str, "DNS server the gateway asks (\"\" = the host's)"),
+    Setting("network", "dns_upstream", "", parse_str, 'DNS server the gateway asks ("" = the host\'s)'),
     Setting("image", "suite", "bookworm", parse_str, "Debian suite", "--suite", "SUITE"),
-    Setting("image", "mirror", "", parse_str, "Debian mirror (\"\" = the host's apt mirror)", "--mirror", "URL"),
+    Setting("image", "mirror", "", parse_str, 'Debian mirror ("" = the host\'s apt mirror)', "--mirror", "URL"),
     Setting("image", "packages", [], _str_list(_check_package), "extra apt packages", "--package", "PKG", repeat=True),
     Setting("image", "agents", ["claude-code"], _str_list(_check_agent), "agent CLIs from npm", "--agent", "AGENT", repeat=True),
     Setting("image", "setup", "", parse_str, "script run inside the image at build time"),
@@ -471,13 +474,11 @@ def load(
     values["share"] = tuple(_resolve_share(raw, base, i, where) for i, raw in enumerate(raw_shares))
     _check_forwards(values["forward"])  # type: ignore[arg-type]
 
-    sections = {
-        name: cls(**{s.key: values[s.name] for s in SETTINGS if s.section == name})
-        for name, cls in SECTIONS.items()
-    }
+    sections = {name: cls(**{s.key: values[s.name] for s in SETTINGS if s.section == name}) for name, cls in SECTIONS.items()}
     return Config(
         forward=values["forward"],  # type: ignore[arg-type]
         share=values["share"],  # type: ignore[arg-type]
+        uid=guest_uid(str(values["vm.user"]), host),
         source=path,
         notes=tuple(notes),
         **sections,

@@ -24,7 +24,14 @@ class Check:
     required: bool = True
 
 
+def newest_kernel() -> Path | None:
+    """The kernel of the newest cached image: what the probe should boot."""
+    kernels = sorted(state.images_dir().glob("*/vmlinuz"), key=lambda p: p.stat().st_mtime)
+    return kernels[-1] if kernels else None
+
+
 def checks(kernel: Path | None = None) -> list[Check]:
+    kernel = kernel or newest_kernel()
     out = [_program(p) for p in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "ssh", "ssh-keygen")]
     out.append(_program("tmux", required=False))
     try:

@@ -68,33 +68,43 @@ class InstanceDir:
     @property
     def disk(self) -> Path:
         return self.path / "disk.qcow2"
+
     @property
     def swap(self) -> Path:
         return self.path / "swap.qcow2"
+
     @property
     def key(self) -> Path:
         return self.path / "id_ed25519"
+
     @property
     def host_key(self) -> Path:
         return self.path / "ssh_host_ed25519_key"
+
     @property
     def known_hosts(self) -> Path:
         return self.path / "known_hosts"
+
     @property
     def qmp(self) -> Path:
         return self.path / "qmp.sock"
+
     @property
     def pidfile(self) -> Path:
         return self.path / "qemu.pid"
+
     @property
     def serial(self) -> Path:
         return self.path / "serial.log"
+
     @property
     def meta(self) -> Path:
         return self.path / "instance.json"
+
     @property
     def lockfile(self) -> Path:
         return self.path / "lock"
+
     @property
     def fwcfg(self) -> Path:
         return self.path / "fw_cfg"

@@ -53,9 +53,11 @@ class Image:
     @property
     def disk(self) -> Path:
         return self.path / "base.qcow2"
+
     @property
     def kernel(self) -> Path:
         return self.path / "vmlinuz"
+
     @property
     def initrd(self) -> Path:
         return self.path / "initrd.img"
@@ -205,7 +207,7 @@ def mmdebstrap_argv(recipe: Recipe, target: Path, overlay: Path, *, mode: str) -
     hooks.append('--customize-hook=rm -rf "$1"/tmp/vivarium-* "$1"/root/.npm "$1"/var/cache/apt/archives/*.deb')
     hooks.append(f"--customize-hook=upload {q(str(FINAL_HOSTS))} /etc/hosts")
     hooks.append(f"--customize-hook=upload {q(str(FINAL_RESOLV))} /etc/resolv.conf")
-    hooks.append("--customize-hook=echo vivarium > \"$1/etc/hostname\"")
+    hooks.append('--customize-hook=echo vivarium > "$1/etc/hostname"')
     dpkg_excludes = [
         "path-exclude=/usr/share/man/*",
         "path-exclude=/usr/share/info/*",

@@ -116,10 +116,7 @@ def _debian_uris(text: str, *, deb822: bool) -> list[str]:
     uris: list[str] = []
     if deb822:
         for stanza in re.split(r"\n\s*\n", text):
-            fields = dict(
-                (m.group(1).lower(), m.group(2).strip())
-                for m in re.finditer(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.MULTILINE)
-            )
+            fields = dict((m.group(1).lower(), m.group(2).strip()) for m in re.finditer(r"^([A-Za-z-]+):\s*(.*)$", stanza, re.MULTILINE))
             if "deb" in fields.get("types", "").split() and "main" in fields.get("components", "").split():
                 uris += fields.get("uris", "").split()
     else:

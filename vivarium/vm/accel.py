@@ -9,6 +9,7 @@ panicking about its root filesystem proves guests run. Anything else means TCG.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import platform
 import subprocess
@@ -20,6 +21,8 @@ from pathlib import Path
 from vivarium import state
 from vivarium.errors import UsageError
 from vivarium.run import find_program, spawn
+
+log = logging.getLogger("vivarium.accel")
 
 PROBE_TIMEOUT = 15.0
 
@@ -97,4 +100,10 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> Accel:
     if "Kernel panic" in text or "VFS: Unable to mount root" in text:
         return Accel("kvm", f"KVM probe: a guest kernel booted in {took:.1f}s")
     last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), f"exit code {proc.returncode}")
-    return Accel("tcg", f"KVM probe failed ({last.strip()[:120]}); using TCG (slow)")
+    log.debug("KVM probe output:\n%s", text)
+    return Accel("tcg", f"KVM probe: QEMU could not run a guest under /dev/kvm ({_short(last)}); using TCG (slow)")
+
+
+def _short(line: str, width: int = 60) -> str:
+    line = line.strip().removeprefix("qemu-system-x86_64: ")
+    return line if len(line) <= width else line[: width - 1] + "…"

@@ -1,0 +1,149 @@
+from __future__ import annotations
+
+import hashlib
+import http.server
+import threading
+from collections.abc import Iterator
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from vivarium import config as cfg
+from vivarium.errors import DownloadError
+from vivarium.image import build
+from vivarium.image.recipe import BASE_PACKAGES, Recipe, _debian_uris, host_mirror
+
+HOST = cfg.Host(cpus=4, memory=8 << 30, user="alice", uid=1234)
+
+
+def recipe(tmp_path: Path, **settings: object) -> Recipe:
+    return Recipe.from_config(cfg.load(None, settings, cwd=tmp_path, host=HOST))
+
+
+def test_key_is_stable_and_follows_the_recipe(tmp_path: Path) -> None:
+    a = recipe(tmp_path)
+    assert a.key() == recipe(tmp_path).key()
+    assert recipe(tmp_path, **{"image.packages": ["htop"]}).key() != a.key()
+    assert recipe(tmp_path, **{"image.setup": "echo hi"}).key() != a.key()
+    assert recipe(tmp_path, **{"image.suite": "trixie"}).key() != a.key()
+    # VM shape is not part of the image
+    assert recipe(tmp_path, **{"vm.memory": "2G", "vm.cpus": "1"}).key() == a.key()
+
+
+def test_dev_profile_packages(tmp_path: Path) -> None:
+    r = recipe(tmp_path, **{"image.packages": ["htop"]})
+    for pkg in ("openssh-server", "sudo", "docker.io", "containerd", "nftables", "iptables", "git", "curl",
+                "build-essential", "python3-venv", "nodejs", "npm", "jq", "linux-image-cloud-amd64", "htop"):  # fmt: skip
+        assert pkg in r.packages
+    assert set(BASE_PACKAGES) <= set(r.packages)
+    assert r.user == "alice" and r.uid == 1234
+
+
+def test_mmdebstrap_argv(tmp_path: Path) -> None:
+    r = recipe(tmp_path, **{"image.setup": "touch /etc/from-setup", "image.mirror": "http://mirror.example/debian"})
+    argv = build.mmdebstrap_argv(r, tmp_path / "root", tmp_path / "overlay", mode="root")
+    assert argv[0] == "mmdebstrap" and "--mode=root" in argv and "--variant=minbase" in argv
+    assert argv[-3:] == ["bookworm", str(tmp_path / "root"), "http://mirror.example/debian"]
+    include = next(a for a in argv if a.startswith("--include="))
+    assert "docker.io" in include.split("=", 1)[1].split(",")
+    hooks = [a for a in argv if a.startswith("--customize-hook=")]
+    assert any("vivarium-customize.sh alice 1234" in h for h in hooks)
+    assert any("touch /etc/from-setup" in h for h in hooks)
+    assert any("npm install --global" in h and "@anthropic-ai/claude-code" in h for h in hooks)
+    assert "/etc/resolv.conf" in hooks[-2]  # the image's own network files go in last
+
+
+def test_host_mirror_reads_both_apt_formats(tmp_path: Path) -> None:
+    deb822 = """Types: deb
+URIs: http://deb.example.org/debian
+Suites: bookworm bookworm-updates
+Components: main
+
+Types: deb
+URIs: http://deb.example.org/debian-security
+Suites: bookworm-security
+Components: main
+"""
+    assert _debian_uris(deb822, deb822=True) == ["http://deb.example.org/debian"]
+    assert _debian_uris("deb [arch=amd64] http://m.example/debian/ bookworm main contrib\n", deb822=False) == ["http://m.example/debian"]
+    assert _debian_uris("deb https://packages.cloud.google.com/apt cloud-sdk main\n", deb822=False) == []
+    (tmp_path / "sources.list.d").mkdir()
+    (tmp_path / "sources.list.d" / "debian.sources").write_text(deb822)
+    assert host_mirror((tmp_path / "nothing", tmp_path / "sources.list.d")) == "http://deb.example.org/debian"
+    assert host_mirror((tmp_path / "nothing",)) == "http://deb.debian.org/debian"
+
+
+# ------------------------------------------------- downloads, against a local server
+
+PAYLOAD = b"#!/bin/sh\necho fake kind\n"
+
+
+@pytest.fixture
+def server(tmp_path: Path) -> Iterator[str]:
+    root = tmp_path / "www"
+    root.mkdir()
+    (root / "kind").write_bytes(PAYLOAD)
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *a: object, **k: object) -> None:
+            super().__init__(*a, directory=str(root), **k)  # type: ignore[arg-type]
+
+        def log_message(self, format: str, *args: object) -> None:
+            pass
+
+    httpd = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Quiet)
+    t = threading.Thread(target=httpd.serve_forever, daemon=True)
+    t.start()
+    yield f"http://127.0.0.1:{httpd.server_address[1]}"
+    httpd.shutdown()
+    httpd.server_close()
+
+
+GOOD = hashlib.sha256(PAYLOAD).hexdigest()
+
+
+def test_download_verified_into_place(tmp_path: Path, server: str) -> None:
+    overlay = tmp_path / "overlay"
+    d = cfg.Download("kind", f"{server}/kind", GOOD, "/usr/local/bin/kind")
+    seen: list[tuple[str, str]] = []
+    got, left_out = build.fetch_downloads((d,), overlay, lambda p, x: seen.append((p, x)))
+    placed = overlay / "usr/local/bin/kind"
+    assert placed.read_bytes() == PAYLOAD and placed.stat().st_mode & 0o111
+    assert got[0]["name"] == "kind" and left_out == []
+    assert seen[0][0] == "download"
+
+
+def test_wrong_sum_names_tool_url_and_both_sums(tmp_path: Path, server: str) -> None:
+    d = cfg.Download("kind", f"{server}/kind", "0" * 64, "/usr/local/bin/kind")
+    with pytest.raises(DownloadError) as e:
+        build.fetch_downloads((d,), tmp_path / "o", lambda p, x: None)
+    msg = str(e.value)
+    assert "kind" in msg and f"{server}/kind" in msg and GOOD in msg and "0" * 64 in msg
+    assert "\n" not in msg
+    assert not (tmp_path / "o" / "usr/local/bin/kind").exists()
+
+
+def test_missing_file_is_an_error(tmp_path: Path, server: str) -> None:
+    d = cfg.Download("kind", f"{server}/nope", GOOD, "/usr/local/bin/kind")
+    with pytest.raises(DownloadError, match="answered 404"):
+        build.fetch_downloads((d,), tmp_path / "o", lambda p, x: None)
+
+
+def test_unreachable_host_leaves_the_tool_out(tmp_path: Path) -> None:
+    import socket
+
+    with socket.socket() as s:  # a port nobody listens on
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    d = cfg.Download("kind", f"http://127.0.0.1:{port}/kind", GOOD, "/usr/local/bin/kind")
+    got, left_out = build.fetch_downloads((d,), tmp_path / "o", lambda p, x: None)
+    assert got == [] and left_out == ["kind"]
+
+
+def test_cached_download_is_not_fetched_again(tmp_path: Path, server: str) -> None:
+    d = cfg.Download("kind", f"{server}/kind", GOOD, "/usr/local/bin/kind")
+    build.fetch_downloads((d,), tmp_path / "a", lambda p, x: None)
+    gone = replace(d, url="http://127.0.0.1:9/kind")  # the same file by sum, from nowhere
+    _, left_out = build.fetch_downloads((gone,), tmp_path / "b", lambda p, x: None)
+    assert left_out == [] and (tmp_path / "b/usr/local/bin/kind").read_bytes() == PAYLOAD

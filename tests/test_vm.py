@@ -1,0 +1,64 @@
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from vivarium import ssh
+from vivarium.errors import UsageError
+from vivarium.vm import accel
+from vivarium.vm.qemu import MachineSpec, PortForward, qemu_argv
+
+
+def spec(tmp_path: Path, **kw: object) -> MachineSpec:
+    base = dict(
+        name="demo", kernel=tmp_path / "vmlinuz", initrd=tmp_path / "initrd.img",
+        disk=tmp_path / "disk.qcow2", swap=tmp_path / "swap.qcow2", memory_mib=2048, cpus=2,
+        accel_args=("-accel", "tcg", "-cpu", "max"),
+        forwards=(PortForward(2222, 22), PortForward(8080, 80, "0.0.0.0")),
+        qmp=tmp_path / "qmp.sock", serial=tmp_path / "serial.log", pidfile=tmp_path / "qemu.pid",
+        fw_cfg=(("user", tmp_path / "fw/user"),),
+    )  # fmt: skip
+    base.update(kw)
+    return MachineSpec(**base)  # type: ignore[arg-type]
+
+
+def opt(argv: list[str], flag: str) -> list[str]:
+    return [argv[i + 1] for i, a in enumerate(argv) if a == flag]
+
+
+def test_qemu_argv(tmp_path: Path) -> None:
+    argv = qemu_argv(spec(tmp_path))
+    assert argv[0] == "qemu-system-x86_64"
+    assert "-nodefaults" in argv and "-daemonize" in argv
+    assert opt(argv, "-m") == ["2048M"] and opt(argv, "-smp") == ["2"]
+    assert opt(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:8080-:80"]
+    assert f"name=opt/vivarium/user,file={tmp_path}/fw/user" in opt(argv, "-fw_cfg")
+    assert any(d.startswith("virtio-blk-pci") for d in opt(argv, "-device"))
+    assert "root=/dev/vda" in opt(argv, "-append")[0]
+    assert opt(argv, "-pidfile") == [str(tmp_path / "qemu.pid")]
+
+
+def test_qemu_argv_escapes_commas(tmp_path: Path) -> None:
+    argv = qemu_argv(spec(tmp_path, disk=Path("/a,b/disk.qcow2")), daemonize=False)
+    assert "file=/a,,b/disk.qcow2" in opt(argv, "-drive")[0]
+    assert "-daemonize" not in argv
+
+
+def test_accel_override(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setenv("VIVARIUM_ACCEL", "tcg")
+    a = accel.choose(None)
+    assert a.name == "tcg" and "VIVARIUM_ACCEL" in a.reason
+    assert a.qemu_args()[:2] == ["-accel", "tcg,thread=multi,tb-size=256"]
+    monkeypatch.setenv("VIVARIUM_ACCEL", "hvf")
+    with pytest.raises(UsageError):
+        accel.choose(None)
+
+
+def test_ssh_argv_keeps_word_boundaries(tmp_path: Path) -> None:
+    t = ssh.Target("vivarium-x", "agent", 2222, tmp_path / "key", tmp_path / "known_hosts")
+    argv = t.argv(["sh", "-c", "echo 'a b'; exit 3"], tty=False)
+    assert argv[-1] == "sh -c 'echo '\"'\"'a b'\"'\"'; exit 3'"
+    assert "StrictHostKeyChecking=yes" in argv and "-T" in argv and "agent@127.0.0.1" in argv
+    block = t.config_block()
+    assert block.startswith("Host vivarium-x\n") and "Port 2222" in block
