@@ -10,7 +10,10 @@ import pytest
 
 
 @pytest.fixture(autouse=True)
-def _isolated_state(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+def _isolated_state(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    if request.node.get_closest_marker("integration"):
+        yield  # integration tests share one session-wide state (tests/integration/conftest.py)
+        return
     monkeypatch.delenv("VIVARIUM_HOME", raising=False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
     if "VIVARIUM_TEST_CACHE" not in os.environ:

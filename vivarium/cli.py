@@ -56,11 +56,12 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
     return found
 
 
-def load_config(args: argparse.Namespace) -> cfg.Config:
+def load_config(args: argparse.Namespace, *, vm: bool = True) -> cfg.Config:
+    """The effective config; `vm`: this verb sizes a VM, so say what was clamped."""
     path = cfg.find_config(args.config, Path.cwd())
     config = cfg.load(path, _overrides(args))
-    for note in config.notes:
-        err.print(f"[yellow]note:[/] {note}")
+    for note in config.notes if vm else ():
+        err.print(f"[yellow]note:[/] {escape(note)}")
     return config
 
 
@@ -310,7 +311,7 @@ def cmd_port(args: argparse.Namespace) -> int:
 
 
 def cmd_build(args: argparse.Namespace) -> int:
-    config = load_config(args)
+    config = load_config(args, vm=False)
     image, built = build_with_progress(config, force=args.force)
     if built:
         err.print(f"built image {image.key} in {image.manifest['seconds']:.0f}s ({image.manifest['mode']} mode, kernel {image.manifest['kernel']})")

@@ -134,7 +134,25 @@ def _build_lock(path: Path) -> Iterator[None]:
         yield
 
 
+def mounts_under(path: Path) -> list[Path]:
+    """Mount points at or below `path`, deepest first."""
+    root = str(path.resolve())
+    found = []
+    with open("/proc/self/mountinfo") as f:
+        for line in f:
+            point = line.split()[4].encode().decode("unicode_escape")
+            if point == root or point.startswith(root + "/"):
+                found.append(Path(point))
+    return sorted(found, key=lambda p: len(p.parts), reverse=True)
+
+
 def _remove_tree(path: Path) -> None:
+    """Remove a build directory, never through a mount a killed mmdebstrap left behind."""
+    for point in mounts_under(path):
+        subprocess.run(["umount", "--lazy", str(point)], check=False, capture_output=True)
+    if left := mounts_under(path):
+        log.warning("not removing %s: %s is still mounted", path, left[0])
+        return
     if rootless() and path.exists():
         subprocess.run([*userns_prefix(), "rm", "-rf", str(path)], check=False)
     shutil.rmtree(path, ignore_errors=True)

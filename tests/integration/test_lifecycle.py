@@ -1,0 +1,230 @@
+"""The VM lifecycle on a real TCG guest: up, exec, resources, ports, reset, crashes, many sandboxes."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vivarium import Sandbox
+from vivarium.sandbox import free_port
+
+from .conftest import vv
+
+pytestmark = pytest.mark.integration
+
+
+def test_exec_returns_exit_code_and_separate_streams(box: Sandbox) -> None:
+    r = vv("exec", "itest", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 7", check=False)
+    assert r.returncode == 7
+    assert r.stdout == "to-out\n" and r.stderr == "to-err\n"
+    # arguments keep their word boundaries
+    r = vv("exec", "itest", "--", "printf", "%s|", "a b", "c")
+    assert r.stdout == "a b|c|"
+
+
+def test_up_on_a_running_sandbox_changes_nothing(box: Sandbox, project: Path) -> None:
+    pid = box.pid()
+    r = vv("up", "itest", cwd=project)
+    assert "already running" in r.stderr and box.pid() == pid
+
+
+def test_resources_match_the_settings(box: Sandbox) -> None:
+    r = box.exec(
+        ["sh", "-c", "nproc; grep MemTotal /proc/meminfo; df -B1 --output=size / | tail -1; /usr/sbin/swapon --show=NAME,SIZE --bytes --noheadings"],
+        capture=True,
+    )
+    assert r.returncode == 0, r.stderr
+    nproc, mem, disk, swap = r.stdout.strip().splitlines()
+    assert int(nproc) == 2
+    mem_kib = int(mem.split()[1])
+    assert 1.7 * (1 << 20) < mem_kib <= 2 * (1 << 20)
+    assert 0.93 * (20 << 30) < int(disk) <= 20 << 30  # grown from the ~2G base on first boot
+    name, size = swap.split()
+    assert name == "/dev/vdb" and int(size) >= 0.99 * (1 << 30)
+
+
+def test_status_and_ls(box: Sandbox) -> None:
+    import json
+
+    st = json.loads(vv("status", "itest", "--json").stdout)
+    assert st["state"] == "running" and st["pid"] == box.pid() and st["accel"] in ("kvm", "tcg")
+    assert {p["guest"] for p in st["ports"]} == {22, 3000}
+    assert all(p["bind"] == "127.0.0.1" for p in st["ports"])
+    names = [s["name"] for s in json.loads(vv("ls", "--json").stdout)]
+    assert "itest" in names
+    assert "Host vivarium-itest" in vv("ssh-config", "itest").stdout
+    assert "vivarium-phase: setup" in vv("logs", "itest").stdout
+
+
+def _serve_in_guest(box: Sandbox, port: int) -> None:
+    r = box.exec(
+        ["sh", "-c", f"cd /tmp && echo hello-from-guest > index.html && (setsid python3 -m http.server {port} >/dev/null 2>&1 &)"], capture=True
+    )
+    assert r.returncode == 0, r.stderr
+    deadline = time.monotonic() + 30
+    while time.monotonic() < deadline:
+        if box.exec(["sh", "-c", f"curl -sf http://127.0.0.1:{port}/ >/dev/null"]).returncode == 0:
+            return
+        time.sleep(0.5)
+    raise AssertionError("the guest web server never came up")
+
+
+def _get(url: str) -> str:
+    with urllib.request.urlopen(url, timeout=10) as resp:
+        return str(resp.read().decode())
+
+
+def test_port_add_and_rm_at_runtime(box: Sandbox) -> None:
+    _serve_in_guest(box, 8000)
+    host = free_port()
+    vv("port", "itest", "add", f"{host}:8000")
+    assert _get(f"http://127.0.0.1:{host}/") == "hello-from-guest\n"
+    assert any(p["host"] == host for p in box.status().ports)
+    vv("port", "itest", "rm", str(host))
+    with pytest.raises(OSError):
+        _get(f"http://127.0.0.1:{host}/")
+
+
+@pytest.fixture
+def lan_peer() -> Iterator[tuple[str, str]]:
+    """Another host on a LAN with this one: a network namespace joined by a veth pair.
+
+    Yields (namespace, this host's address on that LAN).
+    """
+    ns, host_dev, peer_dev = "vvtest-lan", "vvh0", "vvn0"
+    host_ip, peer_ip = "192.0.2.1", "192.0.2.2"
+    subprocess.run(["ip", "netns", "add", ns], check=True)
+    try:
+        subprocess.run(["ip", "link", "add", host_dev, "type", "veth", "peer", "name", peer_dev], check=True)
+        subprocess.run(["ip", "link", "set", peer_dev, "netns", ns], check=True)
+        subprocess.run(["ip", "addr", "add", f"{host_ip}/24", "dev", host_dev], check=True)
+        subprocess.run(["ip", "link", "set", host_dev, "up"], check=True)
+        subprocess.run(["ip", "-n", ns, "addr", "add", f"{peer_ip}/24", "dev", peer_dev], check=True)
+        subprocess.run(["ip", "-n", ns, "link", "set", peer_dev, "up"], check=True)
+        yield ns, host_ip
+    finally:
+        subprocess.run(["ip", "link", "del", host_dev], check=False, capture_output=True)
+        subprocess.run(["ip", "netns", "del", ns], check=False)
+
+
+def _fetch_from(ns: str, url: str) -> str | None:
+    """GET url from inside namespace ns; None if it cannot connect."""
+    code = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
+    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code, url], capture_output=True, text=True, timeout=30)
+    return r.stdout if r.returncode == 0 else None
+
+
+def test_forwards_are_not_reachable_from_the_lan(box: Sandbox, lan_peer: tuple[str, str]) -> None:
+    ns, host_ip = lan_peer
+    _serve_in_guest(box, 8000)
+    loopback_only = free_port()
+    box.port_add(loopback_only, 8000)  # the default bind, 127.0.0.1
+    everywhere = free_port()
+    box.port_add(everywhere, 8000, "0.0.0.0")
+    try:
+        assert _get(f"http://127.0.0.1:{loopback_only}/") == "hello-from-guest\n"
+        assert _fetch_from(ns, f"http://{host_ip}:{loopback_only}/") is None
+        ssh_port = box.status().ssh_port
+        assert _fetch_from(ns, f"http://{host_ip}:{ssh_port}/") is None
+        # The control: a forward opened on purpose to all addresses is reachable
+        # from the LAN host, so the checks above can fail.
+        assert _fetch_from(ns, f"http://{host_ip}:{everywhere}/") == "hello-from-guest\n"
+    finally:
+        box.port_rm(loopback_only)
+        box.port_rm(everywhere)
+
+
+def test_busy_port_is_one_line_naming_it(box: Sandbox, tmp_path: Path) -> None:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        s.listen()
+        busy = s.getsockname()[1]
+        (tmp_path / "vivarium.toml").write_text(f'[vm]\nmemory = "1G"\ncpus = 1\n[[forward]]\nhost = {busy}\nguest = 22\n')
+        r = vv("up", "busyport", cwd=tmp_path, check=False)
+    assert r.returncode == 1
+    lines = r.stderr.strip().splitlines()
+    assert any(f"host port {busy}" in ln and ln.startswith("error:") for ln in lines), r.stderr
+    assert "Traceback" not in r.stderr
+    assert Sandbox("busyport").pid() is None
+    vv("destroy", "busyport")
+
+
+def test_guest_that_never_gets_ready_times_out_cleanly(box: Sandbox, project: Path) -> None:
+    r = vv("up", "slowpoke", "--timeout", "2", "--auto-ports", cwd=project, check=False)
+    assert r.returncode == 1
+    assert "did not answer SSH within 2s" in r.stderr and "console log:" in r.stderr
+    assert "Traceback" not in r.stderr
+    assert Sandbox("slowpoke").pid() is None
+    assert vv("status", "slowpoke", "--json").stdout.count('"stopped"') == 1
+    vv("destroy", "slowpoke")
+
+
+def test_missing_qemu_is_one_line_with_the_fix(box: Sandbox, project: Path, tmp_path: Path) -> None:
+    env = dict(os.environ, PATH=str(tmp_path))  # nothing on PATH
+    for prog in ("ssh-keygen", "qemu-img"):  # what `up` needs before QEMU
+        real = subprocess.run(["which", prog], capture_output=True, text=True, check=True).stdout.strip()
+        (tmp_path / prog).symlink_to(real)
+    r = vv("up", "noqemu", "--auto-ports", cwd=project, check=False, env=env)
+    assert r.returncode == 1
+    assert "qemu-system-x86_64 is not installed" in r.stderr and "apt-get install qemu-system-x86" in r.stderr
+    assert "Traceback" not in r.stderr
+    vv("destroy", "noqemu")
+
+
+def test_reset_throws_the_guest_disk_away(box: Sandbox) -> None:
+    assert box.exec(["sh", "-c", "echo precious > ~/marker && sync"]).returncode == 0
+    assert box.exec(["test", "-f", "/home/agent/marker"]).returncode == 0
+    vv("reset", "itest")
+    assert box.pid() is not None
+    assert box.exec(["test", "-f", "/home/agent/marker"]).returncode == 1
+
+
+def test_sigkill_then_up_recovers(box: Sandbox, project: Path) -> None:
+    pid = box.pid()
+    assert pid is not None
+    os.kill(pid, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while box.pid() is not None and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert vv("status", "itest", "--json").stdout.count('"crashed"') == 1
+    vv("up", "itest", cwd=project)
+    assert box.exec(["true"]).returncode == 0
+
+
+def test_two_sandboxes_at_once_and_one_qemu_per_name(box: Sandbox, project: Path) -> None:
+    # Two `up` of the same new name at once: one boots it, the other waits and finds it running.
+    procs = [
+        subprocess.Popen([sys.executable, "-m", "vivarium", "up", "second", "--auto-ports"],
+                         cwd=project, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+        for _ in range(2)
+    ]  # fmt: skip
+    results = [p.communicate(timeout=900) for p in procs]
+    assert all(p.returncode == 0 for p in procs), results
+    qemus = subprocess.run(["pgrep", "-f", "process=vivarium-second"], capture_output=True, text=True).stdout.split()
+    assert len(qemus) == 1
+    second = Sandbox("second")
+    try:
+        a, b = box.status(), second.status()
+        assert a.state == b.state == "running"
+        assert a.ssh_port != b.ssh_port
+        assert {p["host"] for p in a.ports}.isdisjoint({p["host"] for p in b.ports})
+        assert box.exec(["hostname"], capture=True).stdout.strip() == "itest"
+        assert second.exec(["hostname"], capture=True).stdout.strip() == "second"
+    finally:
+        vv("destroy", "second")
+
+
+def test_stop_then_destroy(project: Path, box: Sandbox) -> None:
+    vv("stop", "itest")
+    assert box.pid() is None and box.status().state == "stopped"
+    vv("up", "itest", cwd=project)
+    assert box.exec(["true"]).returncode == 0
