@@ -95,36 +95,21 @@ def test_port_add_and_rm_at_runtime(box: Sandbox) -> None:
 
 
 @pytest.fixture
-def lan_peer() -> Iterator[tuple[str, str]]:
-    """Another host on a LAN with this one: a network namespace joined by a veth pair.
+def host_address() -> Iterator[str]:
+    """A non-loopback address of this host that we add ourselves (TEST-NET-1, on lo).
 
-    Yields (namespace, this host's address on that LAN).
+    (A veth into a namespace would be nicer, but on these machines the root
+    namespace does not answer ARP on veth; namespace-to-namespace works.)
     """
-    ns, host_dev, peer_dev = "vvtest-lan", "vvh0", "vvn0"
-    host_ip, peer_ip = "192.0.2.1", "192.0.2.2"
-    subprocess.run(["ip", "netns", "add", ns], check=True)
+    addr = "192.0.2.10"
+    subprocess.run(["ip", "addr", "add", f"{addr}/32", "dev", "lo"], check=True)
     try:
-        subprocess.run(["ip", "link", "add", host_dev, "type", "veth", "peer", "name", peer_dev], check=True)
-        subprocess.run(["ip", "link", "set", peer_dev, "netns", ns], check=True)
-        subprocess.run(["ip", "addr", "add", f"{host_ip}/24", "dev", host_dev], check=True)
-        subprocess.run(["ip", "link", "set", host_dev, "up"], check=True)
-        subprocess.run(["ip", "-n", ns, "addr", "add", f"{peer_ip}/24", "dev", peer_dev], check=True)
-        subprocess.run(["ip", "-n", ns, "link", "set", peer_dev, "up"], check=True)
-        yield ns, host_ip
+        yield addr
     finally:
-        subprocess.run(["ip", "link", "del", host_dev], check=False, capture_output=True)
-        subprocess.run(["ip", "netns", "del", ns], check=False)
+        subprocess.run(["ip", "addr", "del", f"{addr}/32", "dev", "lo"], check=False)
 
 
-def _fetch_from(ns: str, url: str) -> str | None:
-    """GET url from inside namespace ns; None if it cannot connect."""
-    code = "import sys, urllib.request; sys.stdout.write(urllib.request.urlopen(sys.argv[1], timeout=5).read().decode())"
-    r = subprocess.run(["ip", "netns", "exec", ns, sys.executable, "-c", code, url], capture_output=True, text=True, timeout=30)
-    return r.stdout if r.returncode == 0 else None
-
-
-def test_forwards_are_not_reachable_from_the_lan(box: Sandbox, lan_peer: tuple[str, str]) -> None:
-    ns, host_ip = lan_peer
+def test_forwards_are_not_reachable_on_other_addresses(box: Sandbox, host_address: str) -> None:
     _serve_in_guest(box, 8000)
     loopback_only = free_port()
     box.port_add(loopback_only, 8000)  # the default bind, 127.0.0.1
@@ -132,12 +117,13 @@ def test_forwards_are_not_reachable_from_the_lan(box: Sandbox, lan_peer: tuple[s
     box.port_add(everywhere, 8000, "0.0.0.0")
     try:
         assert _get(f"http://127.0.0.1:{loopback_only}/") == "hello-from-guest\n"
-        assert _fetch_from(ns, f"http://{host_ip}:{loopback_only}/") is None
-        ssh_port = box.status().ssh_port
-        assert _fetch_from(ns, f"http://{host_ip}:{ssh_port}/") is None
+        for port in (loopback_only, box.status().ssh_port):
+            assert port is not None
+            with pytest.raises(ConnectionRefusedError):
+                socket.create_connection((host_address, port), timeout=5).close()
         # The control: a forward opened on purpose to all addresses is reachable
-        # from the LAN host, so the checks above can fail.
-        assert _fetch_from(ns, f"http://{host_ip}:{everywhere}/") == "hello-from-guest\n"
+        # there, so the check above can fail.
+        assert _get(f"http://{host_address}:{everywhere}/") == "hello-from-guest\n"
     finally:
         box.port_rm(loopback_only)
         box.port_rm(everywhere)
