@@ -2,6 +2,7 @@ from __future__ import annotations
 
 import hashlib
 import http.server
+import subprocess
 import threading
 from collections.abc import Iterator
 from dataclasses import replace
@@ -11,7 +12,7 @@ import pytest
 
 from vivarium import config as cfg
 from vivarium.errors import DownloadError
-from vivarium.image import build
+from vivarium.image import build, initrd
 from vivarium.image.recipe import BASE_PACKAGES, Recipe, _debian_uris, host_mirror
 
 HOST = cfg.Host(cpus=4, memory=8 << 30, user="alice", uid=1234)
@@ -147,3 +148,49 @@ def test_cached_download_is_not_fetched_again(tmp_path: Path, server: str) -> No
     gone = replace(d, url="http://127.0.0.1:9/kind")  # the same file by sum, from nowhere
     _, left_out = build.fetch_downloads((gone,), tmp_path / "b", lambda p, x: None)
     assert left_out == [] and (tmp_path / "b/usr/local/bin/kind").read_bytes() == PAYLOAD
+
+
+# ------------------------------------------------------------------ initrd
+
+DEP = """\
+K/virtio_pci.ko: K/virtio_pci_legacy_dev.ko K/virtio_pci_modern_dev.ko K/virtio_ring.ko K/virtio.ko
+kernel/drivers/block/virtio_blk.ko: kernel/drivers/virtio/virtio_ring.ko kernel/drivers/virtio/virtio.ko
+kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/core/failover.ko K/virtio_ring.ko K/virtio.ko
+kernel/drivers/firmware/qemu_fw_cfg.ko:
+kernel/drivers/virtio/virtio.ko:
+kernel/drivers/virtio/virtio_ring.ko: kernel/drivers/virtio/virtio.ko
+"""
+
+
+DEP = DEP.replace("kernel/drivers/virtio/", "K/")  # short lines; the paths only need to agree
+
+
+def test_initrd_module_order_puts_dependencies_first() -> None:
+    order = [Path(p).stem for p in initrd.load_order(DEP, initrd.MODULES)]
+    assert order.index("virtio") < order.index("virtio_ring") < order.index("virtio_pci") < order.index("virtio_blk")
+    assert order.index("failover") < order.index("net_failover") < order.index("virtio_net")
+    assert len(order) == len(set(order)) and "qemu_fw_cfg" in order
+    with pytest.raises(KeyError):
+        initrd.load_order(DEP, ["nvme"])
+
+
+def test_initrd_is_a_cpio_the_tools_can_read(tmp_path: Path) -> None:
+    tree = tmp_path / "root"
+    moddir = tree / "lib/modules/6.1.0-test"
+    for mod in set(DEP.replace(":", " ").split()):
+        (moddir / mod).parent.mkdir(parents=True, exist_ok=True)
+        (moddir / mod).write_bytes(b"\x7fELF" + mod.encode())
+    (moddir / "modules.dep").write_text(DEP)
+    (tree / "bin").mkdir()
+    (tree / "bin/busybox").write_bytes(b"\x7fELF busybox")
+    archive = tmp_path / "initrd.img"
+    archive.write_bytes(initrd.make_initrd(tree, "6.1.0-test"))
+    listing = subprocess.run(["cpio", "-itv"], stdin=archive.open("rb"), capture_output=True, text=True, check=True).stdout
+    assert "init" in listing and "bin/busybox" in listing and "lib/modules/virtio_blk.ko" in listing
+    assert any(line.startswith("crw") and "dev/console" in line for line in listing.splitlines())
+    out = tmp_path / "x"
+    out.mkdir()
+    subprocess.run(["cpio", "-id", "--no-absolute-filenames"], cwd=out, stdin=archive.open("rb"), capture_output=True, check=False)
+    init = (out / "init").read_text()
+    assert init.startswith("#!/bin/busybox sh") and "switch_root /root /sbin/init" in init
+    assert (out / "lib/modules/virtio_net.ko").read_bytes().endswith(b"virtio_net.ko")

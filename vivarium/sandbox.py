@@ -35,8 +35,12 @@ from vivarium.vm.qemu import MachineSpec, PortForward
 
 Progress = Callable[[str, str], None]
 
-# The guest prints these on its serial console as it comes up (boot-setup).
-PHASE_MARK = "vivarium-phase:"
+# The guest prints these on its serial console as it comes up.
+PHASES = (
+    ("vivarium-phase: setup", "systemd", "starting services"),
+    ("vivarium-phase: sshd", "sshd", "logging in"),
+)
+PHASE_ORDER = ("kernel", "systemd", "sshd")
 SSH_PORT = 22
 
 
@@ -262,15 +266,16 @@ class Sandbox:
             if not machine.is_ours(pid, self.name):
                 raise VMError(f"QEMU exited while sandbox {self.name!r} was booting: {self._serial_tail(1)}",
                               hint=f"console log: {self.dir.serial}")  # fmt: skip
-            if phase == "kernel" and PHASE_MARK in self._serial_text():
-                phase = "systemd"
-                progress(phase, "starting services")
-            if ssh.banner("127.0.0.1", port):
-                if phase != "sshd":
-                    phase = "sshd"
-                    progress(phase, "logging in")
-                if ssh.check(target):
-                    return
+            console = self._serial_text()
+            for mark, name, what in PHASES:
+                if mark in console and PHASE_ORDER.index(name) > PHASE_ORDER.index(phase):
+                    phase = name
+                    progress(phase, what)
+            # No separate banner probe: under TCG every extra connection costs
+            # the booting guest a forked sshd. Before sshd listens, slirp
+            # resets the connection and ssh fails in milliseconds.
+            if ssh.check(target, timeout=max(1.0, min(20.0, deadline - time.monotonic()))):
+                return
             time.sleep(0.25)
         tail = self._serial_tail(8)
         raise VMError(

@@ -75,7 +75,7 @@ class Target:
         ])  # fmt: skip
 
 
-def banner(host: str, port: int, timeout: float = 1.0) -> bool:
+def banner(host: str, port: int, timeout: float = 3.0) -> bool:
     """Does an SSH server answer on host:port? (No ssh process: cheap to poll.)"""
     try:
         with socket.create_connection((host, port), timeout=timeout) as s:

@@ -15,10 +15,28 @@ rm -f /etc/ssh/ssh_host_*
 : > /etc/machine-id
 rm -f /var/lib/dbus/machine-id
 
-systemctl enable systemd-networkd.service vivarium-setup.service vivarium-swap.service ssh.service >/dev/null 2>&1
+systemctl enable vivarium-setup.service vivarium-sshd.service vivarium-swap.service >/dev/null 2>&1
 # Units that only cost boot time in a disposable VM.
 systemctl mask \
     systemd-networkd-wait-online.service \
     apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.timer fstrim.timer \
-    getty@tty1.service systemd-timesyncd.service \
+    getty@tty1.service systemd-timesyncd.service ssh.service ssh.socket \
+    systemd-networkd.service systemd-network-generator.service \
     >/dev/null 2>&1
+
+# Docker starts on first use (docker.socket), not at boot: under TCG dockerd
+# and containerd take ~10 s of CPU that a booting sandbox needs for sshd.
+systemctl disable docker.service containerd.service >/dev/null 2>&1
+systemctl enable docker.socket >/dev/null 2>&1
+
+# pam_nologin refuses user logins until systemd-user-sessions runs after
+# basic.target (AppArmor, Docker's socket, ...). The agent may log in as soon
+# as sshd answers.
+ln -sf /dev/null /etc/tmpfiles.d/systemd-nologin.conf
+
+# Generators run on every boot before any unit starts; under TCG each costs
+# ~0.2 s. Keep fstab (it also grows the root filesystem) and the tiny ones.
+mkdir -p /etc/systemd/system-generators
+for g in gpt-auto getty cryptsetup hibernate-resume integritysetup veritysetup system-update rc-local sysv; do
+    ln -sf /dev/null "/etc/systemd/system-generators/systemd-$g-generator"
+done

@@ -29,6 +29,7 @@ from vivarium import state
 from vivarium.config import Download
 from vivarium.errors import BuildError, DownloadError
 from vivarium.guest import CUSTOMIZE, EARLY, FINAL_HOSTS, FINAL_RESOLV, ROOTFS
+from vivarium.image.initrd import make_initrd
 from vivarium.image.recipe import Recipe
 from vivarium.run import find_program, run, spawn
 
@@ -308,8 +309,14 @@ def _copy_boot(rootdir: Path, dest: Path) -> str:
     if not kernels:
         raise BuildError("the image has no kernel in /boot", hint="keep linux-image-cloud-amd64 in the package list")
     version = kernels[-1].removeprefix("vmlinuz-")
-    for src, name in ((f"vmlinuz-{version}", "vmlinuz"), (f"initrd.img-{version}", "initrd.img")):
+    for src, name in ((f"vmlinuz-{version}", "vmlinuz"), (f"initrd.img-{version}", "initrd.distro.img")):
         run([*ns, "cp", rootdir / "boot" / src, dest / name])
+    try:
+        (dest / "initrd.img").write_bytes(make_initrd(rootdir, version))
+    except (OSError, KeyError) as e:
+        # Busybox or a module missing (a custom kernel, say): Debian's initrd still boots it, only slower.
+        log.warning("using Debian's initrd: the minimal one cannot be made (%s)", e)
+        shutil.copyfile(dest / "initrd.distro.img", dest / "initrd.img")
     return version
 
 

@@ -16,12 +16,12 @@ from vivarium.config import Config, Download
 from vivarium.guest import GUEST_DIR
 
 # Bump when the way an image is put together changes in a way the fields miss.
-RECIPE_VERSION = 1
+RECIPE_VERSION = 2
 
 # The default "dev" profile.
 BASE_PACKAGES = (
     # boot and the machine
-    "systemd", "systemd-sysv", "dbus", "udev", "kmod", "linux-image-cloud-amd64", "initramfs-tools",
+    "systemd", "systemd-sysv", "dbus", "udev", "kmod", "linux-image-cloud-amd64", "initramfs-tools", "lz4", "busybox-static",
     "e2fsprogs", "util-linux", "iproute2", "procps", "less", "tmux",
     # getting in
     "openssh-server", "sudo",
