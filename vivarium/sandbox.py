@@ -41,6 +41,7 @@ PHASES = (
     ("vivarium-phase: sshd", "sshd", "logging in"),
 )
 PHASE_ORDER = ("kernel", "systemd", "sshd")
+MARKLESS_GRACE = 30.0
 SSH_PORT = 22
 
 
@@ -260,7 +261,8 @@ class Sandbox:
             alias=f"vivarium-{self.name}", user=self.meta()["user"], port=port,
             key=self.dir.key, known_hosts=self.dir.known_hosts,
         )  # fmt: skip
-        deadline = time.monotonic() + limit
+        started = time.monotonic()
+        deadline = started + limit
         phase = "kernel"
         while time.monotonic() < deadline:
             if not machine.is_ours(pid, self.name):
@@ -271,11 +273,13 @@ class Sandbox:
                 if mark in console and PHASE_ORDER.index(name) > PHASE_ORDER.index(phase):
                     phase = name
                     progress(phase, what)
-            # No separate banner probe: under TCG every extra connection costs
-            # the booting guest a forked sshd. Before sshd listens, slirp
-            # resets the connection and ssh fails in milliseconds.
-            if ssh.check(target, timeout=max(1.0, min(20.0, deadline - time.monotonic()))):
-                return
+            # Log in only once the guest says sshd has started: an attempt made
+            # before the guest has its address waits in slirp for seconds, and
+            # every connection costs a booting TCG guest a forked sshd. (An
+            # image without the marks is tried after a grace period.)
+            if phase == "sshd" or time.monotonic() > started + MARKLESS_GRACE:
+                if ssh.check(target, timeout=max(1.0, min(20.0, deadline - time.monotonic()))):
+                    return
             time.sleep(0.25)
         tail = self._serial_tail(8)
         raise VMError(
