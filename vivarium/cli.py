@@ -181,14 +181,15 @@ def cmd_up(args: argparse.Namespace) -> int:
         status = box.up(progress=show, auto_ports=args.auto_ports, timeout=args.timeout)
         took = show.elapsed()
     meta = box.meta()
-    err.print(f"sandbox {args.name!r} is up in {took:.1f}s ({status.accel}: {meta.get('accel_reason', '')})")
+    err.print(f"sandbox {args.name!r} is up in {took:.1f}s ({status.accel}: {escape(meta.get('accel_reason', ''))})")
     _print_connect(box)
     return 0
 
 
 def _print_connect(box: Sandbox) -> None:
     st = box.status()
-    out.print(f"  vivarium ssh {box.name}        # or: ssh -p {st.ssh_port} {st.user}@127.0.0.1 -i {box.dir.key}")
+    out.print(f"  vivarium ssh {box.name}")
+    out.print(f"  vivarium ssh-config {box.name} >> ~/.ssh/config && ssh vivarium-{box.name}   # VS Code Remote-SSH too")
     for p in st.ports:
         out.print(f"  {p['bind']}:{p['host']} → guest {p['guest']}")
 

@@ -36,7 +36,8 @@ def checks(kernel: Path | None = None) -> list[Check]:
     out.append(_program("tmux", required=False))
     try:
         a = accel.choose(kernel)
-        out.append(Check("KVM usable", a.name == "kvm", a.reason, "" if a.name == "kvm" else "vivarium boots with TCG instead", required=False))
+        detail = f"{a.reason}: {a.detail}" if a.detail else a.reason
+        out.append(Check("KVM usable", a.name == "kvm", detail, "" if a.name == "kvm" else "vivarium boots with TCG instead", required=False))
     except MissingProgram as e:
         out.append(Check("KVM usable", False, str(e), e.hint, required=False))
     out.append(_userns())

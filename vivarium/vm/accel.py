@@ -31,6 +31,7 @@ PROBE_TIMEOUT = 15.0
 class Accel:
     name: str  # "kvm" | "tcg"
     reason: str
+    detail: str = ""  # what the probe saw, for `doctor`
 
     def qemu_args(self) -> list[str]:
         if self.name == "kvm":
@@ -63,7 +64,7 @@ def choose(kernel: Path | None, *, use_cache: bool = True) -> Accel:
         try:
             saved = json.loads(cache.read_text())
             if saved.get("ident") == ident:
-                return Accel(saved["name"], saved["reason"] + " (cached)")
+                return Accel(saved["name"], saved["reason"], saved.get("detail", ""))
         except (OSError, ValueError, KeyError):
             pass
     result = probe_kvm(kernel)
@@ -101,7 +102,7 @@ def probe_kvm(kernel: Path, timeout: float = PROBE_TIMEOUT) -> Accel:
         return Accel("kvm", f"KVM probe: a guest kernel booted in {took:.1f}s")
     last = next((ln for ln in reversed(text.splitlines()) if ln.strip()), f"exit code {proc.returncode}")
     log.debug("KVM probe output:\n%s", text)
-    return Accel("tcg", f"KVM probe: QEMU could not run a guest under /dev/kvm ({_short(last)}); using TCG (slow)")
+    return Accel("tcg", "KVM probe: QEMU could not run a guest under /dev/kvm; using TCG (slow)", _short(last, 100))
 
 
 def _short(line: str, width: int = 60) -> str:
