@@ -194,3 +194,25 @@ def test_initrd_is_a_cpio_the_tools_can_read(tmp_path: Path) -> None:
     init = (out / "init").read_text()
     assert init.startswith("#!/bin/busybox sh") and "switch_root /root /sbin/init" in init
     assert (out / "lib/modules/virtio_net.ko").read_bytes().endswith(b"virtio_net.ko")
+
+
+def test_prune_keeps_used_recent_and_current(tmp_path: Path) -> None:
+    import json
+    import os
+    import time
+
+    from vivarium import state
+
+    root = state.images_dir()
+    now = time.time()
+    for i, key in enumerate(["old1", "old2", "used", "new1", "new2"]):
+        (root / key).mkdir(parents=True)
+        (root / key / "manifest.json").write_text("{}")
+        os.utime(root / key, (now - 100 + i, now - 100 + i))
+    inst = state.InstanceDir.of("box")
+    inst.path.mkdir(parents=True)
+    inst.write_meta({"image": "used"})
+    removed = build.prune_images(keep={"old1"})
+    assert sorted(removed) == ["old2"]
+    assert sorted(p.name for p in root.iterdir()) == ["new1", "new2", "old1", "used"]
+    assert json.loads(inst.meta.read_text())["image"] == "used"

@@ -27,7 +27,7 @@ from typing import Any
 
 from vivarium import state
 from vivarium.config import Download
-from vivarium.errors import BuildError, DownloadError
+from vivarium.errors import BuildError, DownloadError, InstanceError
 from vivarium.guest import CUSTOMIZE, EARLY, FINAL_HOSTS, FINAL_RESOLV, ROOTFS
 from vivarium.image.initrd import make_initrd
 from vivarium.image.recipe import Recipe
@@ -102,7 +102,8 @@ def build_image(recipe: Recipe, *, force: bool = False, progress: Progress = _qu
     key = recipe.key()
     root = state.images_dir()
     root.mkdir(parents=True, exist_ok=True)
-    with _build_lock(root / f".{key}.lock"):
+    # One build at a time per cache: two at once would only fight over the CPUs.
+    with _build_lock(root / ".build.lock"):
         cached = find_image(key)
         if cached and not force:
             return cached, False
@@ -123,9 +124,36 @@ def build_image(recipe: Recipe, *, force: bool = False, progress: Progress = _qu
         except BaseException:
             _remove_tree(tmp)
             raise
+        prune_images(keep={key})
     image = find_image(key)
     assert image is not None
     return image, True
+
+
+KEEP_RECENT = 2
+
+
+def prune_images(keep: set[str], recent: int = KEEP_RECENT) -> list[str]:
+    """Remove cached images no sandbox uses, except the `recent` newest and `keep`.
+
+    Every recipe change (a package, an image setting) makes a new ~2 GB image;
+    without this the cache only grows.
+    """
+    used = set(keep)
+    for inst in state.list_instances():
+        try:
+            used.add(inst.read_meta()["image"])
+        except (KeyError, OSError, ValueError, InstanceError):
+            continue
+    images = [p for p in state.images_dir().iterdir() if (p / "manifest.json").is_file()]
+    images.sort(key=lambda p: p.stat().st_mtime, reverse=True)
+    removed = []
+    for p in images[recent:]:
+        if p.name not in used:
+            shutil.rmtree(p, ignore_errors=True)
+            removed.append(p.name)
+            log.info("removed unused cached image %s", p.name)
+    return removed
 
 
 @contextmanager

@@ -1,0 +1,86 @@
+from __future__ import annotations
+
+import ipaddress
+
+import pytest
+
+from vivarium.net.policy import AllowRule, Policy, unwrap
+
+LAN_BLOCK = Policy.build("lan-block", host_addresses=["203.0.114.9"])
+
+
+@pytest.mark.parametrize(
+    "ip",
+    [
+        "127.0.0.1", "10.0.2.2", "10.1.2.3", "172.16.0.1", "172.31.255.254", "192.168.77.1", "100.64.0.1",
+        "169.254.169.254", "0.0.0.0", "224.0.0.251", "255.255.255.255", "240.0.0.1", "198.51.100.7",
+        "::1", "fd00::1", "fe80::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:192.168.77.1", "::ffff:169.254.169.254",
+        "64:ff9b::a00:1", "2002:c0a8:4d01::1", "::10.0.0.1", "203.0.114.9",
+    ],
+)  # fmt: skip
+def test_denied_in_lan_block(ip: str) -> None:
+    d = LAN_BLOCK.decide(ip, 443)
+    assert not d.allow and d.rule.startswith("deny"), (ip, d)
+
+
+@pytest.mark.parametrize("ip", ["1.1.1.1", "151.101.0.223", "172.32.0.1", "2a00:1450:4001:80b::200e", "::ffff:8.8.8.8"])
+def test_public_allowed_in_lan_block(ip: str) -> None:
+    d = LAN_BLOCK.decide(ip, 443)
+    assert d.allow and d.rule == "allow public internet"
+
+
+def test_docker_subnets_inside_the_guest_are_not_the_gateways_business() -> None:
+    # 172.20/14 is the guest's own Docker range: the redirector never sends it out,
+    # and if something did, it is private and denied.
+    assert not LAN_BLOCK.decide("172.20.0.2", 80).allow
+
+
+def test_allow_and_deny_cidrs() -> None:
+    p = Policy.build("lan-block", allow_cidrs=["198.51.100.0/24"], deny_cidrs=["1.1.1.0/24"])
+    assert p.decide("198.51.100.7", 80).rule == "allow allow_cidrs 198.51.100.0/24"
+    assert p.decide("1.1.1.1", 443).rule == "deny deny_cidrs 1.1.1.0/24"
+    # deny_cidrs beats allow_cidrs
+    q = Policy.build("lan-block", allow_cidrs=["198.51.100.0/24"], deny_cidrs=["198.51.100.7/32"])
+    assert not q.decide("198.51.100.7", 80).allow
+
+
+def test_offline_denies_everything() -> None:
+    p = Policy.build("offline", allow_cidrs=["0.0.0.0/0"])
+    assert p.decide("1.1.1.1", 443).rule == "deny offline mode"
+    assert p.name_allowed("pypi.org") is None
+
+
+def test_allowlist_needs_a_listed_name_and_its_own_addresses() -> None:
+    p = Policy.build("allowlist", allow=["*.github.com", "pypi.org:443"])
+    gh = [ipaddress.ip_address("140.82.112.3")]
+    assert p.decide("140.82.112.3", 443, "api.github.com", gh).allow
+    # the name is listed but the address is not one it resolved to (SNI/Host spoofing)
+    assert not p.decide("1.2.3.4", 443, "api.github.com", gh).allow
+    # an unlisted name, even at a listed name's address
+    assert not p.decide("140.82.112.3", 443, "evil.example", gh).allow
+    # the port is part of the rule
+    pypi = [ipaddress.ip_address("151.101.0.223")]
+    assert p.decide("151.101.0.223", 443, "pypi.org", pypi).allow
+    assert not p.decide("151.101.0.223", 80, "pypi.org", pypi).allow
+    # "*.github.com" is not github.com itself
+    assert not p.decide("140.82.112.3", 443, "github.com", gh).allow
+    # no name at all
+    assert not p.decide("140.82.112.3", 443).allow
+    # a listed name resolving to a private address is still refused (rebinding)
+    lan = [ipaddress.ip_address("192.168.77.1")]
+    assert p.decide("192.168.77.1", 443, "x.github.com", lan).rule.startswith("deny private")
+
+
+def test_allow_rules_parse_and_say_where_they_came_from() -> None:
+    r = AllowRule.parse("PyPI.org:443", source="claude-code")
+    assert (r.pattern, r.port, r.source, str(r)) == ("pypi.org", 443, "claude-code", "pypi.org:443")
+    p = Policy.build("allowlist").with_allow(r)
+    rule = p.decide("151.101.0.223", 443, "pypi.org", [ipaddress.ip_address("151.101.0.223")]).rule
+    assert rule == "allow pypi.org:443 (claude-code)"
+    assert p.without_allow("pypi.org:443").allow == ()
+
+
+def test_unwrap() -> None:
+    assert str(unwrap(ipaddress.ip_address("::ffff:10.0.0.1"))) == "10.0.0.1"
+    assert str(unwrap(ipaddress.ip_address("2002:0a00:0001::1"))) == "10.0.0.1"
+    assert str(unwrap(ipaddress.ip_address("2a00::1"))) == "2a00::1"

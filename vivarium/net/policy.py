@@ -1,0 +1,165 @@
+"""Egress policy: pure decisions about where a sandbox may connect.
+
+Nothing here does I/O. The gateway asks `Policy.decide()` for each connection
+with the IP actually being connected to (so DNS rebinding cannot smuggle a
+private address past a public name) and, where it saw one, the name.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import ipaddress
+from collections.abc import Iterable
+from dataclasses import dataclass, field
+
+IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
+Network = ipaddress.IPv4Network | ipaddress.IPv6Network
+
+# Denied in every mode: the host, the LAN, link-local and cloud metadata,
+# carrier-grade NAT, multicast, documentation and reserved ranges.
+ALWAYS_DENIED: tuple[tuple[str, str], ...] = (
+    ("0.0.0.0/8", "this-network"),
+    ("10.0.0.0/8", "private"),
+    ("100.64.0.0/10", "cgnat"),
+    ("127.0.0.0/8", "loopback"),
+    ("169.254.0.0/16", "link-local/metadata"),
+    ("172.16.0.0/12", "private"),
+    ("192.0.0.0/24", "ietf-reserved"),
+    ("192.0.2.0/24", "documentation"),
+    ("192.168.0.0/16", "private"),
+    ("198.18.0.0/15", "benchmarking"),
+    ("198.51.100.0/24", "documentation"),
+    ("203.0.113.0/24", "documentation"),
+    ("224.0.0.0/4", "multicast"),
+    ("240.0.0.0/4", "reserved"),
+    ("255.255.255.255/32", "broadcast"),
+    ("::/128", "unspecified"),
+    ("::1/128", "loopback"),
+    ("100::/64", "discard"),
+    ("2001:db8::/32", "documentation"),
+    ("fc00::/7", "unique-local"),
+    ("fe80::/10", "link-local"),
+    ("ff00::/8", "multicast"),
+)
+
+MODES = ("lan-block", "allowlist", "offline")
+
+
+@dataclass(frozen=True)
+class Decision:
+    allow: bool
+    rule: str  # which rule decided, e.g. "deny private 10.0.0.0/8"
+
+
+@dataclass(frozen=True)
+class AllowRule:
+    pattern: str  # "pypi.org", "*.github.com"
+    port: int | None = None
+    source: str = "config"  # who added it: config, an agent's name, the CLI
+
+    @classmethod
+    def parse(cls, text: str, source: str = "config") -> AllowRule:
+        name, sep, port = text.rpartition(":")
+        if sep and port.isdigit():
+            return cls(name.lower().rstrip("."), int(port), source)
+        return cls(text.lower().rstrip("."), None, source)
+
+    def matches(self, name: str, port: int) -> bool:
+        if self.port is not None and self.port != port:
+            return False
+        name = name.lower().rstrip(".")
+        if self.pattern.startswith("*."):
+            # "*.github.com" covers api.github.com, not github.com itself
+            return fnmatch.fnmatchcase(name, self.pattern) and name.count(".") >= self.pattern.count(".")
+        return name == self.pattern
+
+    def __str__(self) -> str:
+        return f"{self.pattern}:{self.port}" if self.port else self.pattern
+
+
+def unwrap(ip: IPAddress) -> IPAddress:
+    """The IPv4 address hidden in an IPv4-mapped, -compatible, 6to4 or NAT64 IPv6 address."""
+    if isinstance(ip, ipaddress.IPv6Address):
+        if ip.ipv4_mapped is not None:
+            return ip.ipv4_mapped
+        if ip.sixtofour is not None:
+            return ip.sixtofour
+        packed = ip.packed
+        if packed[:12] == bytes(12) and int(ip) > 1:  # deprecated IPv4-compatible ::a.b.c.d
+            return ipaddress.IPv4Address(packed[12:])
+        if ipaddress.IPv6Network("64:ff9b::/96").supernet_of(ipaddress.IPv6Network(f"{ip}/128")):
+            return ipaddress.IPv4Address(packed[12:])
+    return ip
+
+
+@dataclass(frozen=True)
+class Policy:
+    mode: str = "lan-block"
+    allow: tuple[AllowRule, ...] = ()
+    allow_cidrs: tuple[Network, ...] = ()
+    deny_cidrs: tuple[Network, ...] = ()
+    host_addresses: frozenset[IPAddress] = field(default_factory=frozenset)
+
+    @classmethod
+    def build(
+        cls,
+        mode: str,
+        allow: Iterable[str] = (),
+        allow_cidrs: Iterable[str] = (),
+        deny_cidrs: Iterable[str] = (),
+        host_addresses: Iterable[str] = (),
+    ) -> Policy:
+        if mode not in MODES:
+            raise ValueError(f"unknown network mode {mode!r}")
+        return cls(
+            mode=mode,
+            allow=tuple(AllowRule.parse(a) for a in allow),
+            allow_cidrs=tuple(ipaddress.ip_network(c, strict=False) for c in allow_cidrs),
+            deny_cidrs=tuple(ipaddress.ip_network(c, strict=False) for c in deny_cidrs),
+            host_addresses=frozenset(ipaddress.ip_address(a) for a in host_addresses),
+        )
+
+    def with_allow(self, rule: AllowRule) -> Policy:
+        return Policy(self.mode, (*self.allow, rule), self.allow_cidrs, self.deny_cidrs, self.host_addresses)
+
+    def without_allow(self, pattern: str) -> Policy:
+        kept = tuple(r for r in self.allow if str(r) != pattern and r.pattern != pattern)
+        return Policy(self.mode, kept, self.allow_cidrs, self.deny_cidrs, self.host_addresses)
+
+    def decide(self, ip: str | IPAddress, port: int, name: str | None = None, name_ips: Iterable[IPAddress] = ()) -> Decision:
+        """May the sandbox connect to ip:port (reached as `name`, which resolved to `name_ips`)?"""
+        addr = unwrap(ipaddress.ip_address(ip)) if isinstance(ip, str) else unwrap(ip)
+        if self.mode == "offline":
+            return Decision(False, "deny offline mode")
+        for net in self.deny_cidrs:
+            if addr.version == net.version and addr in net:
+                return Decision(False, f"deny deny_cidrs {net}")
+        if addr in self.host_addresses:
+            return Decision(False, "deny the host's own address")
+        opened = next((n for n in self.allow_cidrs if addr.version == n.version and addr in n), None)
+        if opened is None:
+            for text, label in ALWAYS_DENIED:
+                net = ipaddress.ip_network(text)
+                if addr.version == net.version and addr in net:
+                    return Decision(False, f"deny {label} {net}")
+        if self.mode == "lan-block":
+            return Decision(True, f"allow allow_cidrs {opened}" if opened else "allow public internet")
+        # allowlist: a listed name, connected to an address the gateway itself resolved for it
+        if opened is not None:
+            return Decision(True, f"allow allow_cidrs {opened}")
+        if not name:
+            return Decision(False, "deny allowlist: no name for this address")
+        rule = next((r for r in self.allow if r.matches(name, port)), None)
+        if rule is None:
+            return Decision(False, f"deny allowlist: {name} is not listed")
+        if addr not in {unwrap(x) for x in name_ips}:
+            return Decision(False, f"deny allowlist: {addr} is not an address {name} resolved to")
+        return Decision(True, f"allow {rule} ({rule.source})")
+
+    def name_allowed(self, name: str) -> AllowRule | None:
+        """For DNS in allowlist mode: may this name be resolved at all?"""
+        if self.mode == "lan-block":
+            return AllowRule("*", None, "lan-block")
+        if self.mode == "offline":
+            return None
+        return next((r for r in self.allow if r.matches(name, r.port or 0)), None)
