@@ -1,8 +1,7 @@
-"""Shared fixtures: every test gets its own vivarium state; the image cache may be shared."""
+"""Shared fixtures: every unit test gets its own vivarium state and cache."""
 
 from __future__ import annotations
 
-import os
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -16,9 +15,6 @@ def _isolated_state(request: pytest.FixtureRequest, tmp_path: Path, monkeypatch:
         return
     monkeypatch.delenv("VIVARIUM_HOME", raising=False)
     monkeypatch.setenv("XDG_STATE_HOME", str(tmp_path / "state"))
-    if "VIVARIUM_TEST_CACHE" not in os.environ:
-        monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
-    else:
-        monkeypatch.setenv("XDG_CACHE_HOME", os.environ["VIVARIUM_TEST_CACHE"])
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
     monkeypatch.delenv("VIVARIUM_ACCEL", raising=False)
     yield

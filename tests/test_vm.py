@@ -39,6 +39,12 @@ def test_qemu_argv(tmp_path: Path) -> None:
     assert opt(argv, "-pidfile") == [str(tmp_path / "qemu.pid")]
 
 
+def test_offline_is_restricted(tmp_path: Path) -> None:
+    argv = qemu_argv(spec(tmp_path, restrict=True))
+    assert opt(argv, "-netdev")[0].startswith("user,id=net0,restrict=on,hostfwd=")
+    assert "restrict" not in opt(qemu_argv(spec(tmp_path)), "-netdev")[0]
+
+
 def test_qemu_argv_escapes_commas(tmp_path: Path) -> None:
     argv = qemu_argv(spec(tmp_path, disk=Path("/a,b/disk.qcow2")), daemonize=False)
     assert "file=/a,,b/disk.qcow2" in opt(argv, "-drive")[0]

@@ -174,6 +174,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         err.print(f"sandbox {args.name!r} is already running")
         _print_connect(box)
         return 0
+    if box.config.network.mode != "offline":
+        err.print(
+            f"[yellow]warning:[/] network mode {box.config.network.mode} is not enforced on the host yet: the sandbox can reach "
+            'your network and this host\'s loopback services. network.mode = "offline" seals it.'
+        )
     for f in box.config.forward:
         if f.bind not in ("127.0.0.1", "::1"):
             err.print(f"[yellow]warning:[/] host port {f.host} is bound to {f.bind}: reachable from your network")

@@ -215,7 +215,7 @@ class Sandbox:
             disk=self.dir.disk, swap=self.dir.swap,
             memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
             forwards=tuple(forwards), qmp=self.dir.qmp, serial=self.dir.serial, pidfile=self.dir.pidfile,
-            fw_cfg=fw,
+            fw_cfg=fw, restrict=c.network.mode == "offline",
         )  # fmt: skip
         self._resize_disk(c.vm.disk, meta)
         self.dir.serial.unlink(missing_ok=True)
@@ -223,7 +223,7 @@ class Sandbox:
         pid = machine.start(spec)
         meta.update({
             "running": True, "pid": pid, "started_at": time.time(), "accel": acc.name, "accel_reason": acc.reason,
-            "ssh_port": ssh_port, "memory": c.vm.memory, "cpus": c.vm.cpus,
+            "ssh_port": ssh_port, "memory": c.vm.memory, "cpus": c.vm.cpus, "network": c.network.mode,
             "ports": [{"host": f.host, "guest": f.guest, "bind": f.bind} for f in forwards],
         })  # fmt: skip
         self.dir.write_meta(meta)

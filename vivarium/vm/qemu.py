@@ -54,12 +54,15 @@ class MachineSpec:
     pidfile: Path
     fw_cfg: tuple[tuple[str, Path], ...] = ()  # (name under opt/vivarium/, file)
     cmdline: str = KERNEL_CMDLINE
+    # restrict=on: slirp lets no packet out through the host's stack; only the
+    # hostfwd ports come in. Nothing inside the guest can undo it.
+    restrict: bool = False
     extra: tuple[str, ...] = field(default=())
 
 
 def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
     """The full qemu-system-x86_64 argv for `spec`."""
-    netdev = ",".join(["user", "id=net0", *(f"hostfwd={f.hostfwd()}" for f in spec.forwards)])
+    netdev = ",".join(["user", "id=net0", *(["restrict=on"] if spec.restrict else []), *(f"hostfwd={f.hostfwd()}" for f in spec.forwards)])
     argv = [
         "qemu-system-x86_64",
         "-name", f"vivarium-{spec.name},process=vivarium-{spec.name}",
