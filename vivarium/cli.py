@@ -381,9 +381,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command = [*getattr(args, "command", []), *command]
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
-        format="%(name)s: %(message)s",
+        format="%(name)s: %(message)s" if args.debug else "%(levelname)s: %(message)s",
         stream=sys.stderr,
     )
+    logging.addLevelName(logging.WARNING, "warning")
+    logging.addLevelName(logging.ERROR, "error")
     try:
         code: int = args.func(args)
         return code

@@ -86,7 +86,8 @@ def hash_tree(root: Path) -> str:
     for p in sorted(root.rglob("*")):
         if p.is_file() and "__pycache__" not in p.parts:
             h.update(str(p.relative_to(root)).encode() + b"\0")
-            h.update(oct(p.stat().st_mode & 0o777).encode() + b"\0")
+            # Only the executable bit: a checkout's umask must not change the key.
+            h.update(b"x" if p.stat().st_mode & 0o111 else b"-")
             h.update(p.read_bytes())
     return h.hexdigest()[:16]
 
