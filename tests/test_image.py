@@ -43,7 +43,7 @@ def test_dev_profile_packages(tmp_path: Path) -> None:
 
 def test_mmdebstrap_argv(tmp_path: Path) -> None:
     r = recipe(tmp_path, **{"image.setup": "touch /etc/from-setup", "image.mirror": "http://mirror.example/debian"})
-    argv = build.mmdebstrap_argv(r, tmp_path / "root", tmp_path / "overlay", mode="root")
+    argv = build.mmdebstrap_argv(r, tmp_path / "root", tmp_path / "early.tar", tmp_path / "files.tar", mode="root")
     assert argv[0] == "mmdebstrap" and "--mode=root" in argv and "--variant=minbase" in argv
     assert argv[-3:] == ["bookworm", str(tmp_path / "root"), "http://mirror.example/debian"]
     include = next(a for a in argv if a.startswith("--include="))
@@ -53,6 +53,25 @@ def test_mmdebstrap_argv(tmp_path: Path) -> None:
     assert any("touch /etc/from-setup" in h for h in hooks)
     assert any("npm install --global" in h and "@anthropic-ai/claude-code" in h for h in hooks)
     assert "/etc/resolv.conf" in hooks[-2]  # the image's own network files go in last
+    assert hooks[0] == f"--customize-hook=tar-in {tmp_path / 'files.tar'} /"
+
+
+def test_pack_tree_makes_everything_root_owned(tmp_path: Path) -> None:
+    import tarfile
+
+    tree = tmp_path / "tree"
+    (tree / "etc/sudoers.d").mkdir(parents=True)
+    (tree / "etc/sudoers.d/vivarium").write_text("%sudo ALL=(ALL) NOPASSWD: ALL\n")
+    (tree / "usr/local/bin").mkdir(parents=True)
+    (tree / "usr/local/bin/tool").write_text("#!/bin/sh\n")
+    (tree / "usr/local/bin/tool").chmod(0o755)
+    out = tmp_path / "t.tar"
+    build.pack_tree(out, [tree])
+    with tarfile.open(out) as tar:
+        members = {m.name: m for m in tar.getmembers()}
+    assert set(members) == {"etc/sudoers.d/vivarium", "usr/local/bin/tool"}
+    assert all(m.uid == 0 and m.gid == 0 and m.uname == "root" for m in members.values())
+    assert members["usr/local/bin/tool"].mode & 0o111
 
 
 def test_host_mirror_reads_both_apt_formats(tmp_path: Path) -> None:

@@ -57,7 +57,7 @@ def _userns() -> Check:
     if os.geteuid() == 0:
         return Check("user namespaces", True, "not needed: running as root (image builds use root mode)", required=False)
     try:
-        run(["unshare", "--map-auto", "--map-root-user", "--", "true"], timeout=10)
+        run(["mmdebstrap", "--unshare-helper", "true"], timeout=10)
     except Exception as e:  # noqa: BLE001 - any failure means "not usable"
         return Check("user namespaces", False, f"rootless builds unavailable: {e}",
                      "apt-get install uidmap; give your user ranges in /etc/subuid and /etc/subgid", required=True)  # fmt: skip

@@ -15,6 +15,7 @@ import os
 import shlex
 import shutil
 import subprocess
+import tarfile
 import time
 import urllib.error
 import urllib.request
@@ -88,13 +89,21 @@ def rootless() -> bool:
     return os.geteuid() != 0
 
 
+def as_image_root(*argv: str | Path) -> list[str | Path]:
+    """argv run as the image's root: directly when we are root, else in mmdebstrap's user namespace.
+
+    The program is looked up here (sbin included): inside the helper a user's PATH may lack it.
+    """
+    return [*userns_prefix(), find_program(str(argv[0])), *argv[1:]]
+
+
 def userns_prefix() -> list[str]:
     """Run a command as root in a user namespace mapping our subordinate ids.
 
     A rootless mmdebstrap leaves files owned by subordinate uids; reading them
-    back with their in-image owners needs the same mapping.
+    back with their in-image owners needs its mapping, so ask mmdebstrap.
     """
-    return ["unshare", "--map-auto", "--map-root-user", "--"] if rootless() else []
+    return ["mmdebstrap", "--unshare-helper"] if rootless() else []
 
 
 def build_image(recipe: Recipe, *, force: bool = False, progress: Progress = _quiet) -> tuple[Image, bool]:
@@ -183,13 +192,13 @@ def _remove_tree(path: Path) -> None:
         log.warning("not removing %s: %s is still mounted", path, left[0])
         return
     if rootless() and path.exists():
-        subprocess.run([*userns_prefix(), "rm", "-rf", str(path)], check=False)
+        subprocess.run([str(a) for a in as_image_root("rm", "-rf", path)], check=False)
     shutil.rmtree(path, ignore_errors=True)
 
 
 def _build_into(tmp: Path, recipe: Recipe, progress: Progress) -> dict[str, Any]:
     started = time.monotonic()
-    for prog in ("mmdebstrap", "mke2fs", "qemu-img", *(["unshare", "newuidmap"] if rootless() else [])):
+    for prog in ("mmdebstrap", "mke2fs", "qemu-img", *(["newuidmap"] if rootless() else [])):
         find_program(prog)
 
     overlay = tmp / "overlay"
@@ -197,16 +206,23 @@ def _build_into(tmp: Path, recipe: Recipe, progress: Progress) -> dict[str, Any]
     got, left_out = fetch_downloads(recipe.downloads, overlay, progress)
 
     rootdir = tmp / "root"
-    argv = mmdebstrap_argv(recipe, rootdir, overlay, mode="unshare" if rootless() else "root")
+    early, files = tmp / "early.tar", tmp / "files.tar"
+    pack_tree(early, [EARLY])
+    pack_tree(files, [ROOTFS, overlay])
+    argv = mmdebstrap_argv(recipe, rootdir, early, files, mode="unshare" if rootless() else "root")
     logfile = tmp / "build.log"
     _run_mmdebstrap(argv, logfile, progress)
 
     progress("pack", "ext4 filesystem")
     raw = tmp / "base.raw"
-    ns = userns_prefix()
-    used = int(run([*ns, "du", "-s", "--block-size=1", rootdir]).stdout.split()[0])
+    used = int(run(as_image_root("du", "-s", "--block-size=1", rootdir)).stdout.split()[0])
     size_mib = (used * 6 // 5) // (1 << 20) + 512
-    run([*ns, "mke2fs", "-q", "-t", "ext4", "-m", "0", "-i", "8192", "-L", "vivarium", "-d", rootdir, raw, f"{size_mib}M"])
+    # In the rootless namespace our own uid is unmapped: the image's root may
+    # write into the file only as "other".
+    raw.touch(mode=0o666 if rootless() else 0o644)
+    raw.chmod(0o666 if rootless() else 0o644)
+    run(as_image_root("mke2fs", "-F", "-q", "-t", "ext4", "-m", "0", "-i", "8192", "-L", "vivarium", "-d", rootdir, raw, f"{size_mib}M"))
+    raw.chmod(0o644)
     kernel_version = _copy_boot(rootdir, tmp)
     _remove_tree(rootdir)
     progress("pack", "qcow2 base disk")
@@ -229,7 +245,29 @@ def _build_into(tmp: Path, recipe: Recipe, progress: Progress) -> dict[str, Any]
     return manifest
 
 
-def mmdebstrap_argv(recipe: Recipe, target: Path, overlay: Path, *, mode: str) -> list[str]:
+def pack_tree(out: Path, trees: list[Path]) -> None:
+    """A tarball of the files under `trees`, owned by root whoever owns the checkout.
+
+    Only files and links: directories are made by tar as needed and existing
+    ones in the image keep their own modes.
+    """
+
+    def as_root(info: tarfile.TarInfo) -> tarfile.TarInfo:
+        info.uid = info.gid = 0
+        info.uname = info.gname = "root"
+        return info
+
+    with tarfile.open(out, "w") as tar:
+        for tree in trees:
+            for path in sorted(tree.rglob("*")):
+                if path.is_dir() and not path.is_symlink():
+                    continue
+                if "__pycache__" in path.parts:
+                    continue
+                tar.add(path, arcname=str(path.relative_to(tree)), recursive=False, filter=as_root)
+
+
+def mmdebstrap_argv(recipe: Recipe, target: Path, early: Path, files: Path, *, mode: str) -> list[str]:
     """The mmdebstrap command line for a recipe: pure, so tests can read it."""
     q = shlex.quote
     # Build-time network inside the image is the host's: its name overrides and
@@ -238,9 +276,8 @@ def mmdebstrap_argv(recipe: Recipe, target: Path, overlay: Path, *, mode: str) -
     ca_env = " ".join(f"{v}={ca}" for v in ("NODE_EXTRA_CA_CERTS", "SSL_CERT_FILE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO"))
     in_image = f'chroot "$1" env HOME=/root DEBIAN_FRONTEND=noninteractive {ca_env}'
     hooks = [
-        f"--essential-hook=sync-in {q(str(EARLY))} /",
-        f"--customize-hook=sync-in {q(str(ROOTFS))} /",
-        f"--customize-hook=sync-in {q(str(overlay))} /",
+        f"--essential-hook=tar-in {q(str(early))} /",
+        f"--customize-hook=tar-in {q(str(files))} /",
         f"--customize-hook=upload {q(str(CUSTOMIZE))} /tmp/vivarium-customize.sh",
         f"--customize-hook={in_image} sh /tmp/vivarium-customize.sh {q(recipe.user)} {recipe.uid}",
         f'--customize-hook=cp /etc/hosts "$1/etc/hosts"; cat {q(str(HOST_CA))} > "$1{ca}" 2>/dev/null || : > "$1{ca}"',
@@ -331,14 +368,16 @@ def _run_mmdebstrap(argv: list[str], logfile: Path, progress: Progress) -> None:
 
 def _copy_boot(rootdir: Path, dest: Path) -> str:
     """Copy the kernel and initrd out of the image; return the kernel version."""
-    ns = userns_prefix()
-    names = run([*ns, "ls", rootdir / "boot"]).stdout.split()
+    names = run(as_image_root("ls", rootdir / "boot")).stdout.split()
     kernels = sorted(n for n in names if n.startswith("vmlinuz-"))
     if not kernels:
         raise BuildError("the image has no kernel in /boot", hint="keep linux-image-cloud-amd64 in the package list")
     version = kernels[-1].removeprefix("vmlinuz-")
     for src, name in ((f"vmlinuz-{version}", "vmlinuz"), (f"initrd.img-{version}", "initrd.distro.img")):
-        run([*ns, "cp", rootdir / "boot" / src, dest / name])
+        # Through a pipe, so the copy belongs to us even when the image's files do not.
+        argv = [str(a) for a in as_image_root("cat", rootdir / "boot" / src)]
+        log.debug("run: %s", shlex.join(argv))
+        (dest / name).write_bytes(subprocess.run(argv, stdout=subprocess.PIPE, check=True).stdout)
     try:
         (dest / "initrd.img").write_bytes(make_initrd(rootdir, version))
     except (OSError, KeyError) as e:
