@@ -68,3 +68,25 @@ def test_ssh_argv_keeps_word_boundaries(tmp_path: Path) -> None:
     assert "StrictHostKeyChecking=yes" in argv and "-T" in argv and "agent@127.0.0.1" in argv
     block = t.config_block()
     assert block.startswith("Host vivarium-x\n") and "Port 2222" in block
+
+
+def test_qemu_argv_with_shares(tmp_path: Path) -> None:
+    argv = qemu_argv(spec(tmp_path, shares=(("share0", tmp_path / "s0.sock"),)))
+    assert opt(argv, "-object")[0].startswith("memory-backend-memfd,id=mem,size=2048M,share=on")
+    assert opt(argv, "-numa") == ["node,memdev=mem"]
+    assert f"socket,id=fs0,path={tmp_path}/s0.sock" in opt(argv, "-chardev")
+    assert "vhost-user-fs-pci,chardev=fs0,tag=share0" in opt(argv, "-device")
+    assert not any("memfd" in a for a in qemu_argv(spec(tmp_path)))
+
+
+def test_virtiofsd_argv_read_only_goes_through_a_read_only_bind_mount(tmp_path: Path) -> None:
+    from vivarium.share.virtiofs import ShareSpec, virtiofsd_argv
+
+    rw = ShareSpec("share0", tmp_path / "src", tmp_path / "src", False, tmp_path / "s.sock")
+    argv = virtiofsd_argv("/usr/lib/qemu/virtiofsd", rw)
+    assert argv[0] == "/usr/lib/qemu/virtiofsd" and f"source={tmp_path / 'src'}" in argv
+    ro = virtiofsd_argv("/usr/lib/qemu/virtiofsd", ShareSpec("s", tmp_path / "src", Path("/mnt"), True, tmp_path / "s.sock"))
+    assert ro[:5] == ["unshare", "--mount", "--propagation", "private", "--"]
+    assert "remount,bind,ro" in ro[7] and ro[9] == str(tmp_path / "src") and ro[10] == "/usr/lib/qemu/virtiofsd"
+    rust = virtiofsd_argv("/usr/libexec/virtiofsd", rw)
+    assert f"--shared-dir={tmp_path / 'src'}" in rust

@@ -247,6 +247,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in st.to_dict().items():
         if key == "ports":
             value = ", ".join(f"{p['bind']}:{p['host']}→{p['guest']}" for p in value)
+        elif key == "shares":
+            value = ", ".join(f"{s['host']} → {s['guest']} ({s['mode']}, {s['via']})" for s in value)
         elif key == "uptime":
             value = _uptime(value)
         out.print(f"{key:8} {value if value is not None else ''}")

@@ -386,12 +386,14 @@ class Host:
     @classmethod
     def probe(cls) -> Host:
         uid = os.getuid()
-        return cls(
-            cpus=os.cpu_count() or 1,
-            memory=_mem_total(),
-            user=pwd.getpwuid(uid).pw_name,
-            uid=uid,
-        )
+        # Under sudo, "the host user" is the one who typed sudo.
+        if uid == 0 and os.environ.get("SUDO_UID", "").isdigit() and os.environ.get("SUDO_USER"):
+            uid = int(os.environ["SUDO_UID"])
+        try:
+            name = pwd.getpwuid(uid).pw_name
+        except KeyError:
+            name = "agent"
+        return cls(cpus=os.cpu_count() or 1, memory=_mem_total(), user=name, uid=uid)
 
 
 def _mem_total() -> int:

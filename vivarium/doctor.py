@@ -10,6 +10,7 @@ from pathlib import Path
 from vivarium import state
 from vivarium.errors import MissingProgram
 from vivarium.run import PACKAGES, find_program, run
+from vivarium.share import virtiofs
 from vivarium.vm import accel
 
 MIN_FREE = 8 << 30  # an image build needs a few GiB; instances grow from there
@@ -40,6 +41,16 @@ def checks(kernel: Path | None = None) -> list[Check]:
         out.append(Check("KVM usable", a.name == "kvm", detail, "" if a.name == "kvm" else "vivarium boots with TCG instead", required=False))
     except MissingProgram as e:
         out.append(Check("KVM usable", False, str(e), e.hint, required=False))
+    why = virtiofs.supported()
+    out.append(
+        Check(
+            "shared directories",
+            why is None,
+            why or f"virtiofs via {virtiofs.find_virtiofsd()}",
+            "" if why is None else "run as root",
+            required=False,
+        )
+    )
     out.append(_userns())
     out.append(_free_disk())
     return out

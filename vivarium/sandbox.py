@@ -13,6 +13,7 @@ layer over this class.
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import shutil
 import socket
@@ -29,11 +30,13 @@ from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.image.build import Image, build_image, find_image
 from vivarium.image.recipe import Recipe
 from vivarium.run import run
+from vivarium.share import virtiofs
 from vivarium.vm import accel as accel_mod
 from vivarium.vm import machine
 from vivarium.vm.qemu import MachineSpec, PortForward
 
 Progress = Callable[[str, str], None]
+log = logging.getLogger("vivarium.sandbox")
 
 # The guest prints these on its serial console as it comes up.
 PHASES = (
@@ -63,6 +66,7 @@ class Status:
     memory: str
     cpus: int
     path: str
+    shares: list[dict[str, Any]]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -117,6 +121,7 @@ class Sandbox:
             memory=cfg.format_size(meta.get("memory", 0)),
             cpus=meta.get("cpus", 0),
             path=str(self.dir.path),
+            shares=meta.get("shares", []) if pid else [],
         )
 
     def target(self) -> ssh.Target:
@@ -209,29 +214,38 @@ class Sandbox:
         acc = accel_mod.choose(image.kernel)
         forwards = self._forwards(auto_ports)
         ssh_port = next(f.host for f in forwards if f.guest == SSH_PORT)
-        fw = self._write_fw_cfg(meta["user"])
-        spec = MachineSpec(
-            name=self.name, kernel=image.kernel, initrd=image.initrd,
-            disk=self.dir.disk, swap=self.dir.swap,
-            memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
-            forwards=tuple(forwards), qmp=self.dir.qmp, serial=self.dir.serial, pidfile=self.dir.pidfile,
-            fw_cfg=fw, restrict=c.network.mode == "offline",
-        )  # fmt: skip
-        self._resize_disk(c.vm.disk, meta)
-        self.dir.serial.unlink(missing_ok=True)
-        progress("kernel", f"starting QEMU ({acc.name})")
-        pid = machine.start(spec)
-        meta.update({
-            "running": True, "pid": pid, "started_at": time.time(), "accel": acc.name, "accel_reason": acc.reason,
-            "ssh_port": ssh_port, "memory": c.vm.memory, "cpus": c.vm.cpus, "network": c.network.mode,
-            "ports": [{"host": f.host, "guest": f.guest, "bind": f.bind} for f in forwards],
-        })  # fmt: skip
-        self.dir.write_meta(meta)
-        limit = timeout or (180.0 if acc.name == "kvm" else 600.0)
+        helpers: list[subprocess.Popen[bytes]] = []
+        pid: int | None = None
         try:
-            self._wait_ready(pid, ssh_port, limit, progress)
+            shares = self._start_shares(progress, helpers)
+            fw = self._write_fw_cfg(meta["user"], shares)
+            spec = MachineSpec(
+                name=self.name, kernel=image.kernel, initrd=image.initrd,
+                disk=self.dir.disk, swap=self.dir.swap,
+                memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
+                forwards=tuple(forwards), qmp=self.dir.qmp, serial=self.dir.serial, pidfile=self.dir.pidfile,
+                fw_cfg=fw, restrict=c.network.mode == "offline",
+                shares=tuple((sh.tag, sh.socket) for sh in shares),
+            )  # fmt: skip
+            self._resize_disk(c.vm.disk, meta)
+            self.dir.serial.unlink(missing_ok=True)
+            progress("kernel", f"starting QEMU ({acc.name})")
+            pid = machine.start(spec)
+            meta.update({
+                "running": True, "pid": pid, "started_at": time.time(), "accel": acc.name, "accel_reason": acc.reason,
+                "ssh_port": ssh_port, "memory": c.vm.memory, "cpus": c.vm.cpus, "network": c.network.mode,
+                "ports": [{"host": f.host, "guest": f.guest, "bind": f.bind} for f in forwards],
+                "shares": [{"host": str(sh.source), "guest": str(sh.guest), "mode": "ro" if sh.readonly else "rw", "via": "virtiofs"}
+                           for sh in shares],
+            })  # fmt: skip
+            self.dir.write_meta(meta)
+            self._wait_ready(pid, ssh_port, timeout or (180.0 if acc.name == "kvm" else 600.0), progress)
         except BaseException:
-            machine.kill(pid, self.name)
+            if pid is not None:
+                machine.kill(pid, self.name)
+            for helper in helpers:  # a virtiofsd whose QEMU never came would wait for ever
+                helper.kill()
+                helper.wait()
             meta["running"] = False
             self.dir.write_meta(meta)
             raise
@@ -241,16 +255,38 @@ class Sandbox:
             run(["qemu-img", "resize", "-q", self.dir.disk, str(disk)])
             meta["disk"] = disk
 
-    def _write_fw_cfg(self, user: str) -> tuple[tuple[str, Path], ...]:
+    def _start_shares(self, progress: Progress, helpers: list[subprocess.Popen[bytes]]) -> list[virtiofs.ShareSpec]:
+        wanted = [s for s in self.config.share if s.mode in ("rw", "ro")]
+        for s in self.config.share:
+            if s.mode == "review":
+                raise UsageError(f"share mode review ({s.host}) is not available yet", hint='use mode = "ro" or "rw" for now')
+        if not wanted:
+            return []
+        why = virtiofs.supported()
+        if why:
+            progress("start", f"not sharing {', '.join(str(s.host) for s in wanted)}: {why}")
+            log.warning("not sharing %s: %s", ", ".join(str(s.host) for s in wanted), why)
+            return []
+        specs = [virtiofs.ShareSpec(f"share{i}", s.host, s.guest, s.mode == "ro", self.dir.path / f"share{i}.sock") for i, s in enumerate(wanted)]
+        for spec in specs:
+            progress("start", f"sharing {spec.source} ({'ro' if spec.readonly else 'rw'}, virtiofs)")
+            helpers.append(virtiofs.start(spec))
+        return specs
+
+    def _write_fw_cfg(self, user: str, shares: Sequence[virtiofs.ShareSpec] = ()) -> tuple[tuple[str, Path], ...]:
         d = self.dir.fwcfg
         d.mkdir(mode=0o700, exist_ok=True)
         files = {
             "user": user,
             "hostname": self.name if self.name != "default" else "vivarium",
             "authorized_key": self.dir.key.with_suffix(".pub").read_text().strip(),
+            # one line per share: tag, mode, mount point (paths with spaces are fine: the last field)
+            "shares": "".join(f"{sh.tag} {'ro' if sh.readonly else 'rw'} {sh.guest}\n" for sh in shares),
         }
         out = []
         for name, text in files.items():
+            if not text:
+                continue
             (d / name).write_text(text)
             out.append((name, d / name))
         out.append(("ssh_host_key", self.dir.host_key))

@@ -57,6 +57,7 @@ class MachineSpec:
     # restrict=on: slirp lets no packet out through the host's stack; only the
     # hostfwd ports come in. Nothing inside the guest can undo it.
     restrict: bool = False
+    shares: tuple[tuple[str, Path], ...] = ()  # (tag, virtiofsd socket)
     extra: tuple[str, ...] = field(default=())
 
 
@@ -69,6 +70,9 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
         "-machine", "q35,vmport=off,hpet=off",
         *spec.accel_args,
         "-m", f"{spec.memory_mib}M",
+        # vhost-user devices (virtiofs) need guest RAM the daemon can map.
+        *(["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on", "-numa", "node,memdev=mem"]
+          if spec.shares else []),
         "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config", "-display", "none",
         "-kernel", str(spec.kernel),
@@ -87,6 +91,8 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
         "-qmp", f"unix:{_escape(spec.qmp)},server=on,wait=off",
         "-pidfile", str(spec.pidfile),
     ]  # fmt: skip
+    for i, (tag, sock) in enumerate(spec.shares):
+        argv += ["-chardev", f"socket,id=fs{i},path={_escape(sock)}", "-device", f"vhost-user-fs-pci,chardev=fs{i},tag={tag}"]
     for name, path in spec.fw_cfg:
         argv += ["-fw_cfg", f"name=opt/vivarium/{name},file={_escape(path)}"]
     if daemonize:

@@ -1,0 +1,68 @@
+"""Shared directories on a real guest: rw both ways with the right owner, ro enforced on the host."""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vivarium import Sandbox
+from vivarium.sandbox import free_port
+
+from .conftest import vv
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def shared(project: Path, built: object) -> Iterator[tuple[Sandbox, Path, Path]]:
+    d = project.parent / "shared-project"
+    (d / "rw").mkdir(parents=True, exist_ok=True)
+    (d / "ro").mkdir(exist_ok=True)
+    (d / "ro" / "readme.txt").write_text("from the host\n")
+    (d / "vivarium.toml").write_text(
+        f'[vm]\nmemory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n'
+        f"[[forward]]\nhost = {free_port()}\nguest = 22\n"
+        f'[[share]]\nhost = "rw"\n'
+        f'[[share]]\nhost = "ro"\nguest = "/mnt/ro"\nmode = "ro"\n'
+    )
+    # The project belongs to the user the agent runs as (here: agent, 1000, since the tests run as root),
+    # as it does when you run vivarium as yourself in your own project.
+    os.chown(d / "rw", 1000, 1000)
+    vv("up", "sharebox", cwd=d)
+    box = Sandbox("sharebox")
+    yield box, (d / "rw").resolve(), (d / "ro").resolve()
+    box.destroy()
+
+
+def test_rw_share_round_trip_with_the_right_owner(shared: tuple[Sandbox, Path, Path]) -> None:
+    box, rw, _ = shared
+    (rw / "from-host.txt").write_text("hello guest\n")
+    r = box.exec(["cat", str(rw / "from-host.txt")], capture=True)
+    assert r.returncode == 0 and r.stdout == "hello guest\n", r.stderr
+    assert box.exec(["sh", "-c", f"echo hello host > {rw}/from-guest.txt"]).returncode == 0
+    made = rw / "from-guest.txt"
+    assert made.read_text() == "hello host\n"
+    uid = int(box.exec(["id", "-u"], capture=True).stdout)
+    assert made.stat().st_uid == uid  # the agent's uid: the host user's own, or 1000 (agent) when vivarium runs as root
+    assert made.stat().st_uid != 0 or uid == 0
+
+
+def test_ro_share_refuses_root_even_after_remount(shared: tuple[Sandbox, Path, Path]) -> None:
+    box, _, ro = shared
+    assert box.exec(["cat", "/mnt/ro/readme.txt"], capture=True).stdout == "from the host\n"
+    r = box.exec(["sudo", "sh", "-c", "echo x > /mnt/ro/new.txt"], capture=True)
+    assert r.returncode != 0 and "Read-only file system" in r.stderr
+    # Root in the guest remounts it read-write: the host still says no.
+    r = box.exec(["sudo", "sh", "-c", "mount -o remount,rw /mnt/ro && echo x > /mnt/ro/new.txt"], capture=True)
+    assert r.returncode != 0 and "Read-only file system" in r.stderr, r.stderr
+    assert not (ro / "new.txt").exists()
+    assert os.listdir(ro) == ["readme.txt"]
+
+
+def test_status_says_how_each_share_is_served(shared: tuple[Sandbox, Path, Path]) -> None:
+    box, rw, ro = shared
+    shares = box.status().shares
+    assert [(s["host"], s["mode"], s["via"]) for s in shares] == [(str(rw), "rw", "virtiofs"), (str(ro), "ro", "virtiofs")]
