@@ -65,7 +65,9 @@ def test_ssh_argv_keeps_word_boundaries(tmp_path: Path) -> None:
     t = ssh.Target("vivarium-x", "agent", 2222, tmp_path / "key", tmp_path / "known_hosts")
     argv = t.argv(["sh", "-c", "echo 'a b'; exit 3"], tty=False)
     assert argv[-1] == "sh -c 'echo '\"'\"'a b'\"'\"'; exit 3'"
-    assert "StrictHostKeyChecking=yes" in argv and "-T" in argv and "agent@127.0.0.1" in argv
+    assert "StrictHostKeyChecking=yes" in argv and "-T" in argv and argv[-3:-1] == ["--", "agent@127.0.0.1"]
+    # no command: nothing after the destination (a bare "--" there would be run as the command)
+    assert t.argv([], tty=True)[-2:] == ["--", "agent@127.0.0.1"]
     block = t.config_block()
     assert block.startswith("Host vivarium-x\n") and "Port 2222" in block
 

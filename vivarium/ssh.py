@@ -58,7 +58,7 @@ class Target:
         if batch:
             flags += ["-o", "BatchMode=yes"]
         remote = [shlex.join(command)] if command else []
-        return [find_program("ssh"), *self.options(), *flags, f"{self.user}@{self.host}", "--", *remote]
+        return [find_program("ssh"), *self.options(), *flags, "--", f"{self.user}@{self.host}", *remote]
 
     def config_block(self) -> str:
         return "\n".join([

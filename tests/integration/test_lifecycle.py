@@ -214,3 +214,25 @@ def test_stop_then_destroy(project: Path, box: Sandbox) -> None:
     assert box.pid() is None and box.status().state == "stopped"
     vv("up", "itest", cwd=project)
     assert box.exec(["true"]).returncode == 0
+
+
+def test_interactive_ssh_gets_a_terminal(box: Sandbox, tmp_path: Path) -> None:
+    """`vivarium ssh NAME` in a real terminal (tmux): a login shell on a pty."""
+    session = f"vivarium-test-{os.getpid()}"
+    out = tmp_path / "screen.txt"
+    cmd = f"{sys.executable} -m vivarium ssh itest"
+    subprocess.run(["tmux", "new-session", "-d", "-s", session, "-x", "120", "-y", "30", f"{cmd}; sleep 30"], check=True)
+    try:
+        deadline = time.monotonic() + 60
+        screen = ""
+        sent = False
+        while time.monotonic() < deadline and "answer-42" not in screen:
+            time.sleep(1)
+            screen = subprocess.run(["tmux", "capture-pane", "-t", session, "-p"], capture_output=True, text=True).stdout
+            if not sent and screen.rstrip().endswith("$"):  # the prompt (capture-pane trims its trailing space)
+                subprocess.run(["tmux", "send-keys", "-t", session, "tty; echo answer-$((6*7)); exit", "Enter"], check=True)
+                sent = True
+        out.write_text(screen)
+        assert "answer-42" in screen and "/dev/pts/" in screen, screen
+    finally:
+        subprocess.run(["tmux", "kill-session", "-t", session], check=False, capture_output=True)
