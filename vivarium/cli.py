@@ -19,7 +19,7 @@ from rich.table import Table
 from vivarium import config as cfg
 from vivarium import doctor as doctor_mod
 from vivarium.errors import UsageError, VivariumError
-from vivarium.image.build import build_image
+from vivarium.image.build import Image, build_image
 from vivarium.image.recipe import Recipe
 from vivarium.progress import PhaseDisplay
 from vivarium.sandbox import Sandbox, list_sandboxes
@@ -332,7 +332,7 @@ def cmd_build(args: argparse.Namespace) -> int:
     return 0
 
 
-def build_with_progress(config: cfg.Config, *, force: bool = False) -> tuple[Any, bool]:
+def build_with_progress(config: cfg.Config, *, force: bool = False) -> tuple[Image, bool]:
     recipe = Recipe.from_config(config)
     with PhaseDisplay("build", err) as show:
         return build_image(recipe, force=force, progress=show)

@@ -97,15 +97,10 @@ class Sandbox:
     def pid(self) -> int | None:
         return machine.read_pid(self.dir.pidfile, self.name)
 
-    def state(self) -> str:
-        if self.pid() is not None:
-            return "running"
-        meta = self.meta()
-        return "crashed" if meta.get("running") else "stopped"
-
     def status(self) -> Status:
         meta = self.meta()
         pid = self.pid()
+        # Recorded as running but no QEMU of ours: it died under us.
         st = "running" if pid else ("crashed" if meta.get("running") else "stopped")
         started = meta.get("started_at")
         return Status(
