@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import subprocess
 import sys
 import time
@@ -106,15 +107,13 @@ def _sandbox_verbs(verbs: Any) -> None:
     _add_setting_flags(u)
     u.set_defaults(func=cmd_up)
 
-    s = verbs.add_parser("ssh", help="open a shell (or run CMD) in the sandbox over SSH")
+    s = verbs.add_parser("ssh", help="open a shell (or run CMD) in the sandbox over SSH", usage="vivarium ssh [NAME] [-- CMD...]")
     _name(s)
-    s.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD...")
-    s.set_defaults(func=cmd_ssh)
+    s.set_defaults(func=cmd_ssh, command=[])
 
-    e = verbs.add_parser("exec", help="run CMD in the sandbox; exits with its exit code")
+    e = verbs.add_parser("exec", help="run CMD in the sandbox; exits with its exit code", usage="vivarium exec [NAME] -- CMD...")
     _name(e)
-    e.add_argument("command", nargs=argparse.REMAINDER, help="-- CMD...")
-    e.set_defaults(func=cmd_exec)
+    e.set_defaults(func=cmd_exec, command=[])
 
     sc = verbs.add_parser("ssh-config", help="print a Host block for ~/.ssh/config")
     _name(sc)
@@ -147,6 +146,28 @@ def _sandbox_verbs(verbs: Any) -> None:
     _name(r)
     r.add_argument("--timeout", type=float, metavar="SECONDS")
     r.set_defaults(func=cmd_reset)
+
+    rn = verbs.add_parser(
+        "run",
+        help="run CMD (an agent) in a tmux session in the sandbox; up first if needed",
+        usage="vivarium run [NAME] [--env VAR]... [-d] [--session S] -- CMD...",
+    )
+    _name(rn)
+    rn.add_argument("--env", action="append", default=[], metavar="VAR", help="copy this host variable into CMD's environment only")
+    rn.add_argument("-d", "--detach", action="store_true", help="leave it running in the background")
+    rn.add_argument("--session", help="session name (default: the command's name)")
+    _add_setting_flags(rn)
+    rn.set_defaults(func=cmd_run, command=[])
+
+    at = verbs.add_parser("attach", help="reattach to a session started by `run`")
+    _name(at, optional=False)
+    at.add_argument("session", nargs="?")
+    at.set_defaults(func=cmd_attach)
+
+    se = verbs.add_parser("sessions", help="list the sandbox's sessions")
+    _name(se)
+    se.add_argument("--json", action="store_true")
+    se.set_defaults(func=cmd_sessions)
 
     pt = verbs.add_parser("port", help="add, remove or list forwarded ports at runtime")
     _name(pt, optional=False)
@@ -212,6 +233,38 @@ def cmd_exec(args: argparse.Namespace) -> int:
         raise UsageError("exec needs a command", hint=f"vivarium exec {args.name} -- CMD...")
     box = Sandbox(args.name)
     return box.exec(cmd).returncode
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    cmd = _command(args)
+    if not cmd:
+        raise UsageError("run needs a command", hint=f"vivarium run {args.name} -- claude")
+    box = Sandbox(args.name, load_config(args))
+    if not (box.exists() and box.pid() is not None):
+        with PhaseDisplay(f"up {args.name}", err) as show:
+            box.up(progress=show)
+    session = args.session or os.path.basename(cmd[0]) or "agent"
+    box.start_session(cmd, session=session, env_names=args.env)
+    if args.detach:
+        err.print(f"started {session!r} in sandbox {args.name!r}; `vivarium attach {args.name} {session}` to see it")
+        return 0
+    return subprocess.call(box.attach_argv(session))
+
+
+def cmd_attach(args: argparse.Namespace) -> int:
+    return subprocess.call(Sandbox(args.name).attach_argv(args.session))
+
+
+def cmd_sessions(args: argparse.Namespace) -> int:
+    rows = Sandbox(args.name).sessions()
+    if args.json:
+        out.print_json(json.dumps(rows))
+        return 0
+    t = Table("session", "state", "attached", "command")
+    for r in rows:
+        t.add_row(r["session"], r["state"], "yes" if r["attached"] else "", r["command"])
+    out.print(t)
+    return 0
 
 
 def cmd_ssh_config(args: argparse.Namespace) -> int:
@@ -380,7 +433,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if command is not None:
         if not hasattr(args, "command"):
             p.error(f"{args.verb} takes no command after --")
-        args.command = [*getattr(args, "command", []), *command]
+        args.command = command
     logging.basicConfig(
         level=logging.DEBUG if args.debug else logging.WARNING,
         format="%(name)s: %(message)s" if args.debug else "%(levelname)s: %(message)s",

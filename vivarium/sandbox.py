@@ -15,6 +15,8 @@ from __future__ import annotations
 import contextlib
 import logging
 import os
+import re
+import shlex
 import shutil
 import socket
 import subprocess
@@ -388,6 +390,51 @@ class Sandbox:
             timeout=timeout,
             check=False,
         )
+
+    # ---------------------------------------------------------- sessions
+
+    def workdir(self) -> str:
+        """Where agents start: the guest path of the first share, else the agent's home."""
+        shares = self.meta().get("shares") or []
+        return str(shares[0]["guest"]) if shares else "~"
+
+    def start_session(self, command: Sequence[str], *, session: str, env_names: Sequence[str] = ()) -> None:
+        """Start `command` as the agent user in a detached tmux session, in workdir().
+
+        Variables named in env_names travel from this process's environment over
+        ssh's stdin into that session's environment only: never on a command line
+        on the host, never on the guest's disk.
+        """
+        for name in env_names:
+            if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
+                raise UsageError(f"--env {name!r} is not a variable name")
+            if name not in os.environ:
+                raise UsageError(f"--env {name}: that variable is not set here")
+        reads = "".join(f"IFS= read -r v{i}; " for i in range(len(env_names)))
+        env = "".join(f'-e {name}="$v{i}" ' for i, name in enumerate(env_names))
+        work = self.workdir()
+        cd = 'cd "$HOME"' if work == "~" else f"cd {shlex.quote(work)}"
+        script = f"{reads}{cd} && exec tmux new-session -d -s {shlex.quote(session)} {env}-- {shlex.join(command)}"
+        stdin = "".join(os.environ[name] + "\n" for name in env_names)
+        r = self.exec(["sh", "-c", script], capture=True, input=stdin)
+        if r.returncode != 0:
+            raise InstanceError(f"could not start session {session!r}: {r.stderr.strip() or f'exit code {r.returncode}'}")
+
+    def attach_argv(self, session: str | None = None) -> list[str]:
+        target = ["-t", session] if session else []
+        return self.target().argv(["tmux", "attach-session", *target], tty=True, batch=False)
+
+    def sessions(self) -> list[dict[str, Any]]:
+        fmt = "#{session_name}\t#{session_created}\t#{session_attached}\t#{pane_dead}\t#{pane_start_command}"
+        r = self.exec(["sh", "-c", f"tmux list-panes -a -F '{fmt}' 2>/dev/null || true"], capture=True)
+        out = []
+        for line in r.stdout.splitlines():
+            name, created, attached, dead, command = (line.split("\t") + [""] * 5)[:5]
+            out.append({
+                "session": name, "created": int(created or 0), "attached": attached not in ("", "0"),
+                "state": "exited" if dead == "1" else "running", "command": command,
+            })  # fmt: skip
+        return out
 
     # ------------------------------------------------------------- ports
 
