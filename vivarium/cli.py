@@ -300,6 +300,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     for key, value in st.to_dict().items():
         if key == "ports":
             value = ", ".join(f"{p['bind']}:{p['host']}→{p['guest']}" for p in value)
+        elif key == "agents":
+            value = ", ".join(f"{k} {v}" for k, v in value.items())
         elif key == "shares":
             value = ", ".join(f"{s['host']} → {s['guest']} ({s['mode']}, {s['via']})" for s in value)
         elif key == "uptime":
@@ -378,6 +380,9 @@ def cmd_build(args: argparse.Namespace) -> int:
         err.print(f"built image {image.key} in {image.manifest['seconds']:.0f}s ({image.manifest['mode']} mode, kernel {image.manifest['kernel']})")
     else:
         err.print(f"image {image.key} is up to date (cached)")
+    agents = image.manifest.get("agents") or {}
+    if agents:
+        err.print("agents: " + ", ".join(f"{name} {version}" for name, version in agents.items()))
     if image.left_out:
         err.print(f"[yellow]warning:[/] this image lacks {', '.join(image.left_out)}: the download host was unreachable at build time; "
                   "`vivarium build --force` when online")  # fmt: skip

@@ -69,6 +69,7 @@ class Status:
     cpus: int
     path: str
     shares: list[dict[str, Any]]
+    agents: dict[str, str]
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -119,6 +120,7 @@ class Sandbox:
             cpus=meta.get("cpus", 0),
             path=str(self.dir.path),
             shares=meta.get("shares", []) if pid else [],
+            agents=_image_agents(meta.get("image", "")),
         )
 
     def target(self) -> ssh.Target:
@@ -465,6 +467,11 @@ class Sandbox:
                 raise VMError(f"QEMU refused to remove the forward: {reply}")
             meta["ports"] = [p for p in meta["ports"] if p["host"] != host]
             self.dir.write_meta(meta)
+
+
+def _image_agents(key: str) -> dict[str, str]:
+    image = find_image(key) if key else None
+    return dict(image.manifest.get("agents") or {}) if image else {}
 
 
 def list_sandboxes() -> list[Sandbox]:

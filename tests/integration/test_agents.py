@@ -22,6 +22,8 @@ pytestmark = pytest.mark.integration
 def test_claude_code_is_installed(box: Sandbox) -> None:
     r = vv("exec", "itest", "--", "claude", "--version")
     assert "Claude Code" in r.stdout
+    status = json.loads(vv("status", "itest", "--json").stdout)
+    assert status["agents"]["claude-code"] in r.stdout
 
 
 def _pid_of(box: Sandbox, name: str) -> int:

@@ -44,6 +44,9 @@ def test_build_says_what_it_left_out(built: subprocess.CompletedProcess[str]) ->
     for name in manifest["left_out"]:
         assert name in built.stderr or "up to date" in built.stderr
     assert manifest["kernel"].endswith("cloud-amd64")
+    # the agent CLIs and their versions are recorded with the image, and said
+    assert manifest["agents"]["claude-code"][0].isdigit()
+    assert f"claude-code {manifest['agents']['claude-code']}" in built.stderr or "up to date" in built.stderr
 
 
 @pytest.fixture(scope="module")

@@ -213,6 +213,7 @@ def _build_into(tmp: Path, recipe: Recipe, progress: Progress) -> dict[str, Any]
     logfile = tmp / "build.log"
     _run_mmdebstrap(argv, logfile, progress)
 
+    agents = installed_agents(rootdir, recipe)
     progress("pack", "ext4 filesystem")
     raw = tmp / "base.raw"
     used = int(run(as_image_root("du", "-s", "--block-size=1", rootdir)).stdout.split()[0])
@@ -239,6 +240,7 @@ def _build_into(tmp: Path, recipe: Recipe, progress: Progress) -> dict[str, Any]
         "kernel": kernel_version,
         "downloads": got,
         "left_out": left_out,
+        "agents": agents,
         "recipe": recipe.describe(),
     }
     (tmp / "manifest.json").write_text(json.dumps(manifest, indent=2) + "\n")
@@ -265,6 +267,18 @@ def pack_tree(out: Path, trees: list[Path]) -> None:
                 if "__pycache__" in path.parts:
                     continue
                 tar.add(path, arcname=str(path.relative_to(tree)), recursive=False, filter=as_root)
+
+
+def installed_agents(rootdir: Path, recipe: Recipe) -> dict[str, str]:
+    """The version of each agent CLI npm installed into the image."""
+    found = {}
+    for agent, package in zip(recipe.agents, recipe.npm_packages(), strict=True):
+        try:
+            meta = json.loads((rootdir / "usr/local/lib/node_modules" / package / "package.json").read_text())
+        except (OSError, ValueError) as e:
+            raise BuildError(f"agent {agent} ({package}) is not in the image after npm install: {e}") from None
+        found[agent] = str(meta.get("version", "?"))
+    return found
 
 
 def mmdebstrap_argv(recipe: Recipe, target: Path, early: Path, files: Path, *, mode: str) -> list[str]:

@@ -16,7 +16,7 @@ from vivarium.config import Config, Download
 from vivarium.guest import GUEST_DIR
 
 # Bump when the way an image is put together changes in a way the fields miss.
-RECIPE_VERSION = 2
+RECIPE_VERSION = 3
 
 # The default "dev" profile.
 BASE_PACKAGES = (
