@@ -46,7 +46,7 @@ def untuned_boot(box: Sandbox, image_kernel: Path, image_initrd: Path) -> float:
         *(x for name in ("user", "hostname", "authorized_key") for x in ("-fw_cfg", f"name=opt/vivarium/{name},file={fw / name}")),
         "-fw_cfg", f"name=opt/vivarium/ssh_host_key,file={box.dir.host_key}",
     ]  # fmt: skip
-    target = ssh.Target(f"vivarium-{box.name}", box.meta()["user"], port, box.dir.key, box.dir.known_hosts)
+    target = box.target_at(port)
     started = time.perf_counter()
     proc = subprocess.Popen(argv, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     try:

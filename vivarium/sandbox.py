@@ -127,8 +127,12 @@ class Sandbox:
         meta = self.meta()
         if self.pid() is None:
             raise InstanceError(f"sandbox {self.name!r} is not running", hint=f"start it with `vivarium up {self.name}`")
+        return self.target_at(meta["ssh_port"], meta["user"])
+
+    def target_at(self, port: int, user: str | None = None) -> ssh.Target:
+        """This instance's SSH identity (its key, its pinned host key) at a given host port."""
         return ssh.Target(
-            alias=f"vivarium-{self.name}", user=meta["user"], port=meta["ssh_port"],
+            alias=f"vivarium-{self.name}", user=user or self.meta()["user"], port=port,
             key=self.dir.key, known_hosts=self.dir.known_hosts,
         )  # fmt: skip
 
@@ -292,10 +296,7 @@ class Sandbox:
         return tuple(out)
 
     def _wait_ready(self, pid: int, port: int, limit: float, progress: Progress) -> None:
-        target = ssh.Target(
-            alias=f"vivarium-{self.name}", user=self.meta()["user"], port=port,
-            key=self.dir.key, known_hosts=self.dir.known_hosts,
-        )  # fmt: skip
+        target = self.target_at(port)
         started = time.monotonic()
         deadline = started + limit
         phase = "kernel"
@@ -359,9 +360,11 @@ class Sandbox:
         with self.dir.lock():
             meta = self.meta()
             image = find_image(meta["image"])
-            recipe_key = Recipe.from_config(self.config).key() if self._config is not None else meta["image"]
-            if image is None or recipe_key != meta["image"]:
-                image, _ = build_image(Recipe.from_config(self.config), progress=progress)
+            # Settings given to this Sandbox (or a missing image) decide the image; otherwise keep its own.
+            if image is None or self._config is not None:
+                recipe = Recipe.from_config(self.config)
+                if image is None or recipe.key() != meta["image"]:
+                    image, _ = build_image(recipe, progress=progress)
             self._new_disks(image, meta["disk"], meta["swap"])
             meta.update({"image": image.key, "build_id": image.build_id, "running": False})
             self.dir.write_meta(meta)

@@ -71,13 +71,14 @@ def start(share: ShareSpec, timeout: float = 10.0) -> subprocess.Popen[bytes]:
     argv = virtiofsd_argv(binary, share)
     # In its own session so it outlives the CLI; it exits when QEMU goes away.
     # (The C daemon's --daemonize only returns once QEMU has connected.)
-    with share.socket.with_suffix(".log").open("ab") as logfile:
+    log = share.socket.with_suffix(".log")
+    with log.open("ab") as logfile:
         proc = spawn(argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
     deadline = time.monotonic() + timeout
     while not share.socket.exists():
         if proc.poll() is not None:
-            tail = share.socket.with_suffix(".log").read_text(errors="replace").strip().splitlines()[-1:] or ["no output"]
-            raise VMError(f"virtiofsd for {share.source} exited: {tail[0]}", hint=f"log: {share.socket.with_suffix('.log')}")
+            last = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
+            raise VMError(f"virtiofsd for {share.source} exited: {last}", hint=f"log: {log}")
         if time.monotonic() > deadline:
             proc.kill()
             raise VMError(f"virtiofsd for {share.source} did not start", hint="run with --debug to see its command line")
