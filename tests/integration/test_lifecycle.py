@@ -166,10 +166,10 @@ def test_missing_qemu_is_one_line_with_the_fix(box: Sandbox, project: Path, tmp_
     vv("destroy", "noqemu")
 
 
-def test_reset_throws_the_guest_disk_away(box: Sandbox) -> None:
+def test_reset_throws_the_guest_disk_away(box: Sandbox, project: Path) -> None:
     assert box.exec(["sh", "-c", "echo precious > ~/marker && sync"]).returncode == 0
     assert box.exec(["test", "-f", "/home/agent/marker"]).returncode == 0
-    vv("reset", "itest")
+    vv("reset", "itest", cwd=project)  # the project's vivarium.toml: its forwards, not the defaults
     assert box.pid() is not None
     assert box.exec(["test", "-f", "/home/agent/marker"]).returncode == 1
 
