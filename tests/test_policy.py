@@ -47,7 +47,7 @@ def test_allow_and_deny_cidrs() -> None:
 def test_offline_denies_everything() -> None:
     p = Policy.build("offline", allow_cidrs=["0.0.0.0/0"])
     assert p.decide("1.1.1.1", 443).rule == "deny offline mode"
-    assert p.name_allowed("pypi.org") is None
+    assert not p.name_verdict("pypi.org").allow
 
 
 def test_allowlist_needs_a_listed_name_and_its_own_addresses() -> None:
@@ -84,3 +84,39 @@ def test_unwrap() -> None:
     assert str(unwrap(ipaddress.ip_address("::ffff:10.0.0.1"))) == "10.0.0.1"
     assert str(unwrap(ipaddress.ip_address("2002:0a00:0001::1"))) == "10.0.0.1"
     assert str(unwrap(ipaddress.ip_address("2a00::1"))) == "2a00::1"
+
+
+def test_dns_only_through_the_fence() -> None:
+    p = Policy.build("lan-block", allow_cidrs=["198.51.100.7/32"])
+    assert p.decide("198.51.100.7", 53).rule.startswith("deny dns port 53")
+    assert not p.decide("8.8.8.8", 853).allow
+    assert p.decide("8.8.8.8", 443).allow
+
+
+def test_denied_names_in_any_mode() -> None:
+    p = Policy.build("lan-block", deny=["*.evil.example", "tracker.example:443"])
+    assert p.ip_verdict("1.2.3.4", 443) is None  # the name decides
+    assert p.decide("1.2.3.4", 443, "a.evil.example").rule == "deny *.evil.example (deny)"
+    assert p.decide("1.2.3.4", 443, "good.example").allow
+    assert not p.decide("1.2.3.4", 443, "tracker.example").allow
+    assert p.decide("1.2.3.4", 80, "tracker.example").allow
+    assert not p.name_verdict("a.evil.example").allow
+    assert p.name_verdict("tracker.example").allow  # only its port 443 is denied
+    assert p.name_verdict("good.example").allow
+
+
+def test_the_hosts_own_network_is_the_lan() -> None:
+    p = Policy.build("lan-block", host_addresses=["203.0.113.9"], host_networks=["81.2.69.0/24"])
+    assert p.decide("81.2.69.77", 443).rule == "deny the host's network 81.2.69.0/24"
+    assert p.decide("81.2.70.1", 443).allow
+    # an opened range does not open the host itself
+    q = Policy.build("lan-block", allow_cidrs=["203.0.113.0/24"], host_addresses=["203.0.113.9"])
+    assert q.decide("203.0.113.9", 22).rule == "deny the host's own address"
+    assert q.decide("203.0.113.8", 22).allow
+
+
+def test_allowlist_name_verdict() -> None:
+    p = Policy.build("allowlist", allow=["*.github.com", "pypi.org:443"])
+    assert p.name_verdict("api.github.com").allow
+    assert p.name_verdict("pypi.org").allow
+    assert p.name_verdict("evil.example").rule == "deny allowlist: evil.example is not listed"

@@ -181,6 +181,23 @@ def _sandbox_verbs(verbs: Any) -> None:
     pl.add_argument("--json", action="store_true")
     pt.set_defaults(func=cmd_port)
 
+    eg = verbs.add_parser("egress", help="the network fence: its log, live allow/deny, what a destination would meet")
+    esub = eg.add_subparsers(dest="egress_verb", metavar="log|allow|deny|check", required=True)
+    el = esub.add_parser("log", help="every connection and DNS query the sandbox made, with the decision and its rule")
+    _name(el, optional=False)
+    el.add_argument("--json", action="store_true", help="the raw JSON lines")
+    el.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
+    el.add_argument("--denied", action="store_true", help="only denials")
+    for verb, what in (("allow", "allow a domain now (allowlist mode), no reboot"), ("deny", "deny a domain now, in any mode")):
+        ea = esub.add_parser(verb, help=what)
+        _name(ea, optional=False)
+        ea.add_argument("domain", metavar="DOMAIN", help='e.g. pypi.org, "*.github.com", example.com:443')
+    ec = esub.add_parser("check", help="what a connection to HOST[:PORT] would meet, and which rule decides")
+    _name(ec, optional=False)
+    ec.add_argument("target", metavar="HOST[:PORT]")
+    ec.add_argument("--json", action="store_true")
+    eg.set_defaults(func=cmd_egress)
+
 
 # --------------------------------------------------------------- verbs
 
@@ -195,11 +212,6 @@ def cmd_up(args: argparse.Namespace) -> int:
         err.print(f"sandbox {args.name!r} is already running")
         _print_connect(box)
         return 0
-    if box.config.network.mode != "offline":
-        err.print(
-            f"[yellow]warning:[/] network mode {box.config.network.mode} is not enforced on the host yet: the sandbox can reach "
-            'your network and this host\'s loopback services. network.mode = "offline" seals it.'
-        )
     for f in box.config.forward:
         if f.bind not in ("127.0.0.1", "::1"):
             err.print(f"[yellow]warning:[/] host port {f.host} is bound to {f.bind}: reachable from your network")
@@ -371,6 +383,57 @@ def cmd_port(args: argparse.Namespace) -> int:
             for p in ports:
                 out.print(f"{p['bind']}:{p['host']} → guest {p['guest']}")
     return 0
+
+
+def cmd_egress(args: argparse.Namespace) -> int:
+    box = Sandbox(args.name)
+    if args.egress_verb in ("allow", "deny"):
+        err.print(f"sandbox {args.name!r}: {box.egress_change(args.egress_verb, args.domain)}")
+        return 0
+    if args.egress_verb == "check":
+        host, port = _host_port(args.target)
+        rows = box.egress_check(host, port)
+        if args.json:
+            out.print_json(json.dumps([{"address": a, "name": n, "allow": d.allow, "rule": d.rule} for a, n, d in rows]))
+        else:
+            for addr, name, d in rows:
+                where = " ".join(x for x in (name, f"[{addr}]" if addr else "") if x)
+                out.print(f"{'[green]allow[/]' if d.allow else '[red]deny[/]'} {escape(where)}:{port}  {escape(d.rule)}")
+        return 0 if all(d.allow for _, _, d in rows) else 1
+    for record in box.egress_log(follow=args.follow):
+        if args.denied and record.get("decision") != "deny":
+            continue
+        if args.json:
+            sys.stdout.write(json.dumps(record) + "\n")
+        else:
+            sys.stdout.write(_egress_line(record) + "\n")
+        sys.stdout.flush()
+    return 0
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, port = text, 443
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else 443
+    elif text.count(":") == 1:
+        host, _, p = text.partition(":")
+        if not p.isdigit() or not 0 < int(p) < 65536:
+            raise UsageError(f"egress check: bad port in {text!r}", hint="write it as HOST or HOST:PORT, e.g. pypi.org:443")
+        port = int(p)
+    return host, port
+
+
+def _egress_line(r: dict[str, Any]) -> str:
+    when = str(r.get("time", ""))[11:23]
+    verdict = str(r.get("decision", "?")).upper()
+    if r.get("kind") == "dns":
+        answers = ",".join(r.get("answers", [])) or r.get("rcode", "")
+        return f"{when} {verdict:5} dns {r.get('name')} {r.get('type')} → {answers}  ({r.get('rule')})"
+    name = f"{r.get('name')} " if r.get("name") else ""
+    extra = f" sent {r.get('sent', 0)} received {r.get('received', 0)} in {r.get('duration', 0)}s"
+    error = f" {r['error']}" if r.get("error") else ""
+    return f"{when} {verdict:5} tcp {name}{r.get('dst')}:{r.get('port')}  ({r.get('rule')}){extra}{error}"
 
 
 def cmd_build(args: argparse.Namespace) -> int:

@@ -194,7 +194,7 @@ def _check_package(value: str, where: str) -> None:
         raise ConfigError(f"{where}: {value!r} is not a Debian package name")
 
 
-def _check_domain(value: str, where: str) -> None:
+def check_domain(value: str, where: str) -> None:
     name, _, port = value.rpartition(":") if ":" in value else (value, "", "")
     if port:
         parse_port(port, where)
@@ -355,7 +355,7 @@ SETTINGS: tuple[Setting, ...] = (
         dump=_dump_tables,
     ),
     Setting("network", "mode", "lan-block", _choice("lan-block", "allowlist", "offline"), "egress policy", "--network", "MODE"),
-    Setting("network", "allow", [], _str_list(_check_domain), "domains allowed in allowlist mode", "--allow", "DOMAIN", repeat=True),
+    Setting("network", "allow", [], _str_list(check_domain), "domains allowed in allowlist mode", "--allow", "DOMAIN", repeat=True),
     Setting("network", "allow_cidrs", [], _str_list(_check_cidr), "address ranges opened on purpose"),
     Setting("network", "deny_cidrs", [], _str_list(_check_cidr), "address ranges denied on top"),
     Setting("network", "dns_upstream", "", parse_str, 'DNS server the gateway asks ("" = the host\'s)'),

@@ -32,6 +32,7 @@ PACKAGES: dict[str, str] = {
     "ssh-keygen": "openssh-client",
     "newuidmap": "uidmap",
     "tmux": "tmux",
+    "socat": "socat",
 }
 
 SBIN = ("/usr/sbin", "/sbin")

@@ -13,6 +13,7 @@ layer over this class.
 from __future__ import annotations
 
 import contextlib
+import json
 import logging
 import os
 import re
@@ -21,7 +22,7 @@ import shutil
 import socket
 import subprocess
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
@@ -31,6 +32,8 @@ from vivarium import ssh, state
 from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.image.build import Image, build_image, find_image
 from vivarium.image.recipe import Recipe
+from vivarium.net import control as fence
+from vivarium.net.policy import Decision
 from vivarium.run import run
 from vivarium.share import virtiofs
 from vivarium.vm import accel as accel_mod
@@ -70,6 +73,8 @@ class Status:
     path: str
     shares: list[dict[str, Any]]
     agents: dict[str, str]
+    network: str  # the fence's mode, or "unfenced"
+    gateway: int | None  # the egress gateway's pid while running
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -78,10 +83,14 @@ class Status:
 class Sandbox:
     """A named instance. Cheap to construct; nothing happens until a method is called."""
 
-    def __init__(self, name: str = "default", config: cfg.Config | None = None) -> None:
+    def __init__(self, name: str = "default", config: cfg.Config | None = None, *, fence: bool = True) -> None:
         self.dir = state.InstanceDir.of(name)
         self.name = name
         self._config = config
+        # fence=False boots on plain QEMU user networking: no gateway, the host
+        # and the LAN reachable. Only for proving that the fence is what stops
+        # an attack (tests) and for measuring what it costs (bench/).
+        self._fence = fence
 
     # ------------------------------------------------------------ queries
 
@@ -121,6 +130,8 @@ class Sandbox:
             path=str(self.dir.path),
             shares=meta.get("shares", []) if pid else [],
             agents=_image_agents(meta.get("image", "")),
+            network=meta.get("network", ""),
+            gateway=fence.pid(self.dir.path) if pid else None,
         )
 
     def target(self) -> ssh.Target:
@@ -220,6 +231,7 @@ class Sandbox:
         helpers: list[subprocess.Popen[bytes]] = []
         pid: int | None = None
         try:
+            gateway = self._start_gateway(progress) if self._fence else None
             shares = self._start_shares(progress, helpers)
             fw = self._write_fw_cfg(meta["user"], shares)
             spec = MachineSpec(
@@ -227,7 +239,7 @@ class Sandbox:
                 disk=self.dir.disk, swap=self.dir.swap,
                 memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
                 forwards=tuple(forwards), qmp=self.dir.qmp, serial=self.dir.serial, pidfile=self.dir.pidfile,
-                fw_cfg=fw, restrict=c.network.mode == "offline",
+                fw_cfg=fw, gateway=gateway,
                 shares=tuple((sh.tag, sh.socket) for sh in shares),
             )  # fmt: skip
             self._resize_disk(c.vm.disk, meta)
@@ -236,7 +248,8 @@ class Sandbox:
             pid = machine.start(spec)
             meta.update({
                 "running": True, "pid": pid, "started_at": time.time(), "accel": acc.name, "accel_reason": acc.reason,
-                "ssh_port": ssh_port, "memory": c.vm.memory, "cpus": c.vm.cpus, "network": c.network.mode,
+                "ssh_port": ssh_port, "memory": c.vm.memory, "cpus": c.vm.cpus,
+                "network": c.network.mode if self._fence else "unfenced",
                 "ports": [{"host": f.host, "guest": f.guest, "bind": f.bind} for f in forwards],
                 "shares": [{"host": str(sh.source), "guest": str(sh.guest), "mode": "ro" if sh.readonly else "rw", "via": "virtiofs"}
                            for sh in shares],
@@ -249,9 +262,24 @@ class Sandbox:
             for helper in helpers:  # a virtiofsd whose QEMU never came would wait for ever
                 helper.kill()
                 helper.wait()
+            fence.stop(self.dir.path)
             meta["running"] = False
             self.dir.write_meta(meta)
             raise
+
+    def _start_gateway(self, progress: Progress) -> Path:
+        """Write this start's policy (the config's, plus rules changed live before) and start the gateway."""
+        n = self.config.network
+        live: dict[str, list[tuple[str, str]]] = {"allow": [], "deny": []}
+        with contextlib.suppress(OSError, ValueError, KeyError):
+            old = fence.read_policy(self.dir.path)
+            for verb in live:
+                live[verb] = [(r["rule"], r["source"]) for r in old[verb] if r.get("source") == "cli"]
+        allow = [(a, "config") for a in n.allow if a not in {r for r, _ in live["deny"]}] + live["allow"]
+        fence.write_policy(self.dir.path, n.mode, allow, n.allow_cidrs, n.deny_cidrs, n.dns_upstream, live["deny"])
+        progress("start", f"starting the egress gateway ({n.mode})")
+        fence.start(self.dir.path, self.dir.pidfile)
+        return self.dir.path / "gateway.sock"
 
     def _resize_disk(self, disk: int, meta: dict[str, Any]) -> None:
         if disk > meta.get("disk", 0):
@@ -342,6 +370,7 @@ class Sandbox:
                 how = machine.stop(pid, self.name, self.dir.qmp, timeout)
             meta["running"] = False
             self.dir.write_meta(meta)
+            fence.stop(self.dir.path)
             self.dir.qmp.unlink(missing_ok=True)
             self.dir.pidfile.unlink(missing_ok=True)
             return how
@@ -371,6 +400,53 @@ class Sandbox:
         if was_running:
             self.up(progress=progress, timeout=timeout)
         return was_running
+
+    # ------------------------------------------------------------ egress
+
+    def _fenced(self) -> None:
+        if not self.exists():
+            raise InstanceError(f"no sandbox named {self.name!r}", hint="see `vivarium ls`")
+        if not (self.dir.path / "policy.json").exists():
+            raise InstanceError(f"sandbox {self.name!r} has no network fence yet", hint=f"start it with `vivarium up {self.name}`")
+
+    def egress_change(self, verb: str, domain: str) -> str:
+        """Allow or deny a domain for this sandbox, live and kept across restarts."""
+        self._fenced()
+        cfg.check_domain(domain, f"egress {verb}")
+        with self.dir.lock():
+            what = fence.change_rule(self.dir.path, verb, domain)
+        if self.pid() is not None and fence.pid(self.dir.path) is None:
+            raise VMError(
+                f"sandbox {self.name!r} has no running gateway; {what} from its next start",
+                hint=f"vivarium stop {self.name} && vivarium up {self.name}",
+            )
+        return what
+
+    def egress_check(self, host: str, port: int) -> list[tuple[str, str, Decision]]:
+        """What a connection to host:port would meet: (address, name, Decision) per address."""
+        self._fenced()
+        return fence.check(self.dir.path, host, port)
+
+    def egress_log(self, *, follow: bool = False) -> Iterator[dict[str, Any]]:
+        """The audit log's records, oldest first; with follow, wait for new ones for ever."""
+        if not self.exists():
+            raise InstanceError(f"no sandbox named {self.name!r}", hint="see `vivarium ls`")
+        path = self.dir.path / "egress.log"
+        pos = 0
+        while True:
+            if path.exists():
+                with path.open() as f:
+                    f.seek(pos)
+                    while True:
+                        line = f.readline()
+                        if not line.endswith("\n"):
+                            break
+                        pos = f.tell()
+                        with contextlib.suppress(ValueError):
+                            yield json.loads(line)
+            if not follow:
+                return
+            time.sleep(0.3)
 
     # -------------------------------------------------------------- exec
 

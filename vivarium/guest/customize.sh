@@ -6,7 +6,7 @@ user=$1 uid=$2
 
 # Modes git cannot carry.
 chmod 0440 /etc/sudoers.d/vivarium
-chmod 0755 /usr/local/lib/vivarium/boot-setup
+chmod 0755 /usr/local/lib/vivarium/boot-setup /usr/local/lib/vivarium/redirector
 
 # The agent user: passwordless sudo, in the docker group, uid as on the host.
 useradd --create-home --uid "$uid" --user-group --groups sudo,docker --shell /bin/bash "$user"
@@ -19,7 +19,10 @@ rm -f /etc/ssh/ssh_host_*
 : > /etc/machine-id
 rm -f /var/lib/dbus/machine-id
 
-systemctl enable vivarium-setup.service vivarium-sshd.service vivarium-swap.service >/dev/null 2>&1
+systemctl enable vivarium-setup.service vivarium-sshd.service vivarium-swap.service \
+    vivarium-fence.service vivarium-redirector.service >/dev/null 2>&1
+# The fence's nft rules replace Debian's (empty) nftables.service.
+systemctl disable nftables.service >/dev/null 2>&1 || true
 # Units that only cost boot time in a disposable VM.
 systemctl mask \
     systemd-networkd-wait-online.service \

@@ -10,7 +10,7 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -92,6 +92,10 @@ def unwrap(ip: IPAddress) -> IPAddress:
     return ip
 
 
+# DNS goes through the fence's own resolver and nowhere else (plain, over TLS).
+DNS_PORTS = frozenset({53, 853})
+
+
 @dataclass(frozen=True)
 class Policy:
     mode: str = "lan-block"
@@ -99,6 +103,8 @@ class Policy:
     allow_cidrs: tuple[Network, ...] = ()
     deny_cidrs: tuple[Network, ...] = ()
     host_addresses: frozenset[IPAddress] = field(default_factory=frozenset)
+    deny: tuple[AllowRule, ...] = ()  # names denied on top, in any mode (`vivarium egress deny`)
+    host_networks: tuple[Network, ...] = ()  # the networks the host itself is on: its LAN
 
     @classmethod
     def build(
@@ -108,6 +114,8 @@ class Policy:
         allow_cidrs: Iterable[str] = (),
         deny_cidrs: Iterable[str] = (),
         host_addresses: Iterable[str] = (),
+        deny: Iterable[str] = (),
+        host_networks: Iterable[str] = (),
     ) -> Policy:
         if mode not in MODES:
             raise ValueError(f"unknown network mode {mode!r}")
@@ -117,36 +125,57 @@ class Policy:
             allow_cidrs=tuple(ipaddress.ip_network(c, strict=False) for c in allow_cidrs),
             deny_cidrs=tuple(ipaddress.ip_network(c, strict=False) for c in deny_cidrs),
             host_addresses=frozenset(ipaddress.ip_address(a) for a in host_addresses),
+            deny=tuple(AllowRule.parse(d, "deny") for d in deny),
+            host_networks=tuple(ipaddress.ip_network(c, strict=False) for c in host_networks),
         )
 
     def with_allow(self, rule: AllowRule) -> Policy:
-        return Policy(self.mode, (*self.allow, rule), self.allow_cidrs, self.deny_cidrs, self.host_addresses)
+        return replace(self, allow=(*self.allow, rule))
 
     def without_allow(self, pattern: str) -> Policy:
-        kept = tuple(r for r in self.allow if str(r) != pattern and r.pattern != pattern)
-        return Policy(self.mode, kept, self.allow_cidrs, self.deny_cidrs, self.host_addresses)
+        return replace(self, allow=tuple(r for r in self.allow if str(r) != pattern and r.pattern != pattern))
 
-    def decide(self, ip: str | IPAddress, port: int, name: str | None = None, name_ips: Iterable[IPAddress] = ()) -> Decision:
-        """May the sandbox connect to ip:port (reached as `name`, which resolved to `name_ips`)?"""
+    def ip_verdict(self, ip: str | IPAddress, port: int) -> Decision | None:
+        """The decision when the address alone settles it; None when the name matters."""
         addr = unwrap(ipaddress.ip_address(ip)) if isinstance(ip, str) else unwrap(ip)
         if self.mode == "offline":
             return Decision(False, "deny offline mode")
+        if port in DNS_PORTS:
+            return Decision(False, f"deny dns port {port}: names resolve through the fence only")
         for net in self.deny_cidrs:
             if addr.version == net.version and addr in net:
                 return Decision(False, f"deny deny_cidrs {net}")
+        opened = next((n for n in self.allow_cidrs if addr.version == n.version and addr in n), None)
         if addr in self.host_addresses:
             return Decision(False, "deny the host's own address")
-        opened = next((n for n in self.allow_cidrs if addr.version == n.version and addr in n), None)
         if opened is None:
             for text, label in ALWAYS_DENIED:
                 net = ipaddress.ip_network(text)
                 if addr.version == net.version and addr in net:
                     return Decision(False, f"deny {label} {net}")
+            for net in self.host_networks:
+                if addr.version == net.version and addr in net:
+                    return Decision(False, f"deny the host's network {net}")
+        if self.deny:
+            return None
         if self.mode == "lan-block":
             return Decision(True, f"allow allow_cidrs {opened}" if opened else "allow public internet")
+        return None  # allowlist: the name decides (allow_cidrs only lifted the built-in denial)
+
+    def decide(self, ip: str | IPAddress, port: int, name: str | None = None, name_ips: Iterable[IPAddress] = ()) -> Decision:
+        """May the sandbox connect to ip:port (reached as `name`, which resolved to `name_ips`)?"""
+        addr = unwrap(ipaddress.ip_address(ip)) if isinstance(ip, str) else unwrap(ip)
+        verdict = self.ip_verdict(addr, port)
+        if verdict is not None:
+            return verdict
+        if name:
+            denied = next((r for r in self.deny if r.matches(name, port)), None)
+            if denied is not None:
+                return Decision(False, f"deny {denied} ({denied.source})")
+        if self.mode == "lan-block":
+            opened = next((n for n in self.allow_cidrs if addr.version == n.version and addr in n), None)
+            return Decision(True, f"allow allow_cidrs {opened}" if opened else "allow public internet")
         # allowlist: a listed name, connected to an address the gateway itself resolved for it
-        if opened is not None:
-            return Decision(True, f"allow allow_cidrs {opened}")
         if not name:
             return Decision(False, "deny allowlist: no name for this address")
         rule = next((r for r in self.allow if r.matches(name, port)), None)
@@ -156,10 +185,25 @@ class Policy:
             return Decision(False, f"deny allowlist: {addr} is not an address {name} resolved to")
         return Decision(True, f"allow {rule} ({rule.source})")
 
-    def name_allowed(self, name: str) -> AllowRule | None:
-        """For DNS in allowlist mode: may this name be resolved at all?"""
-        if self.mode == "lan-block":
-            return AllowRule("*", None, "lan-block")
+    def name_verdict(self, name: str) -> Decision:
+        """For DNS: may this name be resolved at all?"""
         if self.mode == "offline":
-            return None
-        return next((r for r in self.allow if r.matches(name, r.port or 0)), None)
+            return Decision(False, "deny offline mode")
+        denied = next((r for r in self.deny if r.port is None and r.matches(name, 0)), None)  # "x.com:443" still resolves
+        if denied is not None:
+            return Decision(False, f"deny {denied} ({denied.source})")
+        if self.mode == "lan-block":
+            return Decision(True, "allow public internet")
+        rule = next((r for r in self.allow if r.matches(name, r.port or 0)), None)
+        if rule is None:
+            return Decision(False, f"deny allowlist: {name} is not listed")
+        return Decision(True, f"allow {rule} ({rule.source})")
+
+    def to_dict(self) -> dict[str, object]:
+        return {
+            "mode": self.mode,
+            "allow": [str(r) for r in self.allow],
+            "deny": [str(r) for r in self.deny],
+            "allow_cidrs": [str(n) for n in self.allow_cidrs],
+            "deny_cidrs": [str(n) for n in self.deny_cidrs],
+        }

@@ -5,12 +5,16 @@ Nothing here touches the disk or reads the config; tests look at the list.
 
 from __future__ import annotations
 
+import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # The guest's side of QEMU user networking (fixed by slirp's defaults).
 GUEST_IP = "10.0.2.15"
+# Where the guest reaches the host's egress gateway (a guestfwd, not a host).
+GATEWAY_ADDR = "10.0.2.100"
+GATEWAY_PORT = 1
 
 KERNEL_CMDLINE = (
     "root=/dev/vda rw console=ttyS0 quiet loglevel=3 net.ifnames=0 "
@@ -54,16 +58,24 @@ class MachineSpec:
     pidfile: Path
     fw_cfg: tuple[tuple[str, Path], ...] = ()  # (name under opt/vivarium/, file)
     cmdline: str = KERNEL_CMDLINE
-    # restrict=on: slirp lets no packet out through the host's stack; only the
-    # hostfwd ports come in. Nothing inside the guest can undo it.
-    restrict: bool = False
+    # The egress gateway's unix socket. With it, slirp runs restrict=on: no
+    # packet leaves through the host's stack; the one way out is a guestfwd that
+    # spawns a relay to this socket per connection, and only the hostfwd ports
+    # come in. Nothing inside the guest can undo it. None: plain user networking
+    # (only for proving in tests that the fence is what stops an attack).
+    gateway: Path | None = None
     shares: tuple[tuple[str, Path], ...] = ()  # (tag, virtiofsd socket)
     extra: tuple[str, ...] = field(default=())
 
 
 def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
     """The full qemu-system-x86_64 argv for `spec`."""
-    netdev = ",".join(["user", "id=net0", *(["restrict=on"] if spec.restrict else []), *(f"hostfwd={f.hostfwd()}" for f in spec.forwards)])
+    net = ["user", "id=net0", "ipv6=off"]
+    if spec.gateway is not None:
+        # one `socat` per guest connection (the cmd: form); a chardev would multiplex them all
+        relay = shlex.join(["socat", "STDIO", f"UNIX-CONNECT:{spec.gateway}"])
+        net += ["restrict=on", f"guestfwd=tcp:{GATEWAY_ADDR}:{GATEWAY_PORT}-cmd:{_escape(relay)}"]
+    netdev = ",".join([*net, *(f"hostfwd={f.hostfwd()}" for f in spec.forwards)])
     argv = [
         "qemu-system-x86_64",
         "-name", f"vivarium-{spec.name},process=vivarium-{spec.name}",

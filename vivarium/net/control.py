@@ -1,0 +1,185 @@
+"""The host side of one sandbox's fence: start, stop and steer its gateway process.
+
+The gateway reads `policy.json` in the instance directory; live changes
+(`vivarium egress allow|deny`) edit that file and send SIGHUP.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import ipaddress
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterable, Iterator
+from pathlib import Path
+from typing import Any
+
+import dns.message
+import dns.rdatatype
+
+from vivarium.errors import VMError
+from vivarium.net import gateway
+from vivarium.net.policy import AllowRule, Decision, Policy
+from vivarium.run import find_program
+
+
+def write_policy(directory: Path, mode: str, allow: Iterable[tuple[str, str]], allow_cidrs: Iterable[str],
+                 deny_cidrs: Iterable[str], dns_upstream: str, deny: Iterable[tuple[str, str]] = ()) -> None:  # fmt: skip
+    """The policy the gateway enforces; `allow`/`deny` are (rule, who added it)."""
+    data = {
+        "mode": mode,
+        "allow": [{"rule": r, "source": s} for r, s in allow],
+        "deny": [{"rule": r, "source": s} for r, s in deny],
+        "allow_cidrs": list(allow_cidrs),
+        "deny_cidrs": list(deny_cidrs),
+        "dns_upstream": dns_upstream,
+    }
+    _write(directory / gateway.POLICY, data)
+
+
+def read_policy(directory: Path) -> dict[str, Any]:
+    data: dict[str, Any] = json.loads((directory / gateway.POLICY).read_text())
+    return data
+
+
+def _write(path: Path, data: dict[str, Any]) -> None:
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(data, indent=1) + "\n")
+    tmp.replace(path)
+
+
+def change_rule(directory: Path, verb: str, rule: str, source: str = "cli") -> str:
+    """`allow` or `deny` a name live. Returns what changed, in words."""
+    AllowRule.parse(rule)  # normalises; the CLI checked the syntax
+    data = read_policy(directory)
+    rule = str(AllowRule.parse(rule))
+    other = "deny" if verb == "allow" else "allow"
+    removed = [r for r in data[other] if r["rule"] == rule]
+    data[other] = [r for r in data[other] if r["rule"] != rule]
+    if any(r["rule"] == rule for r in data[verb]):
+        what = f"{rule} was already {'allowed' if verb == 'allow' else 'denied'}"
+    else:
+        data[verb].append({"rule": rule, "source": source})
+        what = f"{'allowed' if verb == 'allow' else 'denied'} {rule}" + (f" (no longer {other}ed)" if removed else "")
+    _write(directory / gateway.POLICY, data)
+    reload(directory)
+    return what
+
+
+def policy_of(directory: Path) -> gateway.Settings:
+    return gateway.Settings.load(directory / gateway.POLICY)
+
+
+def pid(directory: Path) -> int | None:
+    """The supervisor's pid, if it is running (and is ours)."""
+    try:
+        value = int((directory / gateway.PIDFILE).read_text().strip())
+        cmdline = Path(f"/proc/{value}/cmdline").read_bytes().split(b"\0")
+    except (OSError, ValueError):
+        return None
+    return value if b"vivarium.net.gateway" in cmdline and str(directory).encode() in cmdline else None
+
+
+def child_pid(directory: Path) -> int | None:
+    """The serving process's pid (tests kill it to see the supervisor restart it)."""
+    try:
+        value = int((directory / "gateway-child.pid").read_text().strip())
+        cmdline = Path(f"/proc/{value}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return None
+    return value if b"--serve" in cmdline else None
+
+
+def start(directory: Path, qemu_pidfile: Path) -> int:
+    """Start the gateway (a supervisor and its serving child); return once it listens."""
+    find_program("socat")  # QEMU spawns it per connection: fail here, not at the first packet
+    stop(directory)
+    sock = directory / gateway.SOCKET
+    sock.unlink(missing_ok=True)
+    err = (directory / "gateway.err").open("ab")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "vivarium.net.gateway", "--dir", str(directory), "--qemu-pidfile", str(qemu_pidfile)],
+        stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
+    )  # fmt: skip
+    err.close()
+    (directory / gateway.PIDFILE).write_text(f"{proc.pid}\n")
+    deadline = time.monotonic() + 15
+    while not sock.exists():
+        if proc.poll() is not None or time.monotonic() > deadline:
+            proc.kill()
+            tail = (directory / "gateway.err").read_text(errors="replace").strip().splitlines()[-1:]
+            raise VMError(f"the egress gateway did not start: {tail[0] if tail else 'no output'}", hint=f"see {directory / 'gateway.err'}")
+        time.sleep(0.02)
+    return proc.pid
+
+
+def stop(directory: Path) -> None:
+    value = pid(directory)
+    if value is not None:
+        os.kill(value, signal.SIGTERM)
+        deadline = time.monotonic() + 5
+        while _alive(value) and time.monotonic() < deadline:
+            time.sleep(0.02)
+        if _alive(value):
+            os.kill(value, signal.SIGKILL)
+    (directory / gateway.PIDFILE).unlink(missing_ok=True)
+    (directory / gateway.SOCKET).unlink(missing_ok=True)
+
+
+def _alive(value: int) -> bool:
+    try:
+        os.kill(value, 0)
+        # a zombie child of ours counts as gone
+        return Path(f"/proc/{value}/stat").read_text().split(") ", 1)[1][:1] != "Z"
+    except OSError:
+        return False
+
+
+def reload(directory: Path) -> bool:
+    value = pid(directory)
+    if value is None:
+        return False
+    os.kill(value, signal.SIGHUP)
+    return True
+
+
+def records(directory: Path) -> Iterator[dict[str, Any]]:
+    path = directory / gateway.AUDIT
+    if not path.exists():
+        return
+    with path.open() as f:
+        for line in f:
+            try:
+                yield json.loads(line)
+            except ValueError:
+                continue
+
+
+def check(directory: Path, host: str, port: int) -> list[tuple[str, str, Decision]]:
+    """What the gateway would decide for host:port: (address, name, Decision) per address.
+
+    A name is resolved the way the gateway resolves it, so the answer names the rule."""
+    settings = policy_of(directory)
+    policy: Policy = settings.policy
+    try:
+        return [(str(ipaddress.ip_address(host)), "", policy.decide(host, port))]
+    except ValueError:
+        pass
+    verdict = policy.name_verdict(host)
+    if not verdict.allow:
+        return [("", host, verdict)]
+    resolver = gateway.Resolver(settings.dns_upstream)
+    out: list[tuple[str, str, Decision]] = []
+    for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+        query = dns.message.make_query(host, rdtype)
+        reply = asyncio.run(resolver.answer(query, query.to_wire()))
+        ips = gateway.answer_ips(reply)
+        for ip in ips:
+            out.append((str(ip), host, policy.decide(ip, port, host, ips)))
+    if not out:
+        out.append(("", host, Decision(False, f"{host} does not resolve")))
+    return out

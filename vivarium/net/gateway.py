@@ -1,0 +1,536 @@
+"""The egress gateway: a host process per sandbox that decides and logs every connection.
+
+QEMU runs with `restrict=on`, so the guest's only way out is a `guestfwd` to
+10.0.2.100:1 whose `cmd:` spawns `socat STDIO UNIX-CONNECT:gateway.sock` for
+each connection. Each connection starts with one JSON line from the guest's
+redirector, which nothing trusts:
+
+    {"t": "tcp", "dst": "1.2.3.4", "port": 443, "src": "10.0.2.15:40000"}
+    {"t": "dns"}                      then DNS over TCP framing (RFC 1035 4.2.2)
+
+For TCP the gateway decides on the address (policy.py), and where the name
+matters on the TLS SNI / HTTP Host / the name its own resolver returned that
+address for; then connects, relays and appends one JSON line to the audit log.
+
+Run as `python -m vivarium.net.gateway --dir INSTANCE_DIR`: a supervisor that
+restarts the serving child if it dies (egress fails closed meanwhile) and
+exits with QEMU. SIGHUP re-reads the policy (live `egress allow|deny`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ipaddress
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections import OrderedDict
+from collections.abc import Iterable
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import dns.exception
+import dns.flags
+import dns.message
+import dns.rcode
+import dns.rdataclass
+import dns.rdatatype
+import dns.rrset
+
+from vivarium.net.policy import AllowRule, Decision, IPAddress, Policy, unwrap
+from vivarium.net.sniff import looks_like_http, name_in
+
+SOCKET = "gateway.sock"
+POLICY = "policy.json"
+AUDIT = "egress.log"
+PIDFILE = "gateway.pid"  # the supervisor's
+# How long to wait for a client's first bytes when its name decides (allowlist,
+# denied names); a server-speaks-first protocol is then decided on DNS names.
+PEEK_TIMEOUT = 1.5
+CONNECT_TIMEOUT = 10.0
+HEADER_LIMIT = 1024
+CHUNK = 256 * 1024
+NAME_TTL = 3600.0
+NAME_CAP = 20000
+
+
+# ------------------------------------------------------------------ policy file
+
+
+@dataclass(frozen=True)
+class Settings:
+    """What the sandbox wrote for its gateway: the policy and where DNS goes."""
+
+    policy: Policy
+    dns_upstream: str = ""
+
+    @classmethod
+    def load(cls, path: Path) -> Settings:
+        data = json.loads(path.read_text())
+        host_addrs, host_nets = host_addresses()
+        policy = Policy.build(
+            data.get("mode", "lan-block"),
+            allow_cidrs=data.get("allow_cidrs", ()),
+            deny_cidrs=data.get("deny_cidrs", ()),
+            host_addresses=host_addrs,
+            host_networks=host_nets,
+        )
+        rules = tuple(AllowRule.parse(r["rule"], r.get("source", "config")) for r in data.get("allow", ()))
+        denies = tuple(AllowRule.parse(r["rule"], r.get("source", "config")) for r in data.get("deny", ()))
+        policy = Policy(policy.mode, rules, policy.allow_cidrs, policy.deny_cidrs, policy.host_addresses, denies, policy.host_networks)
+        return cls(policy, data.get("dns_upstream", ""))
+
+
+def host_addresses() -> tuple[list[str], list[str]]:
+    """The host's own addresses and the networks they are on (its LAN)."""
+    try:
+        out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=5, check=True).stdout
+        links = json.loads(out)
+    except (OSError, subprocess.SubprocessError, ValueError):
+        return [], []
+    addrs, nets = [], []
+    for link in links:
+        for a in link.get("addr_info", []):
+            local, plen = a.get("local"), a.get("prefixlen")
+            # loopback is denied as a range already (and allow_cidrs may open it on purpose)
+            if not local or ipaddress.ip_address(local).is_loopback:
+                continue
+            addrs.append(local)
+            net = ipaddress.ip_network(f"{local}/{plen}", strict=False)
+            # a point-to-point or host route says nothing about a LAN; a /0 would be everything
+            if 0 < net.prefixlen < net.max_prefixlen:
+                nets.append(str(net))
+    return addrs, nets
+
+
+# ------------------------------------------------------------------ names
+
+
+class NameMap:
+    """Which names the gateway's own resolver returned each address for."""
+
+    def __init__(self) -> None:
+        self._by_ip: OrderedDict[IPAddress, dict[str, float]] = OrderedDict()
+
+    def add(self, name: str, ips: Iterable[IPAddress]) -> None:
+        until = time.monotonic() + NAME_TTL
+        for ip in ips:
+            ip = unwrap(ip)
+            self._by_ip.setdefault(ip, {})[name.lower().rstrip(".")] = until
+            self._by_ip.move_to_end(ip)
+        while len(self._by_ip) > NAME_CAP:
+            self._by_ip.popitem(last=False)
+
+    def names(self, ip: IPAddress) -> list[str]:
+        now = time.monotonic()
+        entry = self._by_ip.get(unwrap(ip), {})
+        return [n for n, until in entry.items() if until > now]
+
+    def ips(self, name: str) -> list[IPAddress]:
+        now = time.monotonic()
+        name = name.lower().rstrip(".")
+        return [ip for ip, entry in self._by_ip.items() if entry.get(name, 0) > now]
+
+
+# ------------------------------------------------------------------ audit log
+
+
+class Audit:
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self._f = path.open("a", buffering=1)
+
+    def write(self, record: dict[str, Any]) -> None:
+        record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **record}
+        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+
+
+# ------------------------------------------------------------------ DNS
+
+
+def resolv_conf_servers(path: Path = Path("/etc/resolv.conf")) -> list[str]:
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return []
+    return [line.split()[1] for line in lines if line.startswith("nameserver") and len(line.split()) > 1]
+
+
+def parse_upstream(text: str) -> tuple[str, int]:
+    text = text.strip()
+    if text.startswith("["):
+        host, _, port = text[1:].partition("]:")
+        return host, int(port or 53)
+    if text.count(":") == 1:
+        host, port = text.split(":")
+        return host, int(port)
+    return text, 53
+
+
+class Resolver:
+    """Answers the guest's queries: the host's resolver (getaddrinfo, so /etc/hosts
+    counts) for addresses, or a configured upstream server for everything."""
+
+    def __init__(self, upstream: str) -> None:
+        self.upstream = parse_upstream(upstream) if upstream else None
+
+    async def answer(self, query: dns.message.Message, wire: bytes) -> dns.message.Message:
+        q = query.question[0]
+        if self.upstream is None and q.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA) and q.rdclass == dns.rdataclass.IN:
+            return await self._getaddrinfo(query)
+        server = self.upstream or next(((s, 53) for s in resolv_conf_servers()), None)
+        if server is None:
+            return _reply(query, dns.rcode.SERVFAIL)
+        return await _forward(wire, server)
+
+    async def _getaddrinfo(self, query: dns.message.Message) -> dns.message.Message:
+        q = query.question[0]
+        family = socket.AF_INET if q.rdtype == dns.rdatatype.A else socket.AF_INET6
+        name = q.name.to_text(omit_final_dot=True)
+        try:
+            infos = await asyncio.get_running_loop().getaddrinfo(name, None, family=family, type=socket.SOCK_STREAM)
+        except socket.gaierror as e:
+            if e.errno in (socket.EAI_NONAME, getattr(socket, "EAI_NODATA", -5)):
+                # NXDOMAIN only if the name has no address of the other family either
+                other = socket.AF_INET6 if family == socket.AF_INET else socket.AF_INET
+                try:
+                    await asyncio.get_running_loop().getaddrinfo(name, None, family=other, type=socket.SOCK_STREAM)
+                    return _reply(query, dns.rcode.NOERROR)
+                except socket.gaierror:
+                    return _reply(query, dns.rcode.NXDOMAIN)
+            return _reply(query, dns.rcode.SERVFAIL)
+        addrs = sorted({str(info[4][0]) for info in infos})
+        reply = _reply(query, dns.rcode.NOERROR)
+        if addrs:
+            reply.answer.append(dns.rrset.from_text_list(q.name, 60, dns.rdataclass.IN, q.rdtype, addrs))
+        return reply
+
+
+def _reply(query: dns.message.Message, rcode: int) -> dns.message.Message:
+    reply = dns.message.make_response(query)
+    reply.flags |= dns.flags.RA
+    reply.set_rcode(rcode)  # type: ignore[arg-type]
+    return reply
+
+
+async def _forward(wire: bytes, server: tuple[str, int]) -> dns.message.Message:
+    loop = asyncio.get_running_loop()
+    family = socket.AF_INET6 if ":" in server[0] else socket.AF_INET
+    for _ in range(2):
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        sock.setblocking(False)
+        try:
+            await loop.sock_connect(sock, server)
+            await loop.sock_sendall(sock, wire)
+            data = await asyncio.wait_for(loop.sock_recv(sock, 65535), 3.0)
+            reply = dns.message.from_wire(data)
+            if not reply.flags & dns.flags.TC:
+                return reply
+            break
+        except (TimeoutError, OSError, dns.exception.DNSException):
+            continue
+        finally:
+            sock.close()
+    # truncated (or no UDP answer): ask over TCP
+    try:
+        reader, writer = await asyncio.wait_for(asyncio.open_connection(*server), 3.0)
+        try:
+            writer.write(len(wire).to_bytes(2, "big") + wire)
+            size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 3.0), "big")
+            return dns.message.from_wire(await asyncio.wait_for(reader.readexactly(size), 3.0))
+        finally:
+            writer.close()
+    except (TimeoutError, OSError, asyncio.IncompleteReadError, dns.exception.DNSException):
+        return _reply(dns.message.from_wire(wire), dns.rcode.SERVFAIL)
+
+
+def answer_ips(reply: dns.message.Message) -> list[IPAddress]:
+    out: list[IPAddress] = []
+    for rrset in reply.answer:
+        if rrset.rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
+            out.extend(ipaddress.ip_address(r.address) for r in rrset)
+    return out
+
+
+# ------------------------------------------------------------------ the gateway
+
+
+def forbidden(dst: str, port: int, name: str | None, decision: Decision) -> bytes:
+    """The 403 a denied plain-HTTP request gets."""
+    target = f"{name} ({dst}:{port})" if name else f"{dst}:{port}"
+    body = f"vivarium: egress to {target} denied by the sandbox's network fence: {decision.rule}\n".encode()
+    head = f"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+class Gateway:
+    def __init__(self, directory: Path) -> None:
+        self.dir = directory
+        self.settings = Settings.load(directory / POLICY)
+        self.resolver = Resolver(self.settings.dns_upstream)
+        self.names = NameMap()
+        self.audit = Audit(directory / AUDIT)
+        self.active = 0
+
+    def reload(self) -> None:
+        try:
+            self.settings = Settings.load(self.dir / POLICY)
+            self.resolver = Resolver(self.settings.dns_upstream)
+        except (OSError, ValueError, KeyError) as e:  # keep the last good policy
+            print(f"gateway: policy not reloaded: {e}", file=sys.stderr)
+
+    async def serve(self) -> None:
+        path = self.dir / SOCKET
+        path.unlink(missing_ok=True)
+        server = await asyncio.start_unix_server(self._handle, path=str(path), limit=CHUNK)
+        os.chmod(path, 0o600)
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        async with server:
+            await server.serve_forever()
+
+    async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.active += 1
+        try:
+            try:
+                line = await asyncio.wait_for(reader.readuntil(b"\n"), 10.0)
+                req = json.loads(line[:HEADER_LIMIT])
+                kind = req.get("t")
+            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, AttributeError):
+                return
+            if kind == "dns":
+                await self._dns(reader, writer)
+            elif kind == "tcp":
+                await self._tcp(req, reader, writer)
+        except (OSError, asyncio.IncompleteReadError):
+            pass
+        finally:
+            self.active -= 1
+            writer.close()
+            with contextlib.suppress(OSError):
+                await writer.wait_closed()
+
+    # -------------------------------------------------------------- DNS
+
+    async def _dns(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        while True:
+            try:
+                size = int.from_bytes(await asyncio.wait_for(reader.readexactly(2), 30.0), "big")
+                wire = await reader.readexactly(size)
+            except (TimeoutError, asyncio.IncompleteReadError):
+                return
+            reply = await self.query(wire)
+            if reply is None:
+                return
+            out = reply.to_wire()
+            writer.write(len(out).to_bytes(2, "big") + out)
+            await writer.drain()
+
+    async def query(self, wire: bytes) -> dns.message.Message | None:
+        try:
+            query = dns.message.from_wire(wire)
+        except dns.exception.DNSException:
+            return None
+        if len(query.question) != 1:
+            return _reply(query, dns.rcode.FORMERR)
+        q = query.question[0]
+        name = q.name.to_text(omit_final_dot=True).lower()
+        qtype = dns.rdatatype.to_text(q.rdtype)
+        started = time.monotonic()
+        decision = self.settings.policy.name_verdict(name)
+        if not decision.allow:
+            reply = _reply(query, dns.rcode.NXDOMAIN)
+        else:
+            reply = await self.resolver.answer(query, wire)
+            reply.id = query.id
+        ips = answer_ips(reply)
+        if ips:
+            self.names.add(name, ips)
+        self.audit.write({
+            "kind": "dns", "name": name, "type": qtype, "decision": "allow" if decision.allow else "deny",
+            "rule": decision.rule, "rcode": dns.rcode.to_text(reply.rcode()), "answers": [str(ip) for ip in ips],
+            "duration": round(time.monotonic() - started, 4),
+        })  # fmt: skip
+        return reply
+
+    # -------------------------------------------------------------- TCP
+
+    def decide(self, dst: IPAddress, port: int, seen: tuple[str, str] | None) -> tuple[Decision, str | None, str | None]:
+        """(decision, the name it was made on, where the name came from)."""
+        policy = self.settings.policy
+        if seen is not None:
+            name, source = seen
+            return policy.decide(dst, port, name, self.names.ips(name)), name, source
+        known = self.names.names(dst)
+        if not known:
+            return policy.decide(dst, port), None, None
+        decisions = [(policy.decide(dst, port, n, self.names.ips(n)), n) for n in known]
+        denied = next(((d, n) for d, n in decisions if not d.allow and policy.deny and any(r.matches(n, port) for r in policy.deny)), None)
+        if denied is not None:  # an explicitly denied name wins over any other name for the address
+            return denied[0], denied[1], "dns"
+        d, n = next(((d, n) for d, n in decisions if d.allow), decisions[0])
+        return d, n, "dns"
+
+    async def _tcp(self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        started = time.monotonic()
+        record: dict[str, Any] = {"kind": "tcp", "src": str(req.get("src", ""))[:64]}
+        try:
+            dst = unwrap(ipaddress.ip_address(req["dst"]))
+            port = int(req["port"])
+            if not 0 < port < 65536:
+                raise ValueError(port)
+        except (KeyError, ValueError, TypeError):
+            return
+        record.update(dst=str(dst), port=port)
+        policy = self.settings.policy
+        verdict = policy.ip_verdict(dst, port)
+        first = b""
+        if verdict is None or not verdict.allow:
+            # the name decides, or a denial may owe an HTTP client a 403: read what the client says first
+            with contextlib.suppress(TimeoutError):
+                first = await asyncio.wait_for(reader.read(CHUNK), PEEK_TIMEOUT)
+        seen = name_in(first) if first else None
+        decision, name, source = self.decide(dst, port, seen) if verdict is None else (verdict, *(seen or (None, None)))
+        if name is None and verdict is not None:
+            known = self.names.names(dst)
+            name, source = (known[0], "dns") if known else (None, None)
+        record.update(name=name, name_from=source, decision="allow" if decision.allow else "deny", rule=decision.rule)
+        sent = received = 0
+        error = None
+        try:
+            if not decision.allow:
+                if first and looks_like_http(first):
+                    reply = forbidden(str(dst), port, name, decision)
+                    writer.write(reply)
+                    await writer.drain()
+                    received = len(reply)
+                return
+            try:
+                up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(str(dst), port, limit=CHUNK), CONNECT_TIMEOUT)
+            except (OSError, TimeoutError) as e:
+                error = f"connect: {e.strerror or type(e).__name__}" if isinstance(e, OSError) else "connect: timed out"
+                return
+            try:
+                if first:
+                    up_writer.write(first)
+                    sent += len(first)
+                counts = await asyncio.gather(
+                    _pump(reader, up_writer, sniff=None if first or verdict is None else record),
+                    _pump(up_reader, writer),
+                )
+                sent += counts[0]
+                received += counts[1]
+            finally:
+                up_writer.close()
+        finally:
+            record.update(sent=sent, received=received, duration=round(time.monotonic() - started, 4))
+            if error:
+                record["error"] = error
+            self.audit.write(record)
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, sniff: dict[str, Any] | None = None) -> int:
+    """Copy until EOF, then pass the EOF on. With `sniff`, fill in the name from the first bytes (for the log)."""
+    total = 0
+    try:
+        while True:
+            data = await src.read(CHUNK)
+            if not data:
+                break
+            if sniff is not None:
+                seen = name_in(data)
+                if seen:
+                    sniff["name"], sniff["name_from"] = seen
+                sniff = None
+            total += len(data)
+            dst.write(data)
+            await dst.drain()
+        if dst.can_write_eof():
+            dst.write_eof()
+    except OSError:
+        dst.close()
+    return total
+
+
+# ------------------------------------------------------------------ processes
+
+
+def serve(directory: Path) -> None:
+    asyncio.run(Gateway(directory).serve())
+
+
+def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
+    """Keep a serving child alive until told to stop or until QEMU is gone."""
+    child: subprocess.Popen[bytes] | None = None
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    def reload(signum: int, frame: object) -> None:
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGHUP)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
+    qemu_seen = False
+    restarts = 0
+    try:
+        while not stopping:
+            if child is None or child.poll() is not None:
+                if child is not None:
+                    restarts += 1
+                    print(f"gateway: serving process exited ({child.returncode}); restart {restarts}", file=sys.stderr, flush=True)
+                    time.sleep(min(2.0, 0.1 * restarts))
+                child = subprocess.Popen([sys.executable, "-m", "vivarium.net.gateway", "--dir", str(directory), "--serve"])
+                (directory / "gateway-child.pid").write_text(f"{child.pid}\n")
+            if qemu_pidfile is not None:
+                alive = _pid_alive(qemu_pidfile)
+                qemu_seen = qemu_seen or alive
+                if qemu_seen and not alive:
+                    break
+            time.sleep(0.1)
+    finally:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        (directory / SOCKET).unlink(missing_ok=True)
+    return 0
+
+
+def _pid_alive(pidfile: Path) -> bool:
+    try:
+        pid = int(pidfile.read_text().strip())
+        os.kill(pid, 0)
+    except (OSError, ValueError):
+        return False
+    return True
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vivarium-gateway")
+    ap.add_argument("--dir", type=Path, required=True)
+    ap.add_argument("--serve", action="store_true", help="serve (the child); otherwise supervise")
+    ap.add_argument("--qemu-pidfile", type=Path)
+    args = ap.parse_args(argv)
+    if args.serve:
+        serve(args.dir)
+        return 0
+    return supervise(args.dir, args.qemu_pidfile)
+
+
+if __name__ == "__main__":
+    sys.exit(main())
