@@ -81,7 +81,7 @@ def pid(directory: Path) -> int | None:
         cmdline = Path(f"/proc/{value}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
-    return value if b"vivarium.net.gateway" in cmdline and str(directory).encode() in cmdline else None
+    return value if b"vivarium.net" in cmdline and str(directory).encode() in cmdline else None
 
 
 def child_pid(directory: Path) -> int | None:
@@ -102,7 +102,7 @@ def start(directory: Path, qemu_pidfile: Path) -> int:
     sock.unlink(missing_ok=True)
     err = (directory / "gateway.err").open("ab")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "vivarium.net.gateway", "--dir", str(directory), "--qemu-pidfile", str(qemu_pidfile)],
+        [sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--qemu-pidfile", str(qemu_pidfile)],
         stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
     )  # fmt: skip
     err.close()

@@ -492,7 +492,7 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
                     restarts += 1
                     print(f"gateway: serving process exited ({child.returncode}); restart {restarts}", file=sys.stderr, flush=True)
                     time.sleep(min(2.0, 0.1 * restarts))
-                child = subprocess.Popen([sys.executable, "-m", "vivarium.net.gateway", "--dir", str(directory), "--serve"])
+                child = subprocess.Popen([sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--serve"])
                 (directory / "gateway-child.pid").write_text(f"{child.pid}\n")
             if qemu_pidfile is not None:
                 alive = _pid_alive(qemu_pidfile)

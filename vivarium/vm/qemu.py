@@ -70,8 +70,9 @@ class MachineSpec:
 
 def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
     """The full qemu-system-x86_64 argv for `spec`."""
-    net = ["user", "id=net0", "ipv6=off"]
+    net = ["user", "id=net0"]
     if spec.gateway is not None:
+        net.append("ipv6=off")  # no v6 in the guest at all: connect() fails at once, nothing waits on a dead path
         # one `socat` per guest connection (the cmd: form); a chardev would multiplex them all
         relay = shlex.join(["socat", "STDIO", f"UNIX-CONNECT:{spec.gateway}"])
         net += ["restrict=on", f"guestfwd=tcp:{GATEWAY_ADDR}:{GATEWAY_PORT}-cmd:{_escape(relay)}"]
