@@ -39,9 +39,16 @@ def test_qemu_argv(tmp_path: Path) -> None:
     assert opt(argv, "-pidfile") == [str(tmp_path / "qemu.pid")]
 
 
-def test_offline_is_restricted(tmp_path: Path) -> None:
-    argv = qemu_argv(spec(tmp_path, restrict=True))
-    assert opt(argv, "-netdev")[0].startswith("user,id=net0,restrict=on,hostfwd=")
+def test_fenced_network_is_restricted_with_one_way_out(tmp_path: Path) -> None:
+    argv = qemu_argv(spec(tmp_path, gateway=Path("/run/x y/gateway.sock")))
+    (netdev,) = opt(argv, "-netdev")
+    assert netdev == (
+        "user,id=net0,ipv6=off,restrict=on,"
+        "guestfwd=tcp:10.0.2.100:1-cmd:socat STDIO 'UNIX-CONNECT:/run/x y/gateway.sock',"
+        "hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:8080-:80"
+    )
+    # commas in the socket path are doubled for QEMU's option parser
+    assert "UNIX-CONNECT:/a,,b/gateway.sock" in opt(qemu_argv(spec(tmp_path, gateway=Path("/a,b/gateway.sock"))), "-netdev")[0]
     assert "restrict" not in opt(qemu_argv(spec(tmp_path)), "-netdev")[0]
 
 

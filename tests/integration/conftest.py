@@ -21,6 +21,8 @@ from vivarium import Sandbox
 from vivarium import config as cfg
 from vivarium.sandbox import free_port
 
+from ..fakenet import PUBLIC, FakeNet
+
 
 @pytest.fixture(scope="session")
 def session_env() -> Iterator[dict[str, str]]:
@@ -57,8 +59,17 @@ def vv(*args: str, check: bool = True, cwd: Path | None = None, env: dict[str, s
 
 
 @pytest.fixture(scope="session")
-def project(session_env: dict[str, str]) -> Path:
-    """A project directory with a vivarium.toml sized for a TCG test VM."""
+def net(session_env: dict[str, str]) -> Iterator[FakeNet]:
+    """The made-up LAN, metadata service, public hosts and DNS (tests/fakenet.py)."""
+    with FakeNet() as n:
+        yield n
+
+
+@pytest.fixture(scope="session")
+def project(session_env: dict[str, str], net: FakeNet) -> Path:
+    """A project directory with a vivarium.toml sized for a TCG test VM, its fence
+    pointed at the made-up network (198.51.100.7 opened on purpose)."""
+    assert net.dns is not None
     d = Path(os.environ["XDG_STATE_HOME"]).parent / "project"
     d.mkdir(parents=True, exist_ok=True)
     (d / "vivarium.toml").write_text(
@@ -76,6 +87,10 @@ guest = 22
 [[forward]]
 host = {free_port()}
 guest = 3000
+
+[network]
+allow_cidrs = ["{PUBLIC}/32"]
+dns_upstream = "{net.dns.address}"
 """
     )
     return d

@@ -1,59 +1,140 @@
-"""network.mode = "offline" seals the VM on the host (QEMU restrict=on).
+"""The network fence, attacked from inside: as root with the guest's own firewall
+flushed, and from a Docker container. Every attack must fail against the fenced
+VM and, where the target is reachable at all, succeed against the same image on
+plain QEMU user networking (so the test can fail). Positive paths: the made-up
+public host answers by name and by IP in lan-block; in allowlist only listed names.
 
-Attacks run as root in the guest with the guest's own firewall flushed. The
-same attacks from a VM without the fence must succeed, so the test can fail.
-(The gateway that lets `lan-block` and `allowlist` through selectively is the
-next slice of this work; until then only `offline` is fenced on the host.)
+The made-up network is tests/fakenet.py: nothing leaves this machine.
 """
 
 from __future__ import annotations
 
+import json
 import socket
 import subprocess
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vivarium import Sandbox
+from vivarium import config as cfg
+from vivarium.net import control
 from vivarium.sandbox import free_port
 
+from ..fakenet import LAN, METADATA, OTHER, PUBLIC, FakeNet
 from .conftest import vv
 
 pytestmark = pytest.mark.integration
 
-FAKE_LAN = "192.0.2.10"  # an address we add to this host's lo: a LAN neighbour stand-in
+# One script, many attacks; prints {attack: "OK <what came back>" | "FAIL <why>"}.
+ATTACKS = r"""
+import json, socket, subprocess, sys
+results = {}
 
-PROBE = """
-import socket, sys
-host, port = sys.argv[1], int(sys.argv[2])
-try:
-    s = socket.create_connection((host, port), timeout=5)
-    print("CONNECTED", s.recv(64).decode().strip())
-except OSError as e:
-    print("BLOCKED", e)
+def tcp(host, port, send=b"", family=socket.AF_INET):
+    s = socket.socket(family, socket.SOCK_STREAM); s.settimeout(6)
+    s.connect((host, port) if family == socket.AF_INET else (host, port, 0, 0))
+    if send:
+        s.sendall(send)
+    data = s.recv(200)
+    if not data:
+        raise OSError("closed without a word")
+    return data.decode(errors="replace").strip().splitlines()[-1]
+
+def udp(host, port, payload=b"hi"):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(4)
+    s.sendto(payload, (host, port))
+    return s.recv(512)[:40].hex()
+
+# The outside resolver answers everything with 198.51.100.7; the fence's own
+# resolver (where the guest's redirect takes port 53) says example.com does not exist.
+QUERY = bytes.fromhex("abcd01000001000000000000076578616d706c6503636f6d0000010001")
+OUTSIDE = socket.inet_aton("198.51.100.7")
+
+def outside(reply):
+    if OUTSIDE not in reply:
+        raise OSError("answered by the fence's resolver, not the outside one")
+    return "answer from the outside resolver"
+
+def dns_udp(server):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(4)
+    s.sendto(QUERY, (server, 53))
+    return outside(s.recv(512))
+
+def dns_tcp(server):
+    s = socket.create_connection((server, 53), timeout=6)
+    s.sendall(len(QUERY).to_bytes(2, "big") + QUERY)
+    return outside(s.recv(512))
+
+def gateway(header, send=b""):
+    # straight at the host's gateway, saying what we like (the redirector is not trusted)
+    s = socket.create_connection(("10.0.2.100", 1), timeout=6)
+    s.sendall(json.dumps(header).encode() + b"\n" + send)
+    data = s.recv(200)
+    if not data or b"403 Forbidden" in data:
+        raise OSError("refused: " + data[:60].decode(errors="replace"))
+    return data.decode(errors="replace")
+
+def ping(host):
+    r = subprocess.run(["busybox", "ping", "-c", "1", "-W", "3", host], capture_output=True, text=True)
+    if r.returncode:
+        raise OSError("no reply")
+    return "pong"
+
+def attempt(name, fn, *args):
+    try:
+        results[name] = "OK " + str(fn(*args))
+    except Exception as e:
+        results[name] = "FAIL " + str(e)[:80]
+
+plan = json.loads(sys.argv[1])
+for name, kind, args in plan:
+    if kind == "http":
+        attempt(name, tcp, args[0], args[1], b"GET / HTTP/1.0\r\nHost: %s\r\n\r\n" % args[0].encode())
+    elif kind == "tcp6":
+        attempt(name, tcp, args[0], args[1], b"", socket.AF_INET6)
+    elif kind == "gateway":
+        attempt(name, gateway, args[0], args[1].encode())
+    else:
+        attempt(name, globals()[kind], *args)
+print(json.dumps(results))
 """
 
-UDP_DNS = """
-import socket
-q = bytes.fromhex("abcd01000001000000000000076578616d706c6503636f6d0000010001")  # A example.com
-s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-s.settimeout(4)
-s.sendto(q, ("10.0.2.3", 53))
-try:
-    print("ANSWERED", len(s.recv(512)))
-except OSError as e:
-    print("BLOCKED", e)
-"""
+
+def plan(loopback_port: int) -> list[tuple[str, str, list[Any]]]:
+    """Every attack: (name, kind, args)."""
+    out: list[tuple[str, str, list[Any]]] = [("host loopback via 10.0.2.2", "tcp", ["10.0.2.2", loopback_port])]
+    for host in LAN:
+        out += [(f"tcp {host}", "tcp", [host, 7777]), (f"udp {host}", "udp", [host, 7777])]
+    out += [
+        ("ping 192.168.77.1", "ping", [LAN[0]]),
+        ("metadata 169.254.169.254", "http", [METADATA, 80]),
+        ("ipv6 ula fd77::1", "tcp6", ["fd77::1", 7777]),
+        ("ipv6 link-local fe80::1", "tcp6", ["fe80::1%eth0", 7777]),
+        ("dns udp to an outside resolver", "dns_udp", [PUBLIC]),
+        ("dns tcp to an outside resolver", "dns_tcp", [PUBLIC]),
+        ("gateway asked for the lan", "gateway", [{"t": "tcp", "dst": LAN[0], "port": 7777}, ""]),
+        ("gateway asked for v4-mapped lan", "gateway", [{"t": "tcp", "dst": f"::ffff:{LAN[0]}", "port": 7777}, ""]),
+        ("gateway asked for dns over tcp", "gateway", [{"t": "tcp", "dst": PUBLIC, "port": 53}, ""]),
+    ]
+    return out
+
+
+# Reachable on plain user networking: the control VM must get through on these.
+REACHABLE = {"host loopback via 10.0.2.2", "metadata 169.254.169.254", "dns udp to an outside resolver", "dns tcp to an outside resolver",
+             *(f"tcp {h}" for h in LAN), *(f"udp {h}" for h in LAN)}  # fmt: skip
 
 
 class Secret:
-    """A TCP service on a host address that hands out a secret to whoever connects."""
+    """A TCP service on this host's loopback that hands a secret to whoever connects."""
 
-    def __init__(self, addr: str) -> None:
+    def __init__(self) -> None:
         self.sock = socket.socket()
-        self.sock.bind((addr, 0))
+        self.sock.bind(("127.0.0.1", 0))
         self.sock.listen()
         self.port: int = self.sock.getsockname()[1]
         self.hits = 0
@@ -69,64 +150,209 @@ class Secret:
             with conn:
                 conn.sendall(b"host-secret\n")
 
-    def close(self) -> None:
-        self.sock.close()
+
+@pytest.fixture(scope="module")
+def secret() -> Iterator[Secret]:
+    s = Secret()
+    yield s
+    s.sock.close()
 
 
 @pytest.fixture(scope="module")
-def services() -> Iterator[tuple[Secret, Secret]]:
-    subprocess.run(["ip", "addr", "add", f"{FAKE_LAN}/32", "dev", "lo"], check=True)
-    loopback, lan = Secret("127.0.0.1"), Secret(FAKE_LAN)
-    try:
-        yield loopback, lan
-    finally:
-        loopback.close()
-        lan.close()
-        subprocess.run(["ip", "addr", "del", f"{FAKE_LAN}/32", "dev", "lo"], check=False)
-
-
-@pytest.fixture(scope="module")
-def sealed(project: Path, built: object) -> Iterator[Sandbox]:
-    d = project.parent / "sealed"
+def unfenced(project: Path, built: object, net: FakeNet) -> Iterator[Sandbox]:
+    """The same image on plain QEMU user networking: the control."""
+    d = project.parent / "unfenced"
     d.mkdir(exist_ok=True)
-    (d / "vivarium.toml").write_text(
-        f'[vm]\nmemory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n[network]\nmode = "offline"\n'
-    )
-    vv("up", "sealed", cwd=d)
-    box = Sandbox("sealed")
+    (d / "vivarium.toml").write_text(f'[vm]\nmemory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n')
+    box = Sandbox("unfenced", cfg.load(d / "vivarium.toml"), fence=False)
+    box.up()
     yield box
     box.destroy()
 
 
-def as_root(box: Sandbox, script: str, *args: str) -> str:
-    """Run python `script` as root in the guest after flushing the guest's own firewall."""
-    cmd = ["sudo", "sh", "-c", 'nft flush ruleset 2>/dev/null; iptables -F 2>/dev/null; exec python3 -c "$0" "$@"', script, *args]
-    r = box.exec(cmd, capture=True, timeout=120)
+def run_attacks(box: Sandbox, loopback_port: int, *, flush: bool, container: bool = False) -> dict[str, str]:
+    attacks = json.dumps(plan(loopback_port))
+    if container:
+        inner = ["docker", "run", "--rm", "-i", "vv-attacker", "python3", "-c", ATTACKS, attacks]
+        cmd = ["sudo", "sh", "-c", ("nft flush ruleset; iptables -F; " if flush else "") + 'exec "$@"', "sh", *inner]
+    elif flush:
+        cmd = ["sudo", "sh", "-c", 'nft flush ruleset; iptables -F 2>/dev/null; exec python3 -c "$0" "$1"', ATTACKS, attacks]
+    else:
+        cmd = ["python3", "-c", ATTACKS, attacks]
+    r = box.exec(cmd, capture=True, timeout=600)
     assert r.returncode == 0, r.stderr
-    return r.stdout.strip()
+    results: dict[str, str] = json.loads(r.stdout.strip().splitlines()[-1])
+    return results
 
 
-def test_offline_guest_cannot_reach_host_loopback(sealed: Sandbox, box: Sandbox, services: tuple[Secret, Secret]) -> None:
-    loopback, _ = services
-    assert as_root(sealed, PROBE, "10.0.2.2", str(loopback.port)).startswith("BLOCKED")
-    assert loopback.hits == 0
-    # Control: the unfenced VM does reach it.
-    assert as_root(box, PROBE, "10.0.2.2", str(loopback.port)) == "CONNECTED host-secret"
-    assert loopback.hits == 1
+def restore_fence(box: Sandbox) -> None:
+    assert box.exec(["sudo", "nft", "-f", "/etc/vivarium/fence.nft"]).returncode == 0
 
 
-def test_offline_guest_cannot_reach_the_lan(sealed: Sandbox, box: Sandbox, services: tuple[Secret, Secret]) -> None:
-    _, lan = services
-    assert as_root(sealed, PROBE, FAKE_LAN, str(lan.port)).startswith("BLOCKED")
-    assert lan.hits == 0
-    assert as_root(box, PROBE, FAKE_LAN, str(lan.port)) == "CONNECTED host-secret"
-    assert lan.hits == 1
+def set_policy(box: Sandbox, net: FakeNet, mode: str, allow: list[str] | None = None, cidrs: tuple[str, ...] = (f"{PUBLIC}/32",)) -> None:
+    """Change the running sandbox's policy the way `egress allow|deny` does: file + SIGHUP."""
+    assert net.dns is not None
+    control.write_policy(box.dir.path, mode, [(a, "config") for a in allow or []], cidrs, [], net.dns.address)
+    assert control.reload(box.dir.path)
+    time.sleep(0.5)
 
 
-def test_offline_guest_has_no_dns(sealed: Sandbox) -> None:
-    assert as_root(sealed, UDP_DNS).startswith("BLOCKED")
+def egress(box: Sandbox, since: int) -> list[dict[str, Any]]:
+    return list(box.egress_log())[since:]
 
 
-def test_offline_guest_is_still_reachable_over_its_forwards(sealed: Sandbox) -> None:
-    assert sealed.exec(["true"]).returncode == 0
-    assert sealed.status().to_dict()["state"] == "running"
+def curl(box: Sandbox, *args: str) -> tuple[int, str]:
+    r = box.exec(["curl", "-sS", "-m", "20", *args], capture=True, timeout=60)
+    return r.returncode, (r.stdout + r.stderr).strip()
+
+
+# ---------------------------------------------------------------- the attacks
+
+
+def test_the_control_vm_does_reach_what_the_fence_stops(unfenced: Sandbox, secret: Secret) -> None:
+    results = run_attacks(unfenced, secret.port, flush=True)
+    missed = {k: v for k, v in results.items() if k in REACHABLE and not v.startswith("OK")}
+    assert not missed, missed
+    assert results["host loopback via 10.0.2.2"] == "OK host-secret"
+    assert results["tcp 192.168.77.1"] == "OK secret from 192.168.77.1"
+    assert secret.hits >= 1
+
+
+def test_attacks_through_the_guests_own_fence_are_denied_and_logged(box: Sandbox, secret: Secret) -> None:
+    hits, since = secret.hits, len(list(box.egress_log()))
+    results = run_attacks(box, secret.port, flush=False)
+    through = {k: v for k, v in results.items() if v.startswith("OK")}
+    assert not through, through
+    assert secret.hits == hits
+    log = egress(box, since)
+    tcp = {(r["dst"], r["port"]): r for r in log if r["kind"] == "tcp"}
+    # every TCP attempt reached the gateway (the redirect took it there) and was denied by a rule
+    assert tcp[("10.0.2.2", secret.port)]["rule"] == "deny private 10.0.0.0/8"
+    assert tcp[(LAN[0], 7777)]["rule"] == "deny private 192.168.0.0/16"
+    assert tcp[(LAN[2], 7777)]["rule"] == "deny private 172.16.0.0/12"
+    assert tcp[(LAN[3], 7777)]["rule"] == "deny cgnat 100.64.0.0/10"
+    assert tcp[(METADATA, 80)]["rule"] == "deny link-local/metadata 169.254.0.0/16"
+    assert all(r["decision"] == "deny" for r in tcp.values()), tcp
+    # DNS to an outside resolver was answered by the fence's own resolver instead
+    assert any(r["kind"] == "dns" and r["name"] == "example.com" for r in log)
+
+
+def test_attacks_as_root_with_the_guest_firewall_flushed(box: Sandbox, secret: Secret) -> None:
+    hits, since = secret.hits, len(list(box.egress_log()))
+    try:
+        results = run_attacks(box, secret.port, flush=True)
+    finally:
+        restore_fence(box)
+    through = {k: v for k, v in results.items() if v.startswith("OK")}
+    assert not through, through
+    assert secret.hits == hits
+    log = egress(box, since)
+    asked = [r for r in log if r["kind"] == "tcp" and r.get("dst") in (LAN[0], PUBLIC) and r["port"] in (7777, 53)]
+    assert {r["rule"] for r in asked} >= {"deny private 192.168.0.0/16", "deny dns port 53: names resolve through the fence only"}
+
+
+def test_attacks_from_a_docker_container(box: Sandbox, secret: Secret) -> None:
+    # An image from what the guest has (no registry here): python3 and busybox, imported.
+    build = (
+        "set -e; d=$(mktemp -d); mkdir -p $d/bin $d/usr/bin $d/lib $d/lib64 $d/usr/lib; "
+        "cp /bin/busybox $d/bin/; for t in sh ping wget nc; do ln -s busybox $d/bin/$t; done; "
+        "cp -a /usr/bin/python3 /usr/bin/python3.11 $d/usr/bin/; cp -a /usr/lib/python3.11 $d/usr/lib/; "
+        "for l in $(ldd /usr/bin/python3 | grep -o '/[^ ]*'); do mkdir -p $d$(dirname $l); cp -L $l $d$l; done; "
+        "tar -C $d -c . | docker import - vv-attacker >/dev/null; rm -rf $d"
+    )
+    r = box.exec(["sudo", "sh", "-c", build], capture=True, timeout=600)
+    assert r.returncode == 0, r.stderr
+    # with the fence in place: the container's traffic goes through the gateway
+    results = run_attacks(box, secret.port, flush=False, container=True)
+    through = {k: v for k, v in results.items() if v.startswith("OK")}
+    assert not through, through
+    # ... and a container can still use the internet the policy allows
+    r = box.exec(["sudo", "docker", "run", "--rm", "vv-attacker", "wget", "-qO-", "http://public.test/"], capture=True, timeout=300)
+    assert r.stdout.strip() == f"hello from {PUBLIC}", r.stderr
+    try:
+        results = run_attacks(box, secret.port, flush=True, container=True)
+    finally:
+        restore_fence(box)
+    through = {k: v for k, v in results.items() if v.startswith("OK")}
+    assert not through, through
+
+
+# ---------------------------------------------------------------- what gets through
+
+
+def test_lan_block_reaches_the_public_host_by_name_and_by_ip(box: Sandbox) -> None:
+    since = len(list(box.egress_log()))
+    assert curl(box, "http://public.test/") == (0, f"hello from {PUBLIC}")
+    assert curl(box, f"http://{PUBLIC}/") == (0, f"hello from {PUBLIC}")
+    assert curl(box, "-o", "/dev/null", "-w", "%{http_code}", "http://other.test/")[1] == "403"  # documentation range, not opened
+    _, text = curl(box, "http://other.test/")
+    assert "deny documentation 198.51.100.0/24" in text
+    log = egress(box, since)
+    allowed = [r for r in log if r["kind"] == "tcp" and r["decision"] == "allow"]
+    opened = f"allow allow_cidrs {PUBLIC}/32"
+    assert [(r["name"], r["rule"]) for r in allowed] == [("public.test", opened), (PUBLIC, opened)]
+    assert all(r["received"] > 0 and r["sent"] > 0 and "duration" in r for r in allowed)
+    text = vv("egress", "log", box.name).stdout
+    assert "ALLOW tcp public.test 198.51.100.7:80" in text and "DENY  tcp other.test 198.51.100.8:80" in text
+
+
+def test_a_name_pointing_into_the_lan_is_refused(box: Sandbox) -> None:
+    since = len(list(box.egress_log()))
+    code, text = curl(box, "http://lan.test:7777/")
+    assert code != 0 or "403" in text
+    (r,) = [r for r in egress(box, since) if r["kind"] == "tcp"]
+    assert (r["dst"], r["name"], r["decision"], r["rule"]) == (LAN[0], "lan.test", "deny", "deny private 192.168.0.0/16")
+
+
+def test_allowlist_only_listed_names_and_their_own_addresses(box: Sandbox, net: FakeNet) -> None:
+    # both made-up public hosts opened: in allowlist mode that only lifts the built-in denial; names decide
+    set_policy(box, net, "allowlist", ["public.test"], ("198.51.100.0/24",))
+    try:
+        since = len(list(box.egress_log()))
+        assert curl(box, "http://public.test/") == (0, f"hello from {PUBLIC}")
+        code, text = curl(box, "http://other.test/")
+        assert code == 6, text  # not listed: not even resolved
+        # the allowed address with the SNI of a denied name, and a listed name's SNI at an address it never resolved to
+        assert curl(box, "-k", "--resolve", f"other.test:443:{PUBLIC}", "https://other.test/")[0] != 0
+        assert curl(box, "-k", "--resolve", f"public.test:443:{OTHER}", "https://public.test/")[0] != 0
+        # the allowed host by bare IP: no listed name
+        assert "403" in curl(box, "-o", "/dev/null", "-w", "%{http_code}", f"http://{PUBLIC}/")[1]
+        log = egress(box, since)
+        assert any(r["kind"] == "dns" and r["name"] == "other.test" and r["rcode"] == "NXDOMAIN" and r["decision"] == "deny" for r in log)
+        rules = {(r["dst"], r.get("name")): r["rule"] for r in log if r["kind"] == "tcp" and r["decision"] == "deny"}
+        assert rules[(PUBLIC, "other.test")] == "deny allowlist: other.test is not listed"
+        assert rules[(OTHER, "public.test")] == f"deny allowlist: {OTHER} is not an address public.test resolved to"
+        # live: allow another name, no reboot
+        assert "allowed www.public.test" in vv("egress", "allow", box.name, "www.public.test").stderr
+        time.sleep(0.5)
+        assert curl(box, "http://www.public.test/") == (0, f"hello from {PUBLIC}")
+        check = vv("egress", "check", box.name, "other.test:80", check=False)
+        assert check.returncode == 1 and "deny allowlist: other.test is not listed" in check.stdout
+        assert "allow" in vv("egress", "check", box.name, "public.test:80").stdout
+    finally:
+        set_policy(box, net, "lan-block")
+
+
+def test_offline_lets_nothing_out(box: Sandbox, net: FakeNet) -> None:
+    set_policy(box, net, "offline")
+    try:
+        code, text = curl(box, "http://public.test/")
+        assert code == 6, text
+        code, text = curl(box, f"http://{PUBLIC}/")
+        assert "deny offline mode" in text
+    finally:
+        set_policy(box, net, "lan-block")
+    assert curl(box, "http://public.test/") == (0, f"hello from {PUBLIC}")
+
+
+def test_a_killed_gateway_is_restarted_and_egress_fails_closed(box: Sandbox) -> None:
+    child = control.child_pid(box.dir.path)
+    assert child is not None
+    subprocess.run(["kill", "-9", str(child)], check=True)
+    deadline = time.monotonic() + 10
+    while control.child_pid(box.dir.path) in (None, child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    assert control.child_pid(box.dir.path) not in (None, child)
+    time.sleep(1)
+    assert curl(box, "http://public.test/") == (0, f"hello from {PUBLIC}")
+    assert "gateway: serving process exited" in (box.dir.path / "gateway.err").read_text()

@@ -99,6 +99,9 @@ def start(directory: Path, qemu_pidfile: Path) -> int:
     find_program("socat")  # QEMU spawns it per connection: fail here, not at the first packet
     stop(directory)
     sock = directory / gateway.SOCKET
+    if "," in str(sock) or len(str(sock)) > 100:
+        raise VMError(f"the sandbox's directory {directory} cannot hold the gateway's socket (a comma, or longer than a unix socket path may be)",
+                      hint="set VIVARIUM_HOME or XDG_STATE_HOME to a shorter, plain path")  # fmt: skip
     sock.unlink(missing_ok=True)
     err = (directory / "gateway.err").open("ab")
     proc = subprocess.Popen(

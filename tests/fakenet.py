@@ -1,0 +1,201 @@
+"""A made-up network for the fence's tests and benchmarks: hosts in a network namespace.
+
+One namespace, joined to this host by a veth pair, holds every address the
+tests aim at, each with a /32 route from here (nothing else is routed there):
+
+    192.168.77.1, 10.77.0.1, 172.16.77.1, 100.64.77.1   the "LAN" (private ranges)
+    169.254.169.254                                      a cloud metadata service
+    198.51.100.7                                         a "public" host (TEST-NET-2),
+                                                         opened with allow_cidrs
+    198.51.100.8                                         a second public host, not opened
+
+On each: HTTP on port 80 (GET /bytes/N streams N bytes), a secret on TCP
+and UDP 7777, and on 198.51.100.7 a DNS server on 53 (UDP and TCP) that
+answers every A query with 198.51.100.7: the "outside resolver".
+Plus a DNS server on this host's loopback for the gateway (dns_upstream):
+public.test and www.public.test → 198.51.100.7, other.test → 198.51.100.8,
+lan.test → 192.168.77.1, metadata.test → 169.254.169.254.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+
+LAN = ("192.168.77.1", "10.77.0.1", "172.16.77.1", "100.64.77.1")
+METADATA = "169.254.169.254"
+PUBLIC = "198.51.100.7"
+OTHER = "198.51.100.8"
+HOSTS = (*LAN, METADATA, PUBLIC, OTHER)
+ZONE = {"public.test": PUBLIC, "www.public.test": PUBLIC, "other.test": OTHER, "lan.test": LAN[0], "metadata.test": METADATA}
+
+SERVER = r"""
+import socket, sys, threading
+
+def http(conn):
+    with conn:
+        data = b""
+        while b"\r\n\r\n" not in data:
+            chunk = conn.recv(4096)
+            if not chunk:
+                return
+            data += chunk
+        path = data.split(b" ", 2)[1].decode()
+        local = conn.getsockname()[0]
+        if path.startswith("/bytes/"):
+            n = int(path[7:])
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % n)
+            block = b"x" * 65536
+            while n > 0:
+                conn.sendall(block[:n])
+                n -= len(block)
+            return
+        body = ("hello from %s\n" % local).encode()
+        conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n%s" % (len(body), body))
+
+def secret(conn):
+    with conn:
+        conn.sendall(("secret from %s\n" % conn.getsockname()[0]).encode())
+
+def tcp(port, handler):
+    s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    s.bind(("0.0.0.0", port)); s.listen(1024)
+    while True:
+        conn, _ = s.accept()
+        threading.Thread(target=handler, args=(conn,), daemon=True).start()
+
+def answer(q):
+    # header, the question as asked, one A record (name pointer to the question) -> 198.51.100.7
+    end = 12
+    while q[end]:
+        end += q[end] + 1
+    end += 5
+    record = b"\xc0\x0c\x00\x01\x00\x01\x00\x00\x00\x3c\x00\x04" + socket.inet_aton("198.51.100.7")
+    return q[:2] + b"\x81\x80" + q[4:6] + b"\x00\x01\x00\x00\x00\x00" + q[12:end] + record
+
+def udp(port, dns):
+    s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.bind(("0.0.0.0", port))
+    while True:
+        data, addr = s.recvfrom(4096)
+        s.sendto(answer(data) if dns else b"udp secret\n", addr)
+
+def dns_tcp(conn):
+    with conn:
+        n = int.from_bytes(conn.recv(2), "big"); q = b""
+        while len(q) < n:
+            q += conn.recv(n - len(q))
+        a = answer(q); conn.sendall(len(a).to_bytes(2, "big") + a)
+
+for target, args in ((tcp, (80, http)), (tcp, (7777, secret)), (tcp, (53, dns_tcp)), (udp, (7777, False)), (udp, (53, True))):
+    threading.Thread(target=target, args=args, daemon=True).start()
+print("ready", flush=True)
+sys.stdin.read()  # until the test closes our stdin
+"""
+
+
+def ip(*args: str, check: bool = True) -> None:
+    subprocess.run(["ip", *args], check=check, capture_output=True)
+
+
+@dataclass
+class FakeNet:
+    ns: str = field(default_factory=lambda: f"vvnet{os.getpid() % 100000}")
+    veth: str = field(default_factory=lambda: f"vvh{os.getpid() % 100000}")
+    server: subprocess.Popen[str] | None = None
+    dns: FakeDNS | None = None
+
+    def __enter__(self) -> FakeNet:
+        try:
+            self._up()
+        except BaseException:
+            self.close()
+            raise
+        return self
+
+    def _up(self) -> None:
+        ip("netns", "add", self.ns)
+        ip("link", "add", self.veth, "type", "veth", "peer", "name", "vvn0", "netns", self.ns)
+        ip("addr", "add", "10.254.77.1/30", "dev", self.veth)
+        ip("link", "set", self.veth, "up")
+        ip("-n", self.ns, "addr", "add", "10.254.77.2/30", "dev", "vvn0")
+        ip("-n", self.ns, "link", "set", "vvn0", "up")
+        ip("-n", self.ns, "link", "set", "lo", "up")
+        ip("-n", self.ns, "route", "add", "default", "via", "10.254.77.1")
+        for h in HOSTS:
+            ip("-n", self.ns, "addr", "add", f"{h}/32", "dev", "lo")
+            ip("route", "add", f"{h}/32", "via", "10.254.77.2", "dev", self.veth)
+        self.server = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-c", SERVER],
+                                       stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
+        assert self.server.stdout is not None
+        assert self.server.stdout.readline().strip() == "ready"
+        self.dns = FakeDNS(ZONE)
+        # the routes answer before anything boots
+        deadline = time.monotonic() + 10
+        while True:
+            try:
+                socket.create_connection((PUBLIC, 7777), timeout=1).close()
+                break
+            except OSError:
+                if time.monotonic() > deadline:
+                    raise
+                time.sleep(0.1)
+
+    def close(self) -> None:
+        if self.dns is not None:
+            self.dns.close()
+        if self.server is not None:
+            self.server.kill()  # ours, by handle
+            self.server.wait()
+        for h in HOSTS:
+            ip("route", "del", f"{h}/32", check=False)
+        ip("link", "del", self.veth, check=False)
+        ip("netns", "del", self.ns, check=False)
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+
+class FakeDNS:
+    """A UDP DNS server on this host's loopback (the gateway's upstream)."""
+
+    def __init__(self, zone: dict[str, str]) -> None:
+        import dns.message
+        import dns.rcode
+        import dns.rdatatype
+        import dns.rrset
+
+        self.zone = zone
+        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+        self.sock.bind(("127.0.0.1", 0))
+        self.port: int = self.sock.getsockname()[1]
+        self.queries: list[str] = []
+
+        def serve() -> None:
+            while True:
+                try:
+                    data, addr = self.sock.recvfrom(4096)
+                except OSError:
+                    return
+                q = dns.message.from_wire(data)
+                name = q.question[0].name.to_text(omit_final_dot=True).lower()
+                self.queries.append(name)
+                r = dns.message.make_response(q)
+                if name in self.zone and q.question[0].rdtype == dns.rdatatype.A:
+                    r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", self.zone[name]))
+                elif name not in self.zone:
+                    r.set_rcode(dns.rcode.NXDOMAIN)
+                self.sock.sendto(r.to_wire(), addr)
+
+        threading.Thread(target=serve, daemon=True).start()
+
+    @property
+    def address(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def close(self) -> None:
+        self.sock.close()
