@@ -31,7 +31,7 @@ from vivarium import config as cfg
 from vivarium import ssh, state
 from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.image.build import Image, build_image, find_image
-from vivarium.image.recipe import Recipe
+from vivarium.image.recipe import AGENT_DOMAINS, Recipe
 from vivarium.net import control as fence
 from vivarium.net.policy import Decision
 from vivarium.run import run
@@ -231,7 +231,7 @@ class Sandbox:
         helpers: list[subprocess.Popen[bytes]] = []
         pid: int | None = None
         try:
-            gateway = self._start_gateway(progress) if self._fence else None
+            gateway = self._start_gateway(progress, image) if self._fence else None
             shares = self._start_shares(progress, helpers)
             fw = self._write_fw_cfg(meta["user"], shares)
             spec = MachineSpec(
@@ -267,15 +267,19 @@ class Sandbox:
             self.dir.write_meta(meta)
             raise
 
-    def _start_gateway(self, progress: Progress) -> Path:
-        """Write this start's policy (the config's, plus rules changed live before) and start the gateway."""
+    def _start_gateway(self, progress: Progress, image: Image) -> Path:
+        """Write this start's policy (the config's, the image's agents' domains, rules changed live before) and start the gateway."""
         n = self.config.network
         live: dict[str, list[tuple[str, str]]] = {"allow": [], "deny": []}
         with contextlib.suppress(OSError, ValueError, KeyError):
             old = fence.read_policy(self.dir.path)
             for verb in live:
                 live[verb] = [(r["rule"], r["source"]) for r in old[verb] if r.get("source") == "cli"]
-        allow = [(a, "config") for a in n.allow if a not in {r for r, _ in live["deny"]}] + live["allow"]
+        denied = {r for r, _ in live["deny"]}
+        allow = [(a, "config") for a in n.allow if a not in denied]
+        for agent in image.manifest.get("agents") or {}:
+            allow += [(d, agent) for d in AGENT_DOMAINS.get(agent, ()) if d not in denied]
+        allow += live["allow"]
         fence.write_policy(self.dir.path, n.mode, allow, n.allow_cidrs, n.deny_cidrs, n.dns_upstream, live["deny"])
         progress("start", f"starting the egress gateway ({n.mode})")
         fence.start(self.dir.path, self.dir.pidfile)

@@ -40,9 +40,11 @@ def tcp(host, port, send=b"", family=socket.AF_INET):
     s.connect((host, port) if family == socket.AF_INET else (host, port, 0, 0))
     if send:
         s.sendall(send)
-    data = s.recv(200)
+    data = s.recv(400)
     if not data:
         raise OSError("closed without a word")
+    if b"denied by the sandbox's network fence" in data:
+        raise OSError("the fence's 403")
     return data.decode(errors="replace").strip().splitlines()[-1]
 
 def udp(host, port, payload=b"hi"):

@@ -39,6 +39,15 @@ AGENT_PACKAGES = {
     "opencode": "opencode-ai",
 }
 
+# The names each agent needs to work, allowed in allowlist mode when it is in
+# the image (`vivarium egress check` names the agent that added the rule).
+AGENT_DOMAINS = {
+    "claude-code": ("api.anthropic.com:443", "statsig.anthropic.com:443", "sentry.io:443", "claude.ai:443", "console.anthropic.com:443"),
+    "codex": ("api.openai.com:443", "auth.openai.com:443", "chatgpt.com:443"),
+    "gemini": ("generativelanguage.googleapis.com:443", "cloudcode-pa.googleapis.com:443", "oauth2.googleapis.com:443", "accounts.google.com:443"),
+    "opencode": ("opencode.ai:443", "models.dev:443", "api.anthropic.com:443", "api.openai.com:443"),
+}
+
 
 @dataclass(frozen=True)
 class Recipe:

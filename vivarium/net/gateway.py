@@ -25,6 +25,7 @@ import contextlib
 import ipaddress
 import json
 import os
+import resource
 import signal
 import socket
 import subprocess
@@ -464,6 +465,10 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, sniff: dic
 
 
 def serve(directory: Path) -> None:
+    # two descriptors per relayed connection: take what the hard limit allows
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536), hard))
     asyncio.run(Gateway(directory).serve())
 
 
