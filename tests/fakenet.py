@@ -32,7 +32,8 @@ METADATA = "169.254.169.254"
 PUBLIC = "198.51.100.7"
 OTHER = "198.51.100.8"
 HOSTS = (*LAN, METADATA, PUBLIC, OTHER)
-ZONE = {"public.test": PUBLIC, "www.public.test": PUBLIC, "other.test": OTHER, "lan.test": LAN[0], "metadata.test": METADATA}
+ZONE = {"public.test": PUBLIC, "www.public.test": PUBLIC, "other.test": OTHER, "lan.test": LAN[0], "metadata.test": METADATA,
+        "api.anthropic.com": PUBLIC, "unlisted.example": PUBLIC}  # fmt: skip
 
 SERVER = r"""
 import socket, sys, threading

@@ -20,38 +20,11 @@ from pathlib import Path
 
 import dns.message
 import dns.rcode
-import dns.rrset
 import pytest
 
 from vivarium.net import control, sniff
 
-
-class FakeDNS:
-    """A UDP DNS server on loopback: a fixed zone, NXDOMAIN for the rest."""
-
-    def __init__(self, zone: dict[str, str]) -> None:
-        self.zone = zone
-        self.sock = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
-        self.sock.bind(("127.0.0.1", 0))
-        self.port: int = self.sock.getsockname()[1]
-        self.queries: list[str] = []
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                data, addr = self.sock.recvfrom(4096)
-            except OSError:
-                return
-            q = dns.message.from_wire(data)
-            name = q.question[0].name.to_text(omit_final_dot=True)
-            self.queries.append(name)
-            r = dns.message.make_response(q)
-            if name in self.zone and q.question[0].rdtype == dns.rdatatype.A:
-                r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", self.zone[name]))
-            elif name not in self.zone:
-                r.set_rcode(dns.rcode.NXDOMAIN)
-            self.sock.sendto(r.to_wire(), addr)
+from .fakenet import FakeDNS
 
 
 class Echo:
@@ -83,12 +56,13 @@ class Echo:
 def gw(tmp_path: Path) -> Iterator[tuple[Path, FakeDNS, Echo]]:
     dns_server = FakeDNS({"good.test": "127.0.0.1", "lan.test": "192.168.77.1", "other.test": "127.0.0.2"})
     echo = Echo()
-    control.write_policy(tmp_path, "lan-block", [], ["127.0.0.1/32"], [], f"127.0.0.1:{dns_server.port}")
+    control.write_policy(tmp_path, "lan-block", [], ["127.0.0.1/32"], [], dns_server.address)
     (tmp_path / "qemu.pid").write_text(f"{os.getpid()}\n")
     pid = control.start(tmp_path, tmp_path / "qemu.pid")
     try:
         yield tmp_path, dns_server, echo
     finally:
+        dns_server.close()
         control.stop(tmp_path)
         assert control.pid(tmp_path) is None
         os.waitpid(pid, os.WNOHANG)

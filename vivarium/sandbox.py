@@ -153,6 +153,11 @@ class Sandbox:
         """Build if needed, create if needed, start if stopped, wait for SSH."""
         with self.dir.lock():
             if self.exists() and self.pid() is not None:
+                meta = self.meta()
+                if meta.get("network") != "unfenced" and fence.pid(self.dir.path) is None:
+                    # its gateway is gone (killed from outside): egress has been failing closed; bring it back
+                    progress("start", "restarting the egress gateway")
+                    fence.start(self.dir.path, self.dir.pidfile)
                 return self.status()
             image = self._image(progress)
             if not self.exists():
@@ -425,6 +430,14 @@ class Sandbox:
                 hint=f"vivarium stop {self.name} && vivarium up {self.name}",
             )
         return what
+
+    def set_network_mode(self, mode: str) -> None:
+        """Switch the running sandbox's fence to lan-block, allowlist or offline, live (until its next start)."""
+        self._fenced()
+        if mode not in ("lan-block", "allowlist", "offline"):
+            raise UsageError(f"unknown network mode {mode!r}", hint="lan-block, allowlist or offline")
+        with self.dir.lock():
+            fence.set_mode(self.dir.path, mode)
 
     def egress_check(self, host: str, port: int) -> list[tuple[str, str, Decision]]:
         """What a connection to host:port would meet: (address, name, Decision) per address."""

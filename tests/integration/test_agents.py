@@ -86,3 +86,19 @@ def test_attach_in_a_terminal(box: Sandbox, project: Path) -> None:
     # Closing the terminal does not stop the agent.
     time.sleep(1)
     assert any(s["session"] == "hello" and s["state"] == "running" for s in json.loads(vv("sessions", "itest", "--json").stdout))
+
+
+def test_an_agent_brings_its_domains_into_the_allowlist(box: Sandbox) -> None:
+    rules = {r["rule"]: r["source"] for r in json.loads((box.dir.path / "policy.json").read_text())["allow"]}
+    assert rules["api.anthropic.com:443"] == "claude-code"
+    box.set_network_mode("allowlist")
+    try:
+        time.sleep(0.5)
+        r = box.exec(["getent", "hosts", "api.anthropic.com"], capture=True)
+        assert r.returncode == 0 and r.stdout.split()[0] == "198.51.100.7", r
+        assert box.exec(["getent", "hosts", "unlisted.example"], capture=True).returncode != 0  # NXDOMAIN from the fence
+        check = vv("egress", "check", box.name, "api.anthropic.com:443")
+        assert "allow api.anthropic.com:443 (claude-code)" in check.stdout
+        assert "deny allowlist: unlisted.example is not listed" in vv("egress", "check", box.name, "unlisted.example", check=False).stdout
+    finally:
+        box.set_network_mode("lan-block")

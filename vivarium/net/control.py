@@ -70,6 +70,15 @@ def change_rule(directory: Path, verb: str, rule: str, source: str = "cli") -> s
     return what
 
 
+def set_mode(directory: Path, mode: str) -> None:
+    """Switch the policy mode live, keeping every rule."""
+    Policy.build(mode)  # checks the mode
+    data = read_policy(directory)
+    data["mode"] = mode
+    _write(directory / gateway.POLICY, data)
+    reload(directory)
+
+
 def policy_of(directory: Path) -> gateway.Settings:
     return gateway.Settings.load(directory / gateway.POLICY)
 

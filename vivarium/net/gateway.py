@@ -61,6 +61,8 @@ HEADER_LIMIT = 1024
 CHUNK = 256 * 1024
 NAME_TTL = 3600.0
 NAME_CAP = 20000
+# Connections relayed at once; beyond it new ones are closed at once (and logged).
+MAX_ACTIVE = 4096
 
 
 # ------------------------------------------------------------------ policy file
@@ -301,6 +303,9 @@ class Gateway:
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.active += 1
         try:
+            if self.active > MAX_ACTIVE:
+                self.audit.write({"kind": "tcp", "decision": "deny", "rule": f"deny more than {MAX_ACTIVE} connections at once"})
+                return
             try:
                 line = await asyncio.wait_for(reader.readuntil(b"\n"), 10.0)
                 req = json.loads(line[:HEADER_LIMIT])
