@@ -190,7 +190,10 @@ class FakeDNS:
                     r.answer.append(dns.rrset.from_text(q.question[0].name, 60, "IN", "A", self.zone[name]))
                 elif name not in self.zone:
                     r.set_rcode(dns.rcode.NXDOMAIN)
-                self.sock.sendto(r.to_wire(), addr)
+                try:
+                    self.sock.sendto(r.to_wire(), addr)
+                except OSError:  # closed under us at the end of a test
+                    return
 
         threading.Thread(target=serve, daemon=True).start()
 

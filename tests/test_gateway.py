@@ -58,14 +58,13 @@ def gw(tmp_path: Path) -> Iterator[tuple[Path, FakeDNS, Echo]]:
     echo = Echo()
     control.write_policy(tmp_path, "lan-block", [], ["127.0.0.1/32"], [], dns_server.address)
     (tmp_path / "qemu.pid").write_text(f"{os.getpid()}\n")
-    pid = control.start(tmp_path, tmp_path / "qemu.pid")
+    control.start(tmp_path, tmp_path / "qemu.pid")
     try:
         yield tmp_path, dns_server, echo
     finally:
         dns_server.close()
         control.stop(tmp_path)
         assert control.pid(tmp_path) is None
-        os.waitpid(pid, os.WNOHANG)
 
 
 def tunnel(d: Path, header: dict[str, object]) -> socket.socket:
@@ -77,9 +76,11 @@ def tunnel(d: Path, header: dict[str, object]) -> socket.socket:
 
 
 def recv_all(s: socket.socket) -> bytes:
+    """Everything until the gateway closes; then ours is closed too."""
     out = b""
-    while data := s.recv(65536):
-        out += data
+    with s:
+        while data := s.recv(65536):
+            out += data
     return out
 
 
@@ -244,8 +245,8 @@ def test_a_dead_gateway_is_restarted_and_fails_closed_meanwhile(gw: tuple[Path, 
     assert new not in (None, child)
     wait_for(lambda: (d / "gateway.sock").exists())
     time.sleep(0.5)
-    s = tunnel(d, {"t": "tcp", "dst": "127.0.0.1", "port": echo.port})
-    assert s.recv(6) == b"hello\n"
+    with tunnel(d, {"t": "tcp", "dst": "127.0.0.1", "port": echo.port}) as s:
+        assert s.recv(6) == b"hello\n"
 
 
 def test_it_exits_with_qemu(tmp_path: Path) -> None:
@@ -253,10 +254,11 @@ def test_it_exits_with_qemu(tmp_path: Path) -> None:
     (tmp_path / "qemu.pid").write_text(f"{sleeper.pid}\n")
     control.write_policy(tmp_path, "offline", [], [], [], "")
     pid = control.start(tmp_path, tmp_path / "qemu.pid")
+    assert control.pid(tmp_path) == pid
     sleeper.kill()
     sleeper.wait()
     deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and os.waitpid(pid, os.WNOHANG) == (0, 0):
+    while time.monotonic() < deadline and control.pid(tmp_path) is not None:
         time.sleep(0.05)
     assert control.pid(tmp_path) is None
     assert not (tmp_path / "gateway.sock").exists()

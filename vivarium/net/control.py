@@ -113,20 +113,25 @@ def start(directory: Path, qemu_pidfile: Path) -> int:
                       hint="set VIVARIUM_HOME or XDG_STATE_HOME to a shorter, plain path")  # fmt: skip
     sock.unlink(missing_ok=True)
     err = (directory / "gateway.err").open("ab")
+    (directory / gateway.PIDFILE).unlink(missing_ok=True)
     proc = subprocess.Popen(
         [sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--qemu-pidfile", str(qemu_pidfile)],
         stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
     )  # fmt: skip
     err.close()
-    (directory / gateway.PIDFILE).write_text(f"{proc.pid}\n")
+    proc.wait(30)  # it forks and its first half exits at once
     deadline = time.monotonic() + 15
-    while not sock.exists():
-        if proc.poll() is not None or time.monotonic() > deadline:
-            proc.kill()
+    while not sock.exists() or pid(directory) is None:
+        if time.monotonic() > deadline or (proc.returncode and not (directory / gateway.PIDFILE).exists()):
+            value = pid(directory)
+            if value is not None:
+                os.kill(value, signal.SIGKILL)
             tail = (directory / "gateway.err").read_text(errors="replace").strip().splitlines()[-1:]
             raise VMError(f"the egress gateway did not start: {tail[0] if tail else 'no output'}", hint=f"see {directory / 'gateway.err'}")
         time.sleep(0.02)
-    return proc.pid
+    value = pid(directory)
+    assert value is not None
+    return value
 
 
 def stop(directory: Path) -> None:

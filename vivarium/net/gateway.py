@@ -539,6 +539,11 @@ def main(argv: list[str] | None = None) -> int:
     if args.serve:
         serve(args.dir)
         return 0
+    # Detach: whoever started us (a CLI that exits, or a long-lived program using
+    # the Python API) must not have to reap the supervisor.
+    if os.fork():
+        os._exit(0)
+    (args.dir / PIDFILE).write_text(f"{os.getpid()}\n")
     return supervise(args.dir, args.qemu_pidfile)
 
 
