@@ -73,6 +73,10 @@ def boot(name: str, d: Path, fence: bool, net: FakeNet) -> Sandbox:
     )
     box = Sandbox(name, cfg.load(d / "vivarium.toml"), fence=fence)
     box.up()
+    if not fence:  # plain user networking: without the guest's half of the fence either
+        r = box.exec(["sudo", "sh", "-c", "systemctl stop vivarium-redirector; nft flush ruleset"], capture=True)
+        if r.returncode != 0:
+            raise RuntimeError(r.stderr)
     return box
 
 

@@ -291,12 +291,12 @@ class Gateway:
             print(f"gateway: policy not reloaded: {e}", file=sys.stderr)
 
     async def serve(self) -> None:
+        # before the socket appears: a reload may come as soon as it does
+        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
         path = self.dir / SOCKET
         path.unlink(missing_ok=True)
         server = await asyncio.start_unix_server(self._handle, path=str(path), limit=CHUNK)
         os.chmod(path, 0o600)
-        loop = asyncio.get_running_loop()
-        loop.add_signal_handler(signal.SIGHUP, self.reload)
         async with server:
             await server.serve_forever()
 
@@ -470,6 +470,7 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, sniff: dic
 
 
 def serve(directory: Path) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop handles it: a reload must never kill us
     # two descriptors per relayed connection: take what the hard limit allows
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
@@ -493,6 +494,7 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
+    (directory / PIDFILE).write_text(f"{os.getpid()}\n")  # only now: signals are handled
     qemu_seen = False
     restarts = 0
     try:
@@ -543,7 +545,6 @@ def main(argv: list[str] | None = None) -> int:
     # the Python API) must not have to reap the supervisor.
     if os.fork():
         os._exit(0)
-    (args.dir / PIDFILE).write_text(f"{os.getpid()}\n")
     return supervise(args.dir, args.qemu_pidfile)
 
 
