@@ -91,10 +91,10 @@ def test_qemu_argv_with_shares(tmp_path: Path) -> None:
 def test_virtiofsd_argv_read_only_goes_through_a_read_only_bind_mount(tmp_path: Path) -> None:
     from vivarium.share.virtiofs import ShareSpec, virtiofsd_argv
 
-    rw = ShareSpec("share0", tmp_path / "src", tmp_path / "src", False, tmp_path / "s.sock")
+    rw = ShareSpec("share0", tmp_path / "src", tmp_path / "src", "rw", tmp_path / "s.sock")
     argv = virtiofsd_argv("/usr/lib/qemu/virtiofsd", rw)
     assert argv[0] == "/usr/lib/qemu/virtiofsd" and f"source={tmp_path / 'src'}" in argv
-    ro = virtiofsd_argv("/usr/lib/qemu/virtiofsd", ShareSpec("s", tmp_path / "src", Path("/mnt"), True, tmp_path / "s.sock"))
+    ro = virtiofsd_argv("/usr/lib/qemu/virtiofsd", ShareSpec("s", tmp_path / "src", Path("/mnt"), "ro", tmp_path / "s.sock"))
     assert ro[:5] == ["unshare", "--mount", "--propagation", "private", "--"]
     assert "remount,bind,ro" in ro[7] and ro[9] == str(tmp_path / "src") and ro[10] == "/usr/lib/qemu/virtiofsd"
     rust = virtiofsd_argv("/usr/libexec/virtiofsd", rw)

@@ -181,6 +181,17 @@ def _sandbox_verbs(verbs: Any) -> None:
     pl.add_argument("--json", action="store_true")
     pt.set_defaults(func=cmd_port)
 
+    df = verbs.add_parser("diff", help="what the sandbox changed in its review-mode shares")
+    _name(df)
+    df.add_argument("--patch", action="store_true", help="a unified diff of text files")
+    df.add_argument("--json", action="store_true")
+    df.set_defaults(func=cmd_diff)
+
+    ap = verbs.add_parser("apply", help="copy the sandbox's changes to review-mode shares back to the host")
+    _name(ap, optional=False)
+    ap.add_argument("paths", nargs="*", metavar="PATH", help="only changes at or under these host paths (default: all)")
+    ap.set_defaults(func=cmd_apply)
+
     eg = verbs.add_parser("egress", help="the network fence: its log, live allow/deny, what a destination would meet")
     esub = eg.add_subparsers(dest="egress_verb", metavar="log|allow|deny|check", required=True)
     el = esub.add_parser("log", help="every connection and DNS query the sandbox made, with the decision and its rule")
@@ -383,6 +394,38 @@ def cmd_port(args: argparse.Namespace) -> int:
             for p in ports:
                 out.print(f"{p['bind']}:{p['host']} → guest {p['guest']}")
     return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    shares = Sandbox(args.name).diff(patch=args.patch)
+    if args.json:
+        out.print_json(json.dumps(shares))
+        return 0
+    marks = {"added": "A", "modified": "M", "deleted": "D"}
+    for share in shares:
+        if args.patch:
+            sys.stdout.write(share["patch"])
+            continue
+        for c in share["changes"]:
+            suffix = "/" if c["what"] == "dir" else ""
+            sys.stdout.write(f"{marks[c['kind']]} {share['share']}/{c['path']}{suffix}\n")
+        if not share["changes"]:
+            err.print(f"no changes to {share['share']}")
+    return 0
+
+
+def cmd_apply(args: argparse.Namespace) -> int:
+    code = 0
+    for host, result in Sandbox(args.name).apply(args.paths):
+        for path in result.applied:
+            err.print(f"applied {host}/{path}")
+        for path in result.conflicts:
+            err.print(f"[yellow]not applied:[/] {host}/{path} changed on the host since the sandbox started; both versions are kept "
+                      f"(the sandbox's stays in `vivarium diff {args.name}`)")  # fmt: skip
+            code = 1
+        if not result.applied and not result.conflicts:
+            err.print(f"nothing to apply to {host}")
+    return code
 
 
 def cmd_egress(args: argparse.Namespace) -> int:

@@ -13,6 +13,7 @@ layer over this class.
 from __future__ import annotations
 
 import contextlib
+import functools
 import json
 import logging
 import os
@@ -35,7 +36,7 @@ from vivarium.image.recipe import AGENT_DOMAINS, Recipe
 from vivarium.net import control as fence
 from vivarium.net.policy import Decision
 from vivarium.run import run
-from vivarium.share import virtiofs
+from vivarium.share import review, virtiofs
 from vivarium.vm import accel as accel_mod
 from vivarium.vm import machine
 from vivarium.vm.qemu import MachineSpec, PortForward
@@ -256,7 +257,8 @@ class Sandbox:
                 "ssh_port": ssh_port, "memory": c.vm.memory, "cpus": c.vm.cpus,
                 "network": c.network.mode if self._fence else "unfenced",
                 "ports": [{"host": f.host, "guest": f.guest, "bind": f.bind} for f in forwards],
-                "shares": [{"host": str(sh.source), "guest": str(sh.guest), "mode": "ro" if sh.readonly else "rw", "via": "virtiofs"}
+                "shares": [{"host": str(sh.source), "guest": str(sh.guest), "mode": sh.mode, "via": "virtiofs",
+                            "tag": sh.tag}
                            for sh in shares],
             })  # fmt: skip
             self.dir.write_meta(meta)
@@ -296,10 +298,7 @@ class Sandbox:
             meta["disk"] = disk
 
     def _start_shares(self, progress: Progress, helpers: list[subprocess.Popen[bytes]]) -> list[virtiofs.ShareSpec]:
-        wanted = [s for s in self.config.share if s.mode in ("rw", "ro")]
-        for s in self.config.share:
-            if s.mode == "review":
-                raise UsageError(f"share mode review ({s.host}) is not available yet", hint='use mode = "ro" or "rw" for now')
+        wanted = list(self.config.share)
         if not wanted:
             return []
         why = virtiofs.supported()
@@ -307,9 +306,14 @@ class Sandbox:
             progress("start", f"not sharing {', '.join(str(s.host) for s in wanted)}: {why}")
             log.warning("not sharing %s: %s", ", ".join(str(s.host) for s in wanted), why)
             return []
-        specs = [virtiofs.ShareSpec(f"share{i}", s.host, s.guest, s.mode == "ro", self.dir.path / f"share{i}.sock") for i, s in enumerate(wanted)]
+        specs = [virtiofs.ShareSpec(f"share{i}", s.host, s.guest, s.mode, self.dir.path / f"share{i}.sock") for i, s in enumerate(wanted)]
         for spec in specs:
-            progress("start", f"sharing {spec.source} ({'ro' if spec.readonly else 'rw'}, virtiofs)")
+            if spec.mode == "review":
+                snap = self.dir.path / f"review-{spec.tag}.json"
+                if not snap.exists():  # "since the sandbox started": kept across restarts, like the overlay itself
+                    progress("start", f"noting the state of {spec.source} for review")
+                    review.save_snapshot(snap, review.snapshot(spec.source))
+            progress("start", f"sharing {spec.source} ({spec.mode}, virtiofs)")
             helpers.append(virtiofs.start(spec))
         return specs
 
@@ -321,7 +325,7 @@ class Sandbox:
             "hostname": self.name if self.name != "default" else "vivarium",
             "authorized_key": self.dir.key.with_suffix(".pub").read_text().strip(),
             # one line per share: tag, mode, mount point (paths with spaces are fine: the last field)
-            "shares": "".join(f"{sh.tag} {'ro' if sh.readonly else 'rw'} {sh.guest}\n" for sh in shares),
+            "shares": "".join(f"{sh.tag} {sh.mode} {sh.guest}\n" for sh in shares),
         }
         out = []
         for name, text in files.items():
@@ -404,11 +408,81 @@ class Sandbox:
                 if image is None or recipe.key() != meta["image"]:
                     image, _ = build_image(recipe, progress=progress)
             self._new_disks(image, meta["disk"], meta["swap"])
+            for snap in self.dir.path.glob("review-*.json"):  # the overlays went with the disk
+                snap.unlink()
             meta.update({"image": image.key, "build_id": image.build_id, "running": False})
             self.dir.write_meta(meta)
         if was_running:
             self.up(progress=progress, timeout=timeout)
         return was_running
+
+    # ------------------------------------------------------------ review
+
+    def _review_shares(self) -> list[dict[str, Any]]:
+        if self.pid() is None:
+            raise InstanceError(f"sandbox {self.name!r} is not running", hint=f"start it with `vivarium up {self.name}`: its changes are on its disk")
+        shares = [sh for sh in self.meta().get("shares", []) if sh.get("mode") == "review"]
+        if not shares:
+            raise UsageError(f"sandbox {self.name!r} has no share in review mode", hint='set mode = "review" on a [[share]] in vivarium.toml')
+        return shares
+
+    def _upper(self, share: dict[str, Any]) -> str:
+        return review.UPPER.format(tag=share["tag"])
+
+    def _scan(self, share: dict[str, Any]) -> list[dict[str, Any]]:
+        r = self.exec(["sudo", "python3", "-c", review.SCAN, self._upper(share)], capture=True, timeout=600)
+        if r.returncode != 0:
+            raise VMError(f"cannot read the changes to {share['host']} in the sandbox: {r.stderr.strip()[-200:]}")
+        entries: list[dict[str, Any]] = json.loads(r.stdout)
+        return entries
+
+    def _fetch(self, share: dict[str, Any], rel: str) -> bytes:
+        argv = self.target().argv(["sudo", "cat", "--", f"{self._upper(share)}/{rel}"], tty=False)
+        r = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=600, check=False)
+        if r.returncode != 0:
+            raise VMError(f"cannot read {rel} from the sandbox: {r.stderr.decode(errors='replace').strip()[-200:]}")
+        return r.stdout
+
+    def diff(self, *, patch: bool = False) -> list[dict[str, Any]]:
+        """What the guest changed in each review share: [{share, changes: [...], patch?}]."""
+        out = []
+        for share in self._review_shares():
+            host = Path(share["host"])
+            entries = self._scan(share)
+            found = review.changes(host, entries)
+            item: dict[str, Any] = {"share": share["host"], "guest": share["guest"], "changes": [c.to_dict() for c in found]}
+            if patch:
+                text = []
+                for c in found:
+                    if c.what != "file":
+                        continue
+                    old = (host / c.path).read_bytes() if c.kind != "added" else None
+                    new = self._fetch(share, c.path) if c.kind != "deleted" else None
+                    text.append(review.unified(c.path, old, new))
+                item["patch"] = "".join(text)
+            out.append(item)
+        return out
+
+    def apply(self, paths: Sequence[str] = ()) -> list[tuple[str, review.ApplyResult]]:
+        """Copy the guest's changes (all, or those under `paths`) to the host. Host-changed paths are left alone."""
+        results = []
+        wanted = [Path(p).absolute() for p in paths]
+        for share in self._review_shares():
+            host = Path(share["host"])
+            entries = self._scan(share)
+            found = review.changes(host, entries)
+            if wanted:
+                rels = [str(w.relative_to(host)) for w in wanted if w == host or host in w.parents]
+                found = [c for c in found if any(r in (".", c.path) or c.path.startswith(r + "/") for r in rels)]
+            snap_path = self.dir.path / f"review-{share['tag']}.json"
+            snap = review.load_snapshot(snap_path)
+            st = host.stat()
+            owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+            with self.dir.lock():
+                result = review.apply(host, found, entries, snap, functools.partial(self._fetch, share), owner)
+                review.save_snapshot(snap_path, snap)
+            results.append((share["host"], result))
+        return results
 
     # ------------------------------------------------------------ egress
 

@@ -27,8 +27,12 @@ class ShareSpec:
     tag: str  # the mount tag the guest sees
     source: Path  # host directory
     guest: Path  # mount point in the guest
-    readonly: bool
+    mode: str  # rw | ro | review (served read-only; the guest writes into an overlay on its own disk)
     socket: Path
+
+    @property
+    def readonly(self) -> bool:
+        return self.mode != "rw"
 
 
 def find_virtiofsd() -> str:
