@@ -245,7 +245,7 @@ class Sandbox:
                 disk=self.dir.disk, swap=self.dir.swap,
                 memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
                 forwards=tuple(forwards), qmp=self.dir.qmp, serial=self.dir.serial, pidfile=self.dir.pidfile,
-                fw_cfg=fw, gateway=gateway,
+                fw_cfg=fw, gateway=gateway, relay=fence.relay_program() if gateway else "socat",
                 shares=tuple((sh.tag, sh.socket) for sh in shares),
             )  # fmt: skip
             self._resize_disk(c.vm.disk, meta)

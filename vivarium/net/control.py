@@ -103,9 +103,14 @@ def child_pid(directory: Path) -> int | None:
     return value if b"--serve" in cmdline else None
 
 
+def relay_program() -> str:
+    """socat, which QEMU spawns per guest connection: missing, fail here, not at the first packet."""
+    return find_program("socat")
+
+
 def start(directory: Path, qemu_pidfile: Path) -> int:
     """Start the gateway (a supervisor and its serving child); return once it listens."""
-    find_program("socat")  # QEMU spawns it per connection: fail here, not at the first packet
+    relay_program()
     stop(directory)
     sock = directory / gateway.SOCKET
     if "," in str(sock) or len(str(sock)) > 100:

@@ -64,6 +64,7 @@ class MachineSpec:
     # come in. Nothing inside the guest can undo it. None: plain user networking
     # (only for proving in tests that the fence is what stops an attack).
     gateway: Path | None = None
+    relay: str = "socat"  # the program QEMU spawns per connection (an absolute path saves a PATH search each time)
     shares: tuple[tuple[str, Path], ...] = ()  # (tag, virtiofsd socket)
     extra: tuple[str, ...] = field(default=())
 
@@ -74,7 +75,7 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
     if spec.gateway is not None:
         net.append("ipv6=off")  # no v6 in the guest at all: connect() fails at once, nothing waits on a dead path
         # one `socat` per guest connection (the cmd: form); a chardev would multiplex them all
-        relay = shlex.join(["socat", "STDIO", f"UNIX-CONNECT:{spec.gateway}"])
+        relay = shlex.join([spec.relay, "STDIO", f"UNIX-CONNECT:{spec.gateway}"])
         net += ["restrict=on", f"guestfwd=tcp:{GATEWAY_ADDR}:{GATEWAY_PORT}-cmd:{_escape(relay)}"]
     netdev = ",".join([*net, *(f"hostfwd={f.hostfwd()}" for f in spec.forwards)])
     argv = [
