@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import json
 import os
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -22,15 +24,21 @@ def shared(project: Path, built: object) -> Iterator[tuple[Sandbox, Path, Path]]
     (d / "rw").mkdir(parents=True, exist_ok=True)
     (d / "ro").mkdir(exist_ok=True)
     (d / "ro" / "readme.txt").write_text("from the host\n")
+    (d / "review" / "src").mkdir(parents=True, exist_ok=True)
+    for name, text in (("keep.txt", "keep\n"), ("edit.txt", "one\ntwo\n"), ("gone.txt", "bye\n"), ("src/both.txt", "base\n")):
+        (d / "review" / name).write_text(text)
     (d / "vivarium.toml").write_text(
         f'[vm]\nmemory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n'
         f"[[forward]]\nhost = {free_port()}\nguest = 22\n"
         f'[[share]]\nhost = "rw"\n'
         f'[[share]]\nhost = "ro"\nguest = "/mnt/ro"\nmode = "ro"\n'
+        f'[[share]]\nhost = "review"\nmode = "review"\n'
     )
     # The project belongs to the user the agent runs as (here: agent, 1000, since the tests run as root),
     # as it does when you run vivarium as yourself in your own project.
     os.chown(d / "rw", 1000, 1000)
+    for p in [d / "review", *(d / "review").rglob("*")]:
+        os.chown(p, 1000, 1000)
     vv("up", "sharebox", cwd=d)
     box = Sandbox("sharebox")
     yield box, (d / "rw").resolve(), (d / "ro").resolve()
@@ -65,4 +73,41 @@ def test_ro_share_refuses_root_even_after_remount(shared: tuple[Sandbox, Path, P
 def test_status_says_how_each_share_is_served(shared: tuple[Sandbox, Path, Path]) -> None:
     box, rw, ro = shared
     shares = box.status().shares
-    assert [(s["host"], s["mode"], s["via"]) for s in shares] == [(str(rw), "rw", "virtiofs"), (str(ro), "ro", "virtiofs")]
+    assert [(s["host"], s["mode"], s["via"]) for s in shares] == [
+        (str(rw), "rw", "virtiofs"),
+        (str(ro), "ro", "virtiofs"),
+        (str(rw.parent / "review"), "review", "virtiofs"),
+    ]
+
+
+def test_review_share_keeps_the_host_untouched_until_apply(shared: tuple[Sandbox, Path, Path]) -> None:
+    box, rw, _ = shared
+    review = rw.parent / "review"
+    script = f"cd {review} && printf 'one\\nthree\\n' > edit.txt && echo new > added.txt && rm gone.txt && echo guest > src/both.txt"
+    r = box.exec(["sh", "-c", script], capture=True)
+    assert r.returncode == 0, r.stderr
+    assert box.exec(["cat", f"{review}/added.txt"], capture=True).stdout == "new\n"  # the guest sees its own writes
+    # ... and the host has none of them
+    assert (review / "edit.txt").read_text() == "one\ntwo\n" and (review / "gone.txt").exists() and not (review / "added.txt").exists()
+    (d,) = json.loads(vv("diff", "sharebox", "--json").stdout)
+    assert {(c["kind"], c["path"]) for c in d["changes"]} == {
+        ("modified", "edit.txt"),
+        ("added", "added.txt"),
+        ("deleted", "gone.txt"),
+        ("modified", "src/both.txt"),
+    }
+    patch = vv("diff", "sharebox", "--patch").stdout
+    assert "--- a/edit.txt" in patch and "-two" in patch and "+three" in patch
+    # the host edits one of the files meanwhile: apply must not overwrite it
+    time.sleep(0.01)
+    (review / "src" / "both.txt").write_text("the host's edit\n")
+    r = vv("apply", "sharebox", check=False)
+    assert r.returncode == 1 and f"not applied: {review}/src/both.txt changed on the host" in r.stderr
+    assert (review / "src" / "both.txt").read_text() == "the host's edit\n"
+    assert (review / "edit.txt").read_text() == "one\nthree\n" and (review / "added.txt").read_text() == "new\n"
+    assert not (review / "gone.txt").exists()
+    assert (review / "added.txt").stat().st_uid == 1000  # the share's owner, not root
+    # what was applied no longer shows; the refused change still does, with the guest's version kept
+    (d,) = json.loads(vv("diff", "sharebox", "--json").stdout)
+    assert [(c["kind"], c["path"]) for c in d["changes"]] == [("modified", "src/both.txt")]
+    assert box.exec(["cat", f"{review}/src/both.txt"], capture=True).stdout == "guest\n"
