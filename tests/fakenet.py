@@ -129,7 +129,7 @@ class FakeNet:
         ip("-n", self.ns, "route", "add", "default", "via", "10.254.77.1")
         for h in HOSTS:
             ip("-n", self.ns, "addr", "add", f"{h}/32", "dev", "lo")
-            ip("route", "add", f"{h}/32", "via", "10.254.77.2", "dev", self.veth)
+            ip("route", "replace", f"{h}/32", "via", "10.254.77.2", "dev", self.veth)
         self.server = subprocess.Popen(["ip", "netns", "exec", self.ns, sys.executable, "-c", SERVER],
                                        stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True)  # fmt: skip
         assert self.server.stdout is not None

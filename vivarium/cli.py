@@ -19,6 +19,7 @@ from rich.table import Table
 
 from vivarium import config as cfg
 from vivarium import doctor as doctor_mod
+from vivarium import kube
 from vivarium.errors import UsageError, VivariumError
 from vivarium.image.build import Image, build_image
 from vivarium.image.recipe import Recipe
@@ -191,6 +192,15 @@ def _sandbox_verbs(verbs: Any) -> None:
     _name(ap, optional=False)
     ap.add_argument("paths", nargs="*", metavar="PATH", help="only changes at or under these host paths (default: all)")
     ap.set_defaults(func=cmd_apply)
+
+    kc = verbs.add_parser("kubeconfig", help="a kubeconfig for the sandbox's Kind cluster, through the forwarded API port")
+    _name(kc)
+    kc.add_argument("--merge", action="store_true", help="merge it into ~/.kube/config as context vivarium-NAME")
+    kc.set_defaults(func=cmd_kubeconfig)
+
+    dc = verbs.add_parser("docker-context", help="a Docker context on this host for the sandbox's daemon (over SSH)")
+    _name(dc)
+    dc.set_defaults(func=cmd_docker_context)
 
     eg = verbs.add_parser("egress", help="the network fence: its log, live allow/deny, what a destination would meet")
     esub = eg.add_subparsers(dest="egress_verb", metavar="log|allow|deny|check", required=True)
@@ -393,6 +403,23 @@ def cmd_port(args: argparse.Namespace) -> int:
         else:
             for p in ports:
                 out.print(f"{p['bind']}:{p['host']} → guest {p['guest']}")
+    return 0
+
+
+def cmd_kubeconfig(args: argparse.Namespace) -> int:
+    config = Sandbox(args.name).kubeconfig()
+    if args.merge:
+        path = Path(os.environ.get("KUBECONFIG", "").split(":")[0] or Path.home() / ".kube" / "config")
+        kube.merge_into_file(path, config)
+        err.print(f"merged into {path} as context {config['current-context']}: kubectl --context {config['current-context']} get nodes")
+    else:
+        sys.stdout.write(kube.dump(config))
+    return 0
+
+
+def cmd_docker_context(args: argparse.Namespace) -> int:
+    name = Sandbox(args.name).docker_context()
+    err.print(f"docker context {name} created: docker --context {name} ps")
     return 0
 
 

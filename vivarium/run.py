@@ -33,6 +33,7 @@ PACKAGES: dict[str, str] = {
     "newuidmap": "uidmap",
     "tmux": "tmux",
     "socat": "socat",
+    "docker": "docker.io",
 }
 
 SBIN = ("/usr/sbin", "/sbin")

@@ -29,13 +29,13 @@ from pathlib import Path
 from typing import Any
 
 from vivarium import config as cfg
-from vivarium import ssh, state
+from vivarium import kube, ssh, state
 from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.image.build import Image, build_image, find_image
 from vivarium.image.recipe import AGENT_DOMAINS, Recipe
 from vivarium.net import control as fence
 from vivarium.net.policy import Decision
-from vivarium.run import run
+from vivarium.run import find_program, run
 from vivarium.share import review, virtiofs
 from vivarium.vm import accel as accel_mod
 from vivarium.vm import machine
@@ -483,6 +483,35 @@ class Sandbox:
                 review.save_snapshot(snap_path, snap)
             results.append((share["host"], result))
         return results
+
+    # ------------------------------------------------------- kube, docker
+
+    def kubeconfig(self) -> dict[str, Any]:
+        """The sandbox's Kind cluster's kubeconfig, pointed at the host side of the API server's forward."""
+        if self.pid() is None:
+            raise InstanceError(f"sandbox {self.name!r} is not running", hint=f"start it with `vivarium up {self.name}`")
+        fwd = next((p for p in self.meta().get("ports", []) if p["guest"] == kube.API_PORT), None)
+        if fwd is None:
+            raise UsageError(f"no host port forwards to the Kind API server (guest port {kube.API_PORT})",
+                             hint=f"vivarium port add {self.name} {kube.API_PORT}:{kube.API_PORT}")  # fmt: skip
+        r = self.exec(["sh", "-c", "kind get kubeconfig 2>/dev/null || cat ~/.kube/config"], capture=True, timeout=120)
+        if r.returncode != 0 or not r.stdout.strip():
+            raise InstanceError(f"sandbox {self.name!r} has no Kind cluster yet",
+                                hint=f"vivarium exec {self.name} -- kind create cluster --config {kube.KIND_CONFIG}")  # fmt: skip
+        return kube.rewrite(r.stdout, self.name, fwd["host"], fwd["bind"])
+
+    def docker_context(self) -> str:
+        """A Docker context on the host that reaches the sandbox's daemon over SSH. Returns its name."""
+        docker = find_program("docker")
+        target = self.target()
+        conf_dir = Path.home() / ".ssh" / "vivarium"
+        conf_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        (conf_dir / f"{self.name}.conf").write_text(target.config_block())
+        ssh.ensure_include(Path.home() / ".ssh" / "config", conf_dir)
+        name = f"vivarium-{self.name}"
+        subprocess.run([docker, "context", "rm", "-f", name], capture_output=True, check=False)
+        run([docker, "context", "create", name, "--description", f"vivarium sandbox {self.name}", "--docker", f"host=ssh://{target.alias}"])
+        return name
 
     # ------------------------------------------------------------ egress
 

@@ -7,6 +7,7 @@ host key before the first connection and checks it strictly.
 
 from __future__ import annotations
 
+import os
 import shlex
 import socket
 import subprocess
@@ -92,3 +93,16 @@ def check(target: Target, timeout: float = 20.0) -> bool:
     except subprocess.TimeoutExpired:
         return False
     return proc.returncode == 0
+
+
+def ensure_include(config: Path, conf_dir: Path) -> bool:
+    """Make ~/.ssh/config include vivarium's per-sandbox blocks (once, at the top). True if it was added."""
+    line = f"Include {conf_dir}/*.conf"
+    text = config.read_text() if config.exists() else ""
+    if line in text.splitlines():
+        return False
+    config.parent.mkdir(parents=True, exist_ok=True, mode=0o700)
+    # Include must come before any Host block to apply to every host
+    config.write_text(f"# added by vivarium: sandboxes by name (vivarium-NAME)\n{line}\n\n{text}")
+    os.chmod(config, 0o600)
+    return True
