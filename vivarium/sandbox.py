@@ -17,6 +17,7 @@ import functools
 import json
 import logging
 import os
+import pwd
 import re
 import shlex
 import shutil
@@ -326,6 +327,7 @@ class Sandbox:
             "authorized_key": self.dir.key.with_suffix(".pub").read_text().strip(),
             # one line per share: tag, mode, mount point (paths with spaces are fine: the last field)
             "shares": "".join(f"{sh.tag} {sh.mode} {sh.guest}\n" for sh in shares),
+            "kube_link": str(shares[0].guest) if shares and self.config.kube.link_into_share else "",
         }
         out = []
         for name, text in files.items():
@@ -504,10 +506,11 @@ class Sandbox:
         """A Docker context on the host that reaches the sandbox's daemon over SSH. Returns its name."""
         docker = find_program("docker")
         target = self.target()
-        conf_dir = Path.home() / ".ssh" / "vivarium"
+        home = Path(pwd.getpwuid(os.getuid()).pw_dir)  # where ssh itself looks, whatever $HOME says
+        conf_dir = home / ".ssh" / "vivarium"
         conf_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
         (conf_dir / f"{self.name}.conf").write_text(target.config_block())
-        ssh.ensure_include(Path.home() / ".ssh" / "config", conf_dir)
+        ssh.ensure_include(home / ".ssh" / "config", conf_dir)
         name = f"vivarium-{self.name}"
         subprocess.run([docker, "context", "rm", "-f", name], capture_output=True, check=False)
         run([docker, "context", "create", name, "--description", f"vivarium sandbox {self.name}", "--docker", f"host=ssh://{target.alias}"])
