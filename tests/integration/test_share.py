@@ -85,7 +85,7 @@ def test_review_share_keeps_the_host_untouched_until_apply(shared: tuple[Sandbox
     review = rw.parent / "review"
     script = f"cd {review} && printf 'one\\nthree\\n' > edit.txt && echo new > added.txt && rm gone.txt && echo guest > src/both.txt"
     r = box.exec(["sh", "-c", script], capture=True)
-    assert r.returncode == 0, r.stderr
+    assert r.returncode == 0, r.stderr + box.dir.serial.read_text(errors="replace")[-3000:]
     assert box.exec(["cat", f"{review}/added.txt"], capture=True).stdout == "new\n"  # the guest sees its own writes
     # ... and the host has none of them
     assert (review / "edit.txt").read_text() == "one\ntwo\n" and (review / "gone.txt").exists() and not (review / "added.txt").exists()
