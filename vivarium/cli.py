@@ -193,6 +193,19 @@ def _sandbox_verbs(verbs: Any) -> None:
     ap.add_argument("paths", nargs="*", metavar="PATH", help="only changes at or under these host paths (default: all)")
     ap.set_defaults(func=cmd_apply)
 
+    sn = verbs.add_parser("snapshot", help="save and restore a running sandbox's memory and disks")
+    _name(sn, optional=False)
+    ssub = sn.add_subparsers(dest="snapshot_verb", metavar="save|restore|ls|rm", required=True)
+    ss = ssub.add_parser("save", help="save it as TAG (default: a timestamp); it keeps running")
+    ss.add_argument("tag", nargs="?")
+    sr = ssub.add_parser("restore", help="go back to TAG: memory and disks, where it left off")
+    sr.add_argument("tag")
+    sl = ssub.add_parser("ls", help="list snapshots")
+    sl.add_argument("--json", action="store_true")
+    sd = ssub.add_parser("rm", help="delete snapshot TAG")
+    sd.add_argument("tag")
+    sn.set_defaults(func=cmd_snapshot)
+
     kc = verbs.add_parser("kubeconfig", help="a kubeconfig for the sandbox's Kind cluster, through the forwarded API port")
     _name(kc)
     kc.add_argument("--merge", action="store_true", help="merge it into ~/.kube/config as context vivarium-NAME")
@@ -403,6 +416,35 @@ def cmd_port(args: argparse.Namespace) -> int:
         else:
             for p in ports:
                 out.print(f"{p['bind']}:{p['host']} → guest {p['guest']}")
+    return 0
+
+
+def cmd_snapshot(args: argparse.Namespace) -> int:
+    verb = args.snapshot_verb
+    if verb == "save":
+        box = Sandbox(args.name)
+        info = box.snapshot_save(args.tag or time.strftime("snap-%Y%m%d-%H%M%S"))
+        size = sum(f.stat().st_size for f in (box.dir.path / "snapshots" / info["tag"]).iterdir())
+        err.print(f"saved snapshot {info['tag']} of {args.name!r} in {info['seconds']:.1f}s ({size / 2**20:.0f} MiB on disk)")
+    elif verb == "restore":
+        box = Sandbox(args.name, load_config(args))
+        started = time.monotonic()
+        with PhaseDisplay(f"restore {args.name}", err) as show:
+            box.snapshot_restore(args.tag, progress=show)
+        err.print(f"sandbox {args.name!r} restored to {args.tag} in {time.monotonic() - started:.1f}s")
+    elif verb == "rm":
+        Sandbox(args.name).snapshot_rm(args.tag)
+        err.print(f"snapshot {args.tag} of {args.name!r} deleted")
+    else:
+        rows = Sandbox(args.name).snapshots()
+        if args.json:
+            out.print_json(json.dumps(rows))
+        else:
+            t = Table("tag", "created", "memory", "cpus", "accel", "size")
+            for r in rows:
+                t.add_row(r["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])), cfg.format_size(r["memory"]),
+                          str(r["cpus"]), r["accel"], f"{r['size'] / 2**20:.0f} MiB")  # fmt: skip
+            out.print(t)
     return 0
 
 

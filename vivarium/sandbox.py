@@ -229,7 +229,9 @@ class Sandbox:
             out.append(f)
         return out
 
-    def _start(self, meta: dict[str, Any], image: Image, progress: Progress, *, auto_ports: bool, timeout: float | None) -> None:
+    def _start(self, meta: dict[str, Any], image: Image, progress: Progress, *, auto_ports: bool, timeout: float | None,
+               incoming: Path | None = None) -> None:  # fmt: skip
+        """Boot (or, with `incoming`, resume a saved memory state) and wait for SSH."""
         c = self.config
         progress("start", "choosing the accelerator")
         acc = accel_mod.choose(image.kernel)
@@ -248,10 +250,12 @@ class Sandbox:
                 forwards=tuple(forwards), qmp=self.dir.qmp, serial=self.dir.serial, pidfile=self.dir.pidfile,
                 fw_cfg=fw, gateway=gateway, relay=fence.relay_program() if gateway else "socat",
                 shares=tuple((sh.tag, sh.socket) for sh in shares),
+                extra=("-incoming", f"exec:cat {shlex.quote(str(incoming))}") if incoming else (),
             )  # fmt: skip
-            self._resize_disk(c.vm.disk, meta)
-            self.dir.serial.unlink(missing_ok=True)
-            progress("kernel", f"starting QEMU ({acc.name})")
+            if incoming is None:
+                self._resize_disk(c.vm.disk, meta)
+                self.dir.serial.unlink(missing_ok=True)
+            progress("kernel", f"starting QEMU ({acc.name})" if incoming is None else f"restoring the saved state ({acc.name})")
             pid = machine.start(spec)
             meta.update({
                 "running": True, "pid": pid, "started_at": time.time(), "accel": acc.name, "accel_reason": acc.reason,
@@ -263,7 +267,7 @@ class Sandbox:
                            for sh in shares],
             })  # fmt: skip
             self.dir.write_meta(meta)
-            self._wait_ready(pid, ssh_port, timeout or (180.0 if acc.name == "kvm" else 600.0), progress)
+            self._wait_ready(pid, ssh_port, timeout or (180.0 if acc.name == "kvm" else 600.0), progress, restored=incoming is not None)
         except BaseException:
             if pid is not None:
                 machine.kill(pid, self.name)
@@ -338,11 +342,11 @@ class Sandbox:
         out.append(("ssh_host_key", self.dir.host_key))
         return tuple(out)
 
-    def _wait_ready(self, pid: int, port: int, limit: float, progress: Progress) -> None:
+    def _wait_ready(self, pid: int, port: int, limit: float, progress: Progress, *, restored: bool = False) -> None:
         target = self.target_at(port)
         started = time.monotonic()
         deadline = started + limit
-        phase = "kernel"
+        phase = "sshd" if restored else "kernel"  # a restored guest is past its boot: log in at once
         while time.monotonic() < deadline:
             if not machine.is_ours(pid, self.name):
                 raise VMError(f"QEMU exited while sandbox {self.name!r} was booting: {self._serial_tail(1)}",
@@ -485,6 +489,99 @@ class Sandbox:
                 review.save_snapshot(snap_path, snap)
             results.append((share["host"], result))
         return results
+
+    # ----------------------------------------------------------- snapshots
+
+    def _snapshot_dir(self, tag: str) -> Path:
+        if not re.fullmatch(r"[A-Za-z0-9][A-Za-z0-9._-]{0,63}", tag):
+            raise UsageError(f"{tag!r} is not a snapshot name", hint="letters, digits, '.', '_' and '-', at most 64")
+        return self.dir.path / "snapshots" / tag
+
+    def snapshots(self) -> list[dict[str, Any]]:
+        if not self.exists():
+            raise InstanceError(f"no sandbox named {self.name!r}", hint="see `vivarium ls`")
+        out = []
+        for d in sorted((self.dir.path / "snapshots").glob("*/meta.json")):
+            info = json.loads(d.read_text())
+            info["size"] = sum(f.stat().st_size for f in d.parent.iterdir())
+            out.append(info)
+        return out
+
+    def snapshot_save(self, tag: str) -> dict[str, Any]:
+        """Memory and disks of the running sandbox, saved together; it keeps running."""
+        d = self._snapshot_dir(tag)
+        with self.dir.lock():
+            pid = self.pid()
+            if pid is None:
+                raise InstanceError(f"sandbox {self.name!r} is not running", hint="a snapshot saves a running sandbox's memory")
+            meta = self.meta()
+            if meta.get("shares"):
+                raise UsageError(
+                    f"sandbox {self.name!r} has shared directories, and QEMU's virtiofs device cannot be saved",
+                    hint='snapshot a sandbox without shares (share = [] in vivarium.toml)',
+                )  # fmt: skip
+            if d.exists():
+                raise UsageError(f"snapshot {tag!r} exists", hint=f"vivarium snapshot {self.name} rm {tag}")
+            tmp = d.with_name(f".{tag}.tmp")
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir(parents=True)
+            started = time.monotonic()
+            try:
+                machine.save_memory(self.dir.qmp, tmp / "memory")
+                try:  # paused with its disks flushed: copy them as they are now
+                    for disk in (self.dir.disk, self.dir.swap):
+                        run(["cp", "--reflink=auto", "--sparse=always", disk, tmp / disk.name])
+                finally:
+                    machine.qmp(self.dir.qmp, "cont")
+                info = {
+                    "tag": tag, "created": time.time(), "seconds": round(time.monotonic() - started, 2),
+                    "memory": meta["memory"], "cpus": meta["cpus"], "accel": meta["accel"], "build_id": meta["build_id"],
+                    "qemu": machine.qemu_version(self.dir.qmp),
+                }  # fmt: skip
+                (tmp / "meta.json").write_text(json.dumps(info, indent=1))
+                tmp.rename(d)
+            except BaseException:
+                shutil.rmtree(tmp, ignore_errors=True)
+                raise
+        return info
+
+    def snapshot_restore(self, tag: str, *, progress: Progress = _quiet) -> Status:
+        """Back to a saved snapshot, memory and disks: the guest goes on where it was saved."""
+        d = self._snapshot_dir(tag)
+        if not (d / "meta.json").exists():
+            raise UsageError(f"sandbox {self.name!r} has no snapshot {tag!r}", hint=f"vivarium snapshot {self.name} ls")
+        info = json.loads((d / "meta.json").read_text())
+        c = self.config
+        image = self._image(progress)
+        acc = accel_mod.choose(image.kernel)
+        mismatch = [f"{what} {was} now {now}" for what, was, now in (
+            ("memory", cfg.format_size(info["memory"]), cfg.format_size(c.vm.memory)), ("cpus", info["cpus"], c.vm.cpus),
+            ("accelerator", info["accel"], acc.name), ("image", info["build_id"], image.build_id),
+        ) if was != now]  # fmt: skip
+        if any(s.mode for s in c.share):
+            mismatch.append("shared directories are configured (a snapshot has none)")
+        if mismatch:
+            raise UsageError(f"snapshot {tag!r} no longer fits sandbox {self.name!r}: {'; '.join(mismatch)}",
+                             hint="restore with the settings it was saved with, or save a new one")  # fmt: skip
+        if self.pid() is not None:
+            self.stop(timeout=0)
+        with self.dir.lock():
+            meta = self.meta()
+            for disk in (self.dir.disk, self.dir.swap):
+                run(["cp", "--reflink=auto", "--sparse=always", d / disk.name, disk])
+            self._start(meta, image, progress, auto_ports=False, timeout=None, incoming=d / "memory")
+        self._set_clock()
+        return self.status()
+
+    def _set_clock(self) -> None:
+        """A restored guest's clock stands where it was saved."""
+        self.exec(["sudo", "date", "-u", "-s", f"@{time.time():.3f}"], capture=True, timeout=60)
+
+    def snapshot_rm(self, tag: str) -> None:
+        d = self._snapshot_dir(tag)
+        if not d.exists():
+            raise UsageError(f"sandbox {self.name!r} has no snapshot {tag!r}", hint=f"vivarium snapshot {self.name} ls")
+        shutil.rmtree(d)
 
     # ------------------------------------------------------- kube, docker
 

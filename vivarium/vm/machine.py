@@ -9,6 +9,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -79,6 +80,28 @@ def hmp(sock: Path, line: str) -> str:
     """A human-monitor command over QMP (for what QMP lacks, e.g. hostfwd_add)."""
     result = qmp(sock, "human-monitor-command", {"command-line": line})
     return str(result or "").strip()
+
+
+def save_memory(sock: Path, path: Path, timeout: float = 600.0) -> None:
+    """Migrate the running guest's state into a file. The guest is left paused (postmigrate)."""
+    qmp(sock, "migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        info = qmp(sock, "query-migrate")
+        status = info.get("status")
+        if status == "completed":
+            return
+        if status in ("failed", "cancelled"):
+            raise VMError(f"saving the guest's memory failed: {info.get('error-desc', status)}")
+        time.sleep(0.05)
+    with contextlib.suppress(VMError):
+        qmp(sock, "migrate_cancel")
+    raise VMError(f"saving the guest's memory took more than {timeout:.0f}s")
+
+
+def qemu_version(sock: Path) -> str:
+    v = qmp(sock, "query-version")["qemu"]
+    return f"{v['major']}.{v['minor']}.{v['micro']}"
 
 
 def wait_exit(pid: int, name: str, timeout: float) -> bool:

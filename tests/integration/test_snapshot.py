@@ -1,0 +1,74 @@
+"""Snapshots: a running sandbox's memory and disks saved together, restored where it left off."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vivarium import Sandbox
+from vivarium.sandbox import free_port
+
+from ..fakenet import PUBLIC, FakeNet
+from .conftest import vv
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def snapbox(project: Path, built: object, net: FakeNet) -> Iterator[tuple[Sandbox, Path]]:
+    assert net.dns is not None
+    d = project.parent / "snapshot-project"
+    d.mkdir(exist_ok=True)
+    (d / "vivarium.toml").write_text(
+        f'share = []\n[vm]\nmemory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n'
+        f'[network]\nallow_cidrs = ["{PUBLIC}/32"]\ndns_upstream = "{net.dns.address}"\n'
+    )
+    vv("up", "snapbox", cwd=d)
+    box = Sandbox("snapbox")
+    yield box, d
+    box.destroy()
+
+
+def test_restore_goes_back_to_where_it_was_saved(snapbox: tuple[Sandbox, Path]) -> None:
+    box, d = snapbox
+    assert box.exec(["sh", "-c", "echo before > ~/marker && sync"]).returncode == 0
+    sleeper = box.exec(["sh", "-c", "nohup sleep 3600 >/dev/null 2>&1 & echo $!"], capture=True).stdout.strip()
+    r = vv("snapshot", "snapbox", "save", "one", cwd=d)
+    assert "saved snapshot one" in r.stderr
+    assert box.exec(["true"]).returncode == 0  # it kept running
+    assert box.exec(["sh", "-c", f"rm ~/marker && echo after > ~/other && kill {sleeper} && sync"]).returncode == 0
+    r = vv("snapshot", "snapbox", "restore", "one", cwd=d)
+    assert "restored to one" in r.stderr
+    assert box.exec(["cat", "/home/agent/marker"], capture=True).stdout == "before\n"
+    assert box.exec(["test", "-e", "/home/agent/other"]).returncode == 1
+    assert box.exec(["kill", "-0", sleeper]).returncode == 0  # the process it had is back, same pid
+    # the fence holds and lets through what it did before
+    curl = box.exec(["curl", "-sS", "-m", "20", "http://public.test/"], capture=True)
+    assert curl.stdout.strip() == f"hello from {PUBLIC}", curl.stderr
+    assert box.status().gateway is not None
+    (snap,) = json.loads(vv("snapshot", "snapbox", "ls", "--json").stdout)
+    assert snap["tag"] == "one" and snap["memory"] == 1 << 30 and snap["size"] > 0
+
+
+def test_restore_refuses_a_changed_shape(snapbox: tuple[Sandbox, Path]) -> None:
+    box, d = snapbox
+    other = d / "bigger"
+    other.mkdir(exist_ok=True)
+    (other / "vivarium.toml").write_text((d / "vivarium.toml").read_text().replace('memory = "1G"', 'memory = "2G"'))
+    r = vv("snapshot", "snapbox", "restore", "one", cwd=other, check=False)
+    assert r.returncode == 2 and "no longer fits" in r.stderr and "memory 1G now 2G" in r.stderr
+    assert box.pid() is not None  # left as it was
+
+
+def test_a_sandbox_with_shares_is_refused_clearly(box: Sandbox) -> None:
+    r = vv("snapshot", "itest", "save", "x", check=False)
+    assert r.returncode == 2 and "virtiofs device cannot be saved" in r.stderr and "Traceback" not in r.stderr
+
+
+def test_rm(snapbox: tuple[Sandbox, Path]) -> None:
+    vv("snapshot", "snapbox", "rm", "one")
+    assert json.loads(vv("snapshot", "snapbox", "ls", "--json").stdout) == []
+    assert vv("snapshot", "snapbox", "restore", "one", check=False).returncode == 2
