@@ -592,7 +592,7 @@ class Sandbox:
         fwd = next((p for p in self.meta().get("ports", []) if p["guest"] == kube.API_PORT), None)
         if fwd is None:
             raise UsageError(f"no host port forwards to the Kind API server (guest port {kube.API_PORT})",
-                             hint=f"vivarium port add {self.name} {kube.API_PORT}:{kube.API_PORT}")  # fmt: skip
+                             hint=f"vivarium port {self.name} add {kube.API_PORT}:{kube.API_PORT}")  # fmt: skip
         r = self.exec(["sh", "-c", "kind get kubeconfig 2>/dev/null || cat ~/.kube/config"], capture=True, timeout=120)
         if r.returncode != 0 or not r.stdout.strip():
             raise InstanceError(f"sandbox {self.name!r} has no Kind cluster yet",

@@ -58,7 +58,7 @@ def test_kubeconfig_points_at_the_forwarded_api_port(box: Sandbox) -> None:
     r = vv("kubeconfig", "itest", check=False)
     assert r.returncode == 2 and "no host port forwards to the Kind API server (guest port 45631)" in r.stderr
     port = free_port()
-    vv("port", "add", "itest", f"{port}:45631")
+    vv("port", "itest", "add", f"{port}:45631")
     try:
         r = vv("kubeconfig", "itest", check=False)
         assert r.returncode == 1 and "has no Kind cluster yet" in r.stderr and "Traceback" not in r.stderr
@@ -72,6 +72,6 @@ def test_kubeconfig_points_at_the_forwarded_api_port(box: Sandbox) -> None:
         assert config["clusters"][0]["cluster"]["server"] == f"https://127.0.0.1:{port}"
         assert config["current-context"] == "vivarium-itest"
     finally:
-        vv("port", "rm", "itest", str(port))
+        vv("port", "itest", "rm", str(port))
         box.exec(["rm", "-rf", ".kube"])
     assert box.exec(["test", "-f", "/etc/vivarium/kind.yaml"]).returncode == 0
