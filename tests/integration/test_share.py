@@ -33,6 +33,7 @@ def shared(project: Path, built: object) -> Iterator[tuple[Sandbox, Path, Path]]
         f'[[share]]\nhost = "rw"\n'
         f'[[share]]\nhost = "ro"\nguest = "/mnt/ro"\nmode = "ro"\n'
         f'[[share]]\nhost = "review"\nmode = "review"\n'
+        f"[kube]\nlink_into_share = true\n"
     )
     # The project belongs to the user the agent runs as (here: agent, 1000, since the tests run as root),
     # as it does when you run vivarium as yourself in your own project.
@@ -111,3 +112,10 @@ def test_review_share_keeps_the_host_untouched_until_apply(shared: tuple[Sandbox
     (d,) = json.loads(vv("diff", "sharebox", "--json").stdout)
     assert [(c["kind"], c["path"]) for c in d["changes"]] == [("modified", "src/both.txt")]
     assert box.exec(["cat", f"{review}/src/both.txt"], capture=True).stdout == "guest\n"
+
+
+def test_kube_link_into_share_puts_the_guests_kubeconfig_on_the_host(shared: tuple[Sandbox, Path, Path]) -> None:
+    box, rw, _ = shared
+    assert box.exec(["readlink", "/home/agent/.kube"], capture=True).stdout.strip() == f"{rw}/.kube"
+    assert box.exec(["sh", "-c", "echo 'apiVersion: v1' > ~/.kube/config"]).returncode == 0
+    assert (rw / ".kube" / "config").read_text() == "apiVersion: v1\n"
