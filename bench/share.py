@@ -11,6 +11,7 @@ guest's disk, printed as share / disk time ratios (1.0 = as fast as the disk).
 from __future__ import annotations
 
 import json
+import os
 import sys
 import tempfile
 from pathlib import Path
@@ -59,7 +60,9 @@ def main() -> int:
             f'[vm]\nmemory = "2G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n'
             f'[[share]]\nhost = "data"\nmode = "rw"\n'
         )
-        box = Sandbox("bench-share", cfg.load(d / "vivarium.toml"))
+        config = cfg.load(d / "vivarium.toml")
+        os.chown(d / "data", config.uid, config.uid)  # the project belongs to the user the agent runs as
+        box = Sandbox("bench-share", config)
         box.up()
         try:
             if not box.status().shares:

@@ -85,7 +85,11 @@ def test_qemu_argv_with_shares(tmp_path: Path) -> None:
     assert opt(argv, "-numa") == ["node,memdev=mem"]
     assert f"socket,id=fs0,path={tmp_path}/s0.sock" in opt(argv, "-chardev")
     assert "vhost-user-fs-pci,chardev=fs0,tag=share0" in opt(argv, "-device")
-    assert not any("memfd" in a for a in qemu_argv(spec(tmp_path)))
+    # the same RAM and spare slots without shares: a restored template can have them plugged in
+    plain = qemu_argv(spec(tmp_path))
+    assert any("memory-backend-memfd" in a for a in plain)
+    assert [d for d in opt(plain, "-device") if d.startswith("pcie-root-port")] == [f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1}" for i in range(4)]
+    assert "vmgenid,guid=auto" in opt(plain, "-device")
 
 
 def test_virtiofsd_argv_read_only_goes_through_a_read_only_bind_mount(tmp_path: Path) -> None:

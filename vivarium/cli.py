@@ -104,6 +104,7 @@ def _sandbox_verbs(verbs: Any) -> None:
     u = verbs.add_parser("up", help="build if needed, create if needed, boot, wait for SSH")
     _name(u)
     u.add_argument("--auto-ports", action="store_true", help="pick free host ports where the configured ones are busy")
+    u.add_argument("--cold", action="store_true", help="boot a new sandbox instead of restoring the ready template")
     u.add_argument("--timeout", type=float, metavar="SECONDS", help="how long to wait for SSH (default 180 with KVM, 600 with TCG)")
     _add_setting_flags(u)
     u.set_defaults(func=cmd_up)
@@ -250,7 +251,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if f.bind not in ("127.0.0.1", "::1"):
             err.print(f"[yellow]warning:[/] host port {f.host} is bound to {f.bind}: reachable from your network")
     with PhaseDisplay(f"up {args.name}", err) as show:
-        status = box.up(progress=show, auto_ports=args.auto_ports, timeout=args.timeout)
+        status = box.up(progress=show, auto_ports=args.auto_ports, timeout=args.timeout, cold=args.cold)
         took = show.elapsed()
     meta = box.meta()
     err.print(f"sandbox {args.name!r} is up in {took:.1f}s ({status.accel}: {escape(meta.get('accel_reason', ''))})")

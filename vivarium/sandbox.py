@@ -31,6 +31,7 @@ from typing import Any
 
 from vivarium import config as cfg
 from vivarium import kube, ssh, state
+from vivarium import template as template_mod
 from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.image.build import Image, build_image, find_image
 from vivarium.image.recipe import AGENT_DOMAINS, Recipe
@@ -40,7 +41,7 @@ from vivarium.run import find_program, run
 from vivarium.share import review, virtiofs
 from vivarium.vm import accel as accel_mod
 from vivarium.vm import machine
-from vivarium.vm.qemu import MachineSpec, PortForward
+from vivarium.vm.qemu import HOTPLUG_SLOTS, MachineSpec, PortForward
 
 Progress = Callable[[str, str], None]
 log = logging.getLogger("vivarium.sandbox")
@@ -151,8 +152,11 @@ class Sandbox:
 
     # ---------------------------------------------------------- lifecycle
 
-    def up(self, *, progress: Progress = _quiet, auto_ports: bool = False, timeout: float | None = None) -> Status:
-        """Build if needed, create if needed, start if stopped, wait for SSH."""
+    def up(self, *, progress: Progress = _quiet, auto_ports: bool = False, timeout: float | None = None, cold: bool = False) -> Status:
+        """Build if needed, create if needed, start if stopped, wait for SSH.
+
+        A new sandbox is restored from a ready template of its shape (made on
+        first use) unless `cold`; an existing one boots."""
         with self.dir.lock():
             if self.exists() and self.pid() is not None:
                 meta = self.meta()
@@ -162,16 +166,26 @@ class Sandbox:
                     fence.start(self.dir.path, self.dir.pidfile)
                 return self.status()
             image = self._image(progress)
+            tpl = None
             if not self.exists():
-                self._create(image)
+                tpl = None if cold else self._template(image, progress)
+                self._create(image, tpl)
             meta = self.meta()
             if meta["build_id"] != image.build_id:
                 raise InstanceError(
                     f"sandbox {self.name!r} was made from an image that has since been rebuilt",
                     hint=f"`vivarium reset {self.name}` starts it afresh from the new image",
                 )
-            self._start(meta, image, progress, auto_ports=auto_ports, timeout=timeout)
+            self._start(meta, image, progress, auto_ports=auto_ports, timeout=timeout, template=tpl)
         return self.status()
+
+    def _template(self, image: Image, progress: Progress) -> template_mod.Template | None:
+        """The ready template for a new sandbox of this shape, made now if missing; None where none can serve."""
+        c = self.config
+        if len(c.share) > HOTPLUG_SLOTS or not self._fence:
+            return None
+        acc = accel_mod.choose(image.kernel)
+        return template_mod.find(image, c, acc.name) or template_mod.make(image, c, acc.name, progress)
 
     def _image(self, progress: Progress) -> Image:
         if self.exists():
@@ -186,12 +200,16 @@ class Sandbox:
         image, _ = build_image(Recipe.from_config(self.config), progress=progress)
         return image
 
-    def _create(self, image: Image) -> None:
-        """A new instance: overlay disks on the base, keys. Milliseconds."""
+    def _create(self, image: Image, tpl: template_mod.Template | None = None) -> None:
+        """A new instance: overlay disks on the base (or on a template's), keys. Milliseconds."""
         c = self.config
         self.dir.path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir.path, 0o700)
-        self._new_disks(image, c.vm.disk, c.vm.swap)
+        if tpl is None:
+            self._new_disks(image, c.vm.disk, c.vm.swap)
+        else:
+            for ours, theirs in ((self.dir.disk, tpl.disk), (self.dir.swap, tpl.swap)):
+                run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", theirs, ours])
         ssh.make_keys(self.dir.key, self.dir.host_key, self.dir.known_hosts, f"vivarium-{self.name}")
         self.dir.write_meta({
             "name": self.name,
@@ -230,9 +248,11 @@ class Sandbox:
         return out
 
     def _start(self, meta: dict[str, Any], image: Image, progress: Progress, *, auto_ports: bool, timeout: float | None,
-               incoming: Path | None = None) -> None:  # fmt: skip
-        """Boot (or, with `incoming`, resume a saved memory state) and wait for SSH."""
+               incoming: Path | None = None, template: template_mod.Template | None = None) -> None:  # fmt: skip
+        """Boot (or, with `incoming`, resume a saved memory state; with `template`, become a copy of one) and wait for SSH."""
         c = self.config
+        if template is not None:
+            incoming = template.memory
         progress("start", "choosing the accelerator")
         acc = accel_mod.choose(image.kernel)
         forwards = self._forwards(auto_ports)
@@ -249,7 +269,7 @@ class Sandbox:
                 memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
                 forwards=tuple(forwards), qmp=self.dir.qmp, serial=self.dir.serial, pidfile=self.dir.pidfile,
                 fw_cfg=fw, gateway=gateway, relay=fence.relay_program() if gateway else "socat",
-                shares=tuple((sh.tag, sh.socket) for sh in shares),
+                shares=() if template else tuple((sh.tag, sh.socket) for sh in shares),  # a template's are plugged in
                 extra=("-incoming", f"exec:cat {shlex.quote(str(incoming))}") if incoming else (),
             )  # fmt: skip
             if incoming is None:
@@ -267,6 +287,8 @@ class Sandbox:
                            for sh in shares],
             })  # fmt: skip
             self.dir.write_meta(meta)
+            if template is not None:
+                self._become(template, shares, ssh_port, progress)
             self._wait_ready(pid, ssh_port, timeout or (180.0 if acc.name == "kvm" else 600.0), progress, restored=incoming is not None)
         except BaseException:
             if pid is not None:
@@ -296,6 +318,28 @@ class Sandbox:
         progress("start", f"starting the egress gateway ({n.mode})")
         fence.start(self.dir.path, self.dir.pidfile)
         return self.dir.path / "gateway.sock"
+
+    def _become(self, tpl: template_mod.Template, shares: Sequence[virtiofs.ShareSpec], ssh_port: int, progress: Progress) -> None:
+        """Turn a guest just restored from a template into this instance: plug in its shares, then
+        (logged in with the template's key) give it this instance's identity."""
+        for i, sh in enumerate(shares):
+            machine.qmp(self.dir.qmp, "chardev-add", {"id": f"fs{i}", "backend": {
+                "type": "socket", "data": {"addr": {"type": "unix", "data": {"path": str(sh.socket)}}, "server": False}}})  # fmt: skip
+            machine.qmp(self.dir.qmp, "device_add", {"driver": "vhost-user-fs-pci", "id": f"fsdev{i}", "chardev": f"fs{i}",
+                                                     "tag": sh.tag, "bus": f"hp{i}"})  # fmt: skip
+        progress("sshd", "making the template's copy this sandbox")
+        target = tpl.target(ssh_port)
+        argv = target.argv(["sudo", "/usr/local/lib/vivarium/reidentify", f"{time.time():.3f}", str(len(shares))], tty=False)
+        deadline = time.monotonic() + 120
+        while True:
+            r = subprocess.run(argv, input=os.urandom(64), capture_output=True, timeout=120, check=False)
+            if r.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                why = r.stderr.decode(errors="replace").strip()[-300:]
+                raise VMError(f"sandbox {self.name!r} restored from its template but could not take its own identity: {why}",
+                              hint=f"`vivarium destroy {self.name}` and `vivarium up --cold {self.name}`")  # fmt: skip
+            time.sleep(0.2)
 
     def _resize_disk(self, disk: int, meta: dict[str, Any]) -> None:
         if disk > meta.get("disk", 0):

@@ -6,7 +6,7 @@ user=$1 uid=$2
 
 # Modes git cannot carry.
 chmod 0440 /etc/sudoers.d/vivarium
-chmod 0755 /usr/local/lib/vivarium/boot-setup /usr/local/lib/vivarium/redirector
+chmod 0755 /usr/local/lib/vivarium/boot-setup /usr/local/lib/vivarium/redirector /usr/local/lib/vivarium/reidentify
 
 # The agent user: passwordless sudo, in the docker group, uid as on the host.
 useradd --create-home --uid "$uid" --user-group --groups sudo,docker --shell /bin/bash "$user"

@@ -15,6 +15,7 @@ GUEST_IP = "10.0.2.15"
 # Where the guest reaches the host's egress gateway (a guestfwd, not a host).
 GATEWAY_ADDR = "10.0.2.100"
 GATEWAY_PORT = 1
+HOTPLUG_SLOTS = 4
 
 KERNEL_CMDLINE = (
     "root=/dev/vda rw console=ttyS0 quiet loglevel=3 net.ifnames=0 "
@@ -84,9 +85,9 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
         "-machine", "q35,vmport=off,hpet=off",
         *spec.accel_args,
         "-m", f"{spec.memory_mib}M",
-        # vhost-user devices (virtiofs) need guest RAM the daemon can map.
-        *(["-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on", "-numa", "node,memdev=mem"]
-          if spec.shares else []),
+        # Guest RAM a vhost-user daemon (virtiofsd) can map, always: a machine
+        # restored from a template gets its shares plugged in after the fact.
+        "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on", "-numa", "node,memdev=mem",
         "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config", "-display", "none",
         "-kernel", str(spec.kernel),
@@ -100,6 +101,10 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
         "-device", "virtio-net-pci,netdev=net0",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0",
+        # A new generation id at every start, restores included: the guest kernel reseeds its RNG.
+        "-device", "vmgenid,guid=auto",
+        # Empty PCIe slots for devices plugged in at run time (shares of a restored template).
+        *(x for i in range(HOTPLUG_SLOTS) for x in ("-device", f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1}")),
         "-chardev", f"file,id=serial0,path={_escape(spec.serial)}",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{_escape(spec.qmp)},server=on,wait=off",
