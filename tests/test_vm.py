@@ -88,7 +88,9 @@ def test_qemu_argv_with_shares(tmp_path: Path) -> None:
     # the same RAM and spare slots without shares: a restored template can have them plugged in
     plain = qemu_argv(spec(tmp_path))
     assert any("memory-backend-memfd" in a for a in plain)
-    assert [d for d in opt(plain, "-device") if d.startswith("pcie-root-port")] == [f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1}" for i in range(4)]
+    assert [d for d in opt(plain, "-device") if d.startswith("pcie-root-port")] == [
+        f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1}" for i in range(4)
+    ]
     assert "vmgenid,guid=auto" in opt(plain, "-device")
 
 

@@ -217,6 +217,7 @@ class Sandbox:
             "image": image.key,
             "build_id": image.build_id,
             "user": c.vm.user,
+            "template": tpl.path.name if tpl else None,
             "disk": c.vm.disk,
             "swap": c.vm.swap,
             "running": False,
@@ -287,6 +288,8 @@ class Sandbox:
                            for sh in shares],
             })  # fmt: skip
             self.dir.write_meta(meta)
+            if incoming is not None:
+                machine.wait_running(self.dir.qmp)
             if template is not None:
                 self._become(template, shares, ssh_port, progress)
             self._wait_ready(pid, ssh_port, timeout or (180.0 if acc.name == "kvm" else 600.0), progress, restored=incoming is not None)

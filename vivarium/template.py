@@ -79,6 +79,27 @@ def find(image: Image, c: cfg.Config, accel: str) -> Template | None:
     return t if (t.path / "meta.json").exists() else None
 
 
+def prune() -> list[str]:
+    """Remove templates whose image is gone from the cache. Returns their keys."""
+    live = set()
+    if state.images_dir().is_dir():
+        for m in state.images_dir().glob("*/manifest.json"):
+            try:
+                live.add(json.loads(m.read_text())["build_id"])
+            except (OSError, ValueError, KeyError):
+                continue
+    gone = []
+    for meta in templates_dir().glob("*/meta.json") if templates_dir().is_dir() else ():
+        try:
+            build_id = json.loads(meta.read_text())["build_id"]
+        except (OSError, ValueError, KeyError):
+            continue
+        if build_id not in live:
+            shutil.rmtree(meta.parent, ignore_errors=True)
+            gone.append(meta.parent.name)
+    return gone
+
+
 def make(image: Image, c: cfg.Config, accel: str, progress: Progress) -> Template:
     """Boot a throwaway sandbox of this shape to ready, save it, keep only the saved state."""
     from vivarium.sandbox import Sandbox, free_port  # the template is made by the machinery it feeds
@@ -97,7 +118,7 @@ def make(image: Image, c: cfg.Config, accel: str, progress: Progress) -> Templat
             box.destroy()
         try:
             progress("template", "booting a template to a ready state (once per image and shape)")
-            box.up(progress=progress)
+            box.up(progress=progress, cold=True)
             progress("template", "starting Docker in the template")
             box.exec(["sudo", "systemctl", "start", "docker.service"], capture=True, timeout=600)
             box.exec(["sync"], capture=True)
@@ -112,6 +133,7 @@ def make(image: Image, c: cfg.Config, accel: str, progress: Progress) -> Templat
             info.update({"alias": f"vivarium-{name}", "user": box.meta()["user"], "made": time.time(), "key": key})
             (tmp / "meta.json").write_text(json.dumps(info, indent=1))
             tmp.rename(final)
+            prune()
         finally:
             if box.exists():
                 box.destroy()

@@ -99,6 +99,19 @@ def save_memory(sock: Path, path: Path, timeout: float = 600.0) -> None:
     raise VMError(f"saving the guest's memory took more than {timeout:.0f}s")
 
 
+def wait_running(sock: Path, timeout: float = 300.0) -> None:
+    """Until an incoming migration (a restore) has finished and the guest runs."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        status = qmp(sock, "query-status").get("status")
+        if status == "running":
+            return
+        if status not in ("inmigrate", "prelaunch", "restore-vm", "paused"):
+            raise VMError(f"the saved state did not load (QEMU says {status})")
+        time.sleep(0.05)
+    raise VMError(f"loading the saved state took more than {timeout:.0f}s")
+
+
 def qemu_version(sock: Path) -> str:
     v = qmp(sock, "query-version")["qemu"]
     return f"{v['major']}.{v['minor']}.{v['micro']}"
