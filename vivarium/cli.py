@@ -6,6 +6,7 @@ import argparse
 import json
 import logging
 import os
+import signal
 import subprocess
 import sys
 import time
@@ -602,6 +603,10 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 # --------------------------------------------------------------- main
 
 
+def _interrupt(signum: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -622,6 +627,8 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     logging.addLevelName(logging.WARNING, "warning")
     logging.addLevelName(logging.ERROR, "error")
+    # `kill` (SIGTERM) ends a verb the way Ctrl-C does: half-built images and half-started VMs are cleaned up.
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         code: int = args.func(args)
         return code

@@ -113,11 +113,13 @@ def build_image(recipe: Recipe, *, force: bool = False, progress: Progress = _qu
     root.mkdir(parents=True, exist_ok=True)
     # One build at a time per cache: two at once would only fight over the CPUs.
     with _build_lock(root / ".build.lock"):
+        # Whoever holds the lock is the only builder: any work directory here is
+        # left from a build that was killed outright.
+        for stale in root.glob(".tmp-*"):
+            _remove_tree(stale)
         cached = find_image(key)
         if cached and not force:
             return cached, False
-        for stale in root.glob(f".tmp-{key}-*"):
-            _remove_tree(stale)
         tmp = root / f".tmp-{key}-{os.getpid()}"
         tmp.mkdir()
         try:
