@@ -145,7 +145,7 @@ def test_busy_port_is_one_line_naming_it(box: Sandbox, tmp_path: Path) -> None:
 
 
 def test_guest_that_never_gets_ready_times_out_cleanly(box: Sandbox, project: Path) -> None:
-    r = vv("up", "slowpoke", "--timeout", "2", "--auto-ports", cwd=project, check=False)
+    r = vv("up", "slowpoke", "--cold", "--timeout", "2", "--auto-ports", cwd=project, check=False)  # a boot that never ends
     assert r.returncode == 1
     assert "did not answer SSH within 2s" in r.stderr and "console log:" in r.stderr
     assert "Traceback" not in r.stderr
@@ -156,7 +156,7 @@ def test_guest_that_never_gets_ready_times_out_cleanly(box: Sandbox, project: Pa
 
 def test_missing_qemu_is_one_line_with_the_fix(box: Sandbox, project: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PATH=str(tmp_path))  # nothing on PATH
-    for prog in ("ssh-keygen", "qemu-img"):  # what `up` needs before QEMU
+    for prog in ("ssh-keygen", "qemu-img", "socat"):  # what `up` needs before QEMU
         real = subprocess.run(["which", prog], capture_output=True, text=True, check=True).stdout.strip()
         (tmp_path / prog).symlink_to(real)
     r = vv("up", "noqemu", "--auto-ports", cwd=project, check=False, env=env)
