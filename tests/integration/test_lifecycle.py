@@ -163,7 +163,7 @@ def test_missing_qemu_is_one_line_with_the_fix(box: Sandbox, project: Path, tmp_
     assert r.returncode == 1
     assert "qemu-system-x86_64 is not installed" in r.stderr and "apt-get install qemu-system-x86" in r.stderr
     assert "Traceback" not in r.stderr
-    vv("destroy", "noqemu")
+    vv("destroy", "noqemu", check=False)  # (a new sandbox's template failed first: nothing was made)
 
 
 def test_reset_throws_the_guest_disk_away(box: Sandbox, project: Path) -> None:
