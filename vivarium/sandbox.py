@@ -290,9 +290,10 @@ class Sandbox:
             self.dir.write_meta(meta)
             if incoming is not None:
                 machine.wait_running(self.dir.qmp)
+            limit = timeout or (180.0 if acc.name == "kvm" else 600.0)
             if template is not None:
-                self._become(template, shares, ssh_port, progress)
-            self._wait_ready(pid, ssh_port, timeout or (180.0 if acc.name == "kvm" else 600.0), progress, restored=incoming is not None)
+                self._become(template, shares, ssh_port, progress, limit)
+            self._wait_ready(pid, ssh_port, limit, progress, restored=incoming is not None)
         except BaseException:
             if pid is not None:
                 machine.kill(pid, self.name)
@@ -322,7 +323,8 @@ class Sandbox:
         fence.start(self.dir.path, self.dir.pidfile)
         return self.dir.path / "gateway.sock"
 
-    def _become(self, tpl: template_mod.Template, shares: Sequence[virtiofs.ShareSpec], ssh_port: int, progress: Progress) -> None:
+    def _become(self, tpl: template_mod.Template, shares: Sequence[virtiofs.ShareSpec], ssh_port: int, progress: Progress,
+                limit: float) -> None:  # fmt: skip
         """Turn a guest just restored from a template into this instance: plug in its shares, then
         (logged in with the template's key) give it this instance's identity."""
         for i, sh in enumerate(shares):
@@ -333,9 +335,9 @@ class Sandbox:
         progress("sshd", "making the template's copy this sandbox")
         target = tpl.target(ssh_port)
         argv = target.argv(["sudo", "/usr/local/lib/vivarium/reidentify", f"{time.time():.3f}", str(len(shares))], tty=False)
-        deadline = time.monotonic() + 120
+        deadline = time.monotonic() + min(120.0, limit)
         while True:
-            r = subprocess.run(argv, input=os.urandom(64), capture_output=True, timeout=120, check=False)
+            r = subprocess.run(argv, input=os.urandom(64), capture_output=True, timeout=max(5.0, min(120.0, limit)), check=False)
             if r.returncode == 0:
                 return
             if time.monotonic() > deadline:
