@@ -337,11 +337,14 @@ class Sandbox:
         argv = target.argv(["sudo", "/usr/local/lib/vivarium/reidentify", f"{time.time():.3f}", str(len(shares))], tty=False)
         deadline = time.monotonic() + min(120.0, limit)
         while True:
-            r = subprocess.run(argv, input=os.urandom(64), capture_output=True, timeout=max(5.0, min(120.0, limit)), check=False)
-            if r.returncode == 0:
-                return
-            if time.monotonic() > deadline:
+            try:
+                r = subprocess.run(argv, input=os.urandom(64), capture_output=True, timeout=max(5.0, min(120.0, limit)), check=False)
+                if r.returncode == 0:
+                    return
                 why = r.stderr.decode(errors="replace").strip()[-300:]
+            except subprocess.TimeoutExpired:
+                why = "no answer over SSH"
+            if time.monotonic() > deadline:
                 raise VMError(f"sandbox {self.name!r} restored from its template but could not take its own identity: {why}",
                               hint=f"`vivarium destroy {self.name}` and `vivarium up --cold {self.name}`")  # fmt: skip
             time.sleep(0.2)
