@@ -235,3 +235,22 @@ def test_prune_keeps_used_recent_and_current(tmp_path: Path) -> None:
     assert sorted(removed) == ["old2"]
     assert sorted(p.name for p in root.iterdir()) == ["new1", "new2", "old1", "used"]
     assert json.loads(inst.meta.read_text())["image"] == "used"
+
+
+def test_npm_failure_is_one_line_naming_the_package() -> None:
+    from vivarium.image.build import npm_failure
+
+    log = [
+        "I: running --customize-hook in shell: sh -c 'chroot ... npm install --global @openai/codex'",
+        "npm error code 1",
+        "npm error path /usr/lib/node_modules/@openai/codex",
+        "npm error command failed",
+        "npm error command sh -c node scripts/postinstall.js",
+        "npm error Error: getaddrinfo ENOTFOUND github.com",
+        "npm error A complete log of this run can be found in: /root/.npm/_logs/x.log",
+    ]
+    assert npm_failure(log) == "installing the agent CLI @openai/codex from npm failed: Error: getaddrinfo ENOTFOUND github.com"
+    assert npm_failure(["npm error 404 Not Found - GET https://registry.npmjs.org/nope - Not found"]) == (
+        "installing the agent CLI from npm failed: 404 Not Found - GET https://registry.npmjs.org/nope - Not found"
+    )
+    assert npm_failure(["E: apt failed"]) is None

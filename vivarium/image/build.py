@@ -12,6 +12,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -377,9 +378,28 @@ def _run_mmdebstrap(argv: list[str], logfile: Path, progress: Progress) -> None:
         saved.parent.mkdir(parents=True, exist_ok=True)
         shutil.copyfile(logfile, saved)
         lines = [ln for ln in logfile.read_text().splitlines() if ln.strip()]
+        npm = npm_failure(lines)
+        if npm:
+            raise BuildError(npm, hint=f"full log: {saved}")
         errors = [ln for ln in lines if ln.startswith(("E:", "W: hook", "npm ERR", "npm error"))]
         last = (errors or lines or ["no output"])[-1]
         raise BuildError(f"mmdebstrap failed: {last}", hint=f"full log: {saved}")
+
+
+_NPM_PATH = re.compile(r"npm (?:error|ERR!) path .*/node_modules/(@[^/\s]+/[^/\s]+|[^/@\s][^/\s]*)")
+_NPM_META = ("code ", "path ", "command ", "errno ", "syscall ", "A complete log", "Log files", "signal ", "cwd ")
+
+
+def npm_failure(lines: list[str]) -> str | None:
+    """One line for a failed `npm install` of the agent CLIs: which package, and why."""
+    errs = [ln for ln in lines if ln.startswith(("npm error", "npm ERR!"))]
+    if not errs:
+        return None
+    package = next((m.group(1) for ln in errs if (m := _NPM_PATH.match(ln))), None)
+    reasons = [ln.split(" ", 2)[2].strip() for ln in errs if len(ln.split(" ", 2)) == 3]
+    reason = next((r for r in reasons if r and not r.startswith(_NPM_META)), reasons[-1] if reasons else "npm failed")
+    where = f" {package}" if package else ""
+    return f"installing the agent CLI{where} from npm failed: {reason}"
 
 
 def _copy_boot(rootdir: Path, dest: Path) -> str:
