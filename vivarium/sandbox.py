@@ -321,7 +321,7 @@ class Sandbox:
         fence.write_policy(self.dir.path, n.mode, allow, n.allow_cidrs, n.deny_cidrs, n.dns_upstream, live["deny"])
         progress("start", f"starting the egress gateway ({n.mode})")
         fence.start(self.dir.path, self.dir.pidfile)
-        return self.dir.path / "gateway.sock"
+        return fence.socket_path(self.dir.path)
 
     def _become(self, tpl: template_mod.Template, shares: Sequence[virtiofs.ShareSpec], ssh_port: int, progress: Progress,
                 limit: float) -> None:  # fmt: skip
@@ -703,22 +703,7 @@ class Sandbox:
         """The audit log's records, oldest first; with follow, wait for new ones for ever."""
         if not self.exists():
             raise InstanceError(f"no sandbox named {self.name!r}", hint="see `vivarium ls`")
-        path = self.dir.path / "egress.log"
-        pos = 0
-        while True:
-            if path.exists():
-                with path.open() as f:
-                    f.seek(pos)
-                    while True:
-                        line = f.readline()
-                        if not line.endswith("\n"):
-                            break
-                        pos = f.tell()
-                        with contextlib.suppress(ValueError):
-                            yield json.loads(line)
-            if not follow:
-                return
-            time.sleep(0.3)
+        yield from fence.records(self.dir.path, follow=follow)
 
     # -------------------------------------------------------------- exec
 

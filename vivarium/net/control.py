@@ -7,6 +7,7 @@ The gateway reads `policy.json` in the instance directory; live changes
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import ipaddress
 import json
 import os
@@ -54,9 +55,8 @@ def _write(path: Path, data: dict[str, Any]) -> None:
 
 def change_rule(directory: Path, verb: str, rule: str, source: str = "cli") -> str:
     """`allow` or `deny` a name live. Returns what changed, in words."""
-    AllowRule.parse(rule)  # normalises; the CLI checked the syntax
+    rule = str(AllowRule.parse(rule))  # normalised; the CLI checked the syntax
     data = read_policy(directory)
-    rule = str(AllowRule.parse(rule))
     other = "deny" if verb == "allow" else "allow"
     removed = [r for r in data[other] if r["rule"] == rule]
     data[other] = [r for r in data[other] if r["rule"] != rule]
@@ -101,6 +101,11 @@ def child_pid(directory: Path) -> int | None:
     except (OSError, ValueError):
         return None
     return value if b"--serve" in cmdline else None
+
+
+def socket_path(directory: Path) -> Path:
+    """The unix socket QEMU's relay connects to."""
+    return directory / gateway.SOCKET
 
 
 def relay_program() -> str:
@@ -169,16 +174,22 @@ def reload(directory: Path) -> bool:
     return True
 
 
-def records(directory: Path) -> Iterator[dict[str, Any]]:
+def records(directory: Path, *, follow: bool = False) -> Iterator[dict[str, Any]]:
+    """The audit log's records, oldest first; with follow, wait for new ones for ever.
+    A line still being written is read once it is whole."""
     path = directory / gateway.AUDIT
-    if not path.exists():
-        return
-    with path.open() as f:
-        for line in f:
-            try:
-                yield json.loads(line)
-            except ValueError:
-                continue
+    pos = 0
+    while True:
+        if path.exists():
+            with path.open() as f:
+                f.seek(pos)
+                while (line := f.readline()).endswith("\n"):
+                    pos = f.tell()
+                    with contextlib.suppress(ValueError):
+                        yield json.loads(line)
+        if not follow:
+            return
+        time.sleep(0.3)
 
 
 def check(directory: Path, host: str, port: int) -> list[tuple[str, str, Decision]]:

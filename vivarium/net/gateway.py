@@ -33,7 +33,7 @@ import sys
 import time
 from collections import OrderedDict
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
@@ -86,10 +86,12 @@ class Settings:
             host_addresses=host_addrs,
             host_networks=host_nets,
         )
-        rules = tuple(AllowRule.parse(r["rule"], r.get("source", "config")) for r in data.get("allow", ()))
-        denies = tuple(AllowRule.parse(r["rule"], r.get("source", "config")) for r in data.get("deny", ()))
-        policy = Policy(policy.mode, rules, policy.allow_cidrs, policy.deny_cidrs, policy.host_addresses, denies, policy.host_networks)
-        return cls(policy, data.get("dns_upstream", ""))
+
+        # the rules keep who added them (config, an agent, the CLI)
+        def rules(verb: str) -> tuple[AllowRule, ...]:
+            return tuple(AllowRule.parse(r["rule"], r.get("source", "config")) for r in data.get(verb, ()))
+
+        return cls(replace(policy, allow=rules("allow"), deny=rules("deny")), data.get("dns_upstream", ""))
 
 
 def host_addresses() -> tuple[list[str], list[str]]:
