@@ -97,6 +97,7 @@ def test_clamps_to_the_host_with_a_note(tmp_path: Path) -> None:
         ('[image]\nagents = ["clippy"]\n', "unknown agent 'clippy'"),
         ('[[image.download]]\nname = "x"\nurl = "http://x"\nsha256 = "abc"\ndest = "/x"\n', "is not a sha256"),
         ("[[forward]]\nhost = 1\nguest = 2\n[[forward]]\nhost = 1\nguest = 3\n", "forwarded twice"),
+        ('[network]\ndns_upstream = "127.0.0.1:dns"\n', "network.dns_upstream: bad port in '127.0.0.1:dns'"),
         ("[telemetry]\n", "unknown section or key 'telemetry'"),
         ("vm = [", "not valid TOML"),
     ],

@@ -4,7 +4,7 @@ import ipaddress
 
 import pytest
 
-from vivarium.net.policy import AllowRule, Policy, unwrap
+from vivarium.net.policy import AllowRule, Policy, split_host_port, unwrap
 
 LAN_BLOCK = Policy.build("lan-block", host_addresses=["203.0.114.9"])
 
@@ -120,3 +120,14 @@ def test_allowlist_name_verdict() -> None:
     assert p.name_verdict("api.github.com").allow
     assert p.name_verdict("pypi.org").allow
     assert p.name_verdict("evil.example").rule == "deny allowlist: evil.example is not listed"
+
+
+def test_split_host_port() -> None:
+    assert split_host_port("pypi.org", 443) == ("pypi.org", 443)
+    assert split_host_port("127.0.0.1:5353", 53) == ("127.0.0.1", 5353)
+    assert split_host_port("[::1]:53", 443) == ("::1", 53)
+    assert split_host_port("[fd00::1]", 53) == ("fd00::1", 53)
+    assert split_host_port("fd00::1", 53) == ("fd00::1", 53)  # bare IPv6: no port
+    for bad in ("x:0", "x:70000", "x:dns", "[::1]x"):
+        with pytest.raises(ValueError):
+            split_host_port(bad, 53)

@@ -24,6 +24,7 @@ from vivarium import kube
 from vivarium.errors import UsageError, VivariumError
 from vivarium.image.build import Image, build_image
 from vivarium.image.recipe import Recipe
+from vivarium.net.policy import split_host_port
 from vivarium.progress import PhaseDisplay
 from vivarium.sandbox import Sandbox, list_sandboxes
 
@@ -526,16 +527,10 @@ def cmd_egress(args: argparse.Namespace) -> int:
 
 
 def _host_port(text: str) -> tuple[str, int]:
-    host, port = text, 443
-    if text.startswith("["):
-        host, _, rest = text[1:].partition("]")
-        port = int(rest[1:]) if rest.startswith(":") and rest[1:].isdigit() else 443
-    elif text.count(":") == 1:
-        host, _, p = text.partition(":")
-        if not p.isdigit() or not 0 < int(p) < 65536:
-            raise UsageError(f"egress check: bad port in {text!r}", hint="write it as HOST or HOST:PORT, e.g. pypi.org:443")
-        port = int(p)
-    return host, port
+    try:
+        return split_host_port(text, 443)
+    except ValueError as e:
+        raise UsageError(f"egress check: {e}", hint="write it as HOST or HOST:PORT, e.g. pypi.org:443") from None
 
 
 def _egress_line(r: dict[str, Any]) -> str:

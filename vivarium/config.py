@@ -20,6 +20,7 @@ from pathlib import Path
 from typing import Any
 
 from vivarium.errors import ConfigError
+from vivarium.net.policy import split_host_port
 
 CONFIG_NAME = "vivarium.toml"
 
@@ -180,6 +181,16 @@ def parse_user(value: object, where: str) -> str:
     name = parse_str(value, where)
     _check_user(name, where)
     return name
+
+
+def _parse_upstream(value: object, where: str) -> str:
+    text = parse_str(value, where)
+    if text:
+        try:
+            split_host_port(text, 53)
+        except ValueError as e:
+            raise ConfigError(f"{where}: {e}", hint='write it as "HOST" or "HOST:PORT", e.g. "1.1.1.1" or "127.0.0.1:5353"') from None
+    return text
 
 
 def _check_cidr(value: str, where: str) -> None:
@@ -358,7 +369,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("network", "allow", [], _str_list(check_domain), "domains allowed in allowlist mode", "--allow", "DOMAIN", repeat=True),
     Setting("network", "allow_cidrs", [], _str_list(_check_cidr), "address ranges opened on purpose"),
     Setting("network", "deny_cidrs", [], _str_list(_check_cidr), "address ranges denied on top"),
-    Setting("network", "dns_upstream", "", parse_str, 'DNS server the gateway asks ("" = the host\'s)'),
+    Setting("network", "dns_upstream", "", _parse_upstream, 'DNS server the gateway asks ("" = the host\'s)'),
     Setting("image", "suite", "bookworm", parse_str, "Debian suite", "--suite", "SUITE"),
     Setting("image", "mirror", "", parse_str, 'Debian mirror ("" = the host\'s apt mirror)', "--mirror", "URL"),
     Setting("image", "packages", [], _str_list(_check_package), "extra apt packages", "--package", "PKG", repeat=True),

@@ -46,7 +46,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
-from vivarium.net.policy import AllowRule, Decision, IPAddress, Policy, unwrap
+from vivarium.net.policy import AllowRule, Decision, IPAddress, Policy, split_host_port, unwrap
 from vivarium.net.sniff import looks_like_http, name_in
 
 SOCKET = "gateway.sock"
@@ -169,23 +169,12 @@ def resolv_conf_servers(path: Path = Path("/etc/resolv.conf")) -> list[str]:
     return [line.split()[1] for line in lines if line.startswith("nameserver") and len(line.split()) > 1]
 
 
-def parse_upstream(text: str) -> tuple[str, int]:
-    text = text.strip()
-    if text.startswith("["):
-        host, _, port = text[1:].partition("]:")
-        return host, int(port or 53)
-    if text.count(":") == 1:
-        host, port = text.split(":")
-        return host, int(port)
-    return text, 53
-
-
 class Resolver:
     """Answers the guest's queries: the host's resolver (getaddrinfo, so /etc/hosts
     counts) for addresses, or a configured upstream server for everything."""
 
     def __init__(self, upstream: str) -> None:
-        self.upstream = parse_upstream(upstream) if upstream else None
+        self.upstream = split_host_port(upstream, 53) if upstream else None
 
     async def answer(self, query: dns.message.Message, wire: bytes) -> dns.message.Message:
         q = query.question[0]

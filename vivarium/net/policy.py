@@ -77,6 +77,24 @@ class AllowRule:
         return f"{self.pattern}:{self.port}" if self.port else self.pattern
 
 
+def split_host_port(text: str, default: int) -> tuple[str, int]:
+    """HOST, HOST:PORT or [IPv6]:PORT → (host, port). ValueError for a port that is not one."""
+    text = text.strip()
+    host, port = text, ""
+    if text.startswith("["):
+        host, _, rest = text[1:].partition("]")
+        if rest and not rest.startswith(":"):
+            raise ValueError(f"{text!r}: expected [ADDRESS]:PORT")
+        port = rest[1:]
+    elif text.count(":") == 1:
+        host, _, port = text.partition(":")
+    if not port:
+        return host, default
+    if not port.isdigit() or not 0 < int(port) < 65536:
+        raise ValueError(f"bad port in {text!r}")
+    return host, int(port)
+
+
 def unwrap(ip: IPAddress) -> IPAddress:
     """The IPv4 address hidden in an IPv4-mapped, -compatible, 6to4 or NAT64 IPv6 address."""
     if isinstance(ip, ipaddress.IPv6Address):
