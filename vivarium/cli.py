@@ -427,8 +427,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     if verb == "save":
         box = Sandbox(args.name)
         info = box.snapshot_save(args.tag or time.strftime("snap-%Y%m%d-%H%M%S"))
-        size = sum(f.stat().st_size for f in (box.dir.path / "snapshots" / info["tag"]).iterdir())
-        err.print(f"saved snapshot {info['tag']} of {args.name!r} in {info['seconds']:.1f}s ({size / 2**20:.0f} MiB on disk)")
+        err.print(f"saved snapshot {info['tag']} of {args.name!r} in {info['seconds']:.1f}s ({info['size'] / 2**20:.0f} MiB on disk)")
     elif verb == "restore":
         box = Sandbox(args.name, load_config(args))
         started = time.monotonic()

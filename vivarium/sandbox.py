@@ -56,6 +56,13 @@ MARKLESS_GRACE = 30.0
 SSH_PORT = 22
 
 
+def _snapshot_info(d: Path) -> dict[str, Any]:
+    """A snapshot's meta.json, with its size on disk."""
+    info: dict[str, Any] = json.loads((d / "meta.json").read_text())
+    info["size"] = sum(f.stat().st_size for f in d.iterdir())
+    return info
+
+
 def _quiet(phase: str, detail: str) -> None:
     pass
 
@@ -552,12 +559,7 @@ class Sandbox:
     def snapshots(self) -> list[dict[str, Any]]:
         if not self.exists():
             raise InstanceError(f"no sandbox named {self.name!r}", hint="see `vivarium ls`")
-        out = []
-        for d in sorted((self.dir.path / "snapshots").glob("*/meta.json")):
-            info = json.loads(d.read_text())
-            info["size"] = sum(f.stat().st_size for f in d.parent.iterdir())
-            out.append(info)
-        return out
+        return [_snapshot_info(m.parent) for m in sorted((self.dir.path / "snapshots").glob("*/meta.json"))]
 
     def snapshot_save(self, tag: str) -> dict[str, Any]:
         """Memory and disks of the running sandbox, saved together; it keeps running."""
@@ -595,7 +597,7 @@ class Sandbox:
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
-        return info
+        return _snapshot_info(d)
 
     def snapshot_restore(self, tag: str, *, progress: Progress = _quiet) -> Status:
         """Back to a saved snapshot, memory and disks: the guest goes on where it was saved."""

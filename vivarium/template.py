@@ -40,20 +40,17 @@ class Template:
         return self.path / "memory"
 
     @property
+    def files(self) -> state.InstanceDir:
+        """The saved disks, key and pinned host key, named as in the instance they were saved from."""
+        return state.InstanceDir(self.path.name, self.path)
+
+    @property
     def disk(self) -> Path:
-        return self.path / "disk.qcow2"
+        return self.files.disk
 
     @property
     def swap(self) -> Path:
-        return self.path / "swap.qcow2"
-
-    @property
-    def key(self) -> Path:
-        return self.path / "id_ed25519"
-
-    @property
-    def known_hosts(self) -> Path:
-        return self.path / "known_hosts"
+        return self.files.swap
 
     def meta(self) -> dict[str, Any]:
         data: dict[str, Any] = json.loads((self.path / "meta.json").read_text())
@@ -62,7 +59,7 @@ class Template:
     def target(self, port: int) -> ssh.Target:
         """The template's own identity: how to reach a guest just restored from it."""
         m = self.meta()
-        return ssh.Target(alias=m["alias"], user=m["user"], port=port, key=self.key, known_hosts=self.known_hosts)
+        return ssh.Target(alias=m["alias"], user=m["user"], port=port, key=self.files.key, known_hosts=self.files.known_hosts)
 
 
 def key_of(image: Image, c: cfg.Config, accel: str) -> str:
@@ -127,8 +124,9 @@ def make(image: Image, c: cfg.Config, accel: str, progress: Progress) -> Templat
             tmp = final.with_name(f".{key}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             (box.dir.path / "snapshots" / "template").rename(tmp)
-            shutil.copy2(box.dir.key, tmp / "id_ed25519")
-            shutil.copy2(box.dir.known_hosts, tmp / "known_hosts")
+            saved = state.InstanceDir(name, tmp)
+            shutil.copy2(box.dir.key, saved.key)
+            shutil.copy2(box.dir.known_hosts, saved.known_hosts)
             info = json.loads((tmp / "meta.json").read_text())
             info.update({"alias": f"vivarium-{name}", "user": box.meta()["user"], "made": time.time(), "key": key})
             (tmp / "meta.json").write_text(json.dumps(info, indent=1))
