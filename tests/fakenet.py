@@ -25,6 +25,7 @@ import subprocess
 import sys
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 LAN = ("192.168.77.1", "10.77.0.1", "172.16.77.1", "100.64.77.1")
@@ -159,6 +160,35 @@ class FakeNet:
 
     def __exit__(self, *exc: object) -> None:
         self.close()
+
+
+class LoopbackServer:
+    """A TCP server on this host's loopback: `handle` runs for each connection in its own thread."""
+
+    def __init__(self, handle: Callable[[socket.socket], None], backlog: int = 64) -> None:
+        self.handle = handle
+        self.sock = socket.socket()
+        self.sock.bind(("127.0.0.1", 0))
+        self.sock.listen(backlog)
+        self.port: int = self.sock.getsockname()[1]
+        self.hits = 0
+        threading.Thread(target=self._serve, daemon=True).start()
+
+    def _serve(self) -> None:
+        while True:
+            try:
+                conn, _ = self.sock.accept()
+            except OSError:
+                return
+            self.hits += 1
+            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
+
+    def _one(self, conn: socket.socket) -> None:
+        with conn:
+            self.handle(conn)
+
+    def close(self) -> None:
+        self.sock.close()
 
 
 class FakeDNS:

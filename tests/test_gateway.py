@@ -13,7 +13,6 @@ import socket
 import ssl
 import subprocess
 import sys
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,38 +23,20 @@ import pytest
 
 from vivarium.net import control, sniff
 
-from .fakenet import FakeDNS
+from .fakenet import FakeDNS, LoopbackServer
 
 
-class Echo:
-    """A TCP server that answers each connection with a greeting, then echoes."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen(64)
-        self.port: int = self.sock.getsockname()[1]
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            threading.Thread(target=self._one, args=(conn,), daemon=True).start()
-
-    def _one(self, conn: socket.socket) -> None:
-        with conn:
-            conn.sendall(b"hello\n")
-            while data := conn.recv(65536):
-                conn.sendall(data)
+def greet_then_echo(conn: socket.socket) -> None:
+    """The echo server's side of a connection: a greeting, then every byte back."""
+    conn.sendall(b"hello\n")
+    while data := conn.recv(65536):
+        conn.sendall(data)
 
 
 @pytest.fixture
-def gw(tmp_path: Path) -> Iterator[tuple[Path, FakeDNS, Echo]]:
+def gw(tmp_path: Path) -> Iterator[tuple[Path, FakeDNS, LoopbackServer]]:
     dns_server = FakeDNS({"good.test": "127.0.0.1", "lan.test": "192.168.77.1", "other.test": "127.0.0.2"})
-    echo = Echo()
+    echo = LoopbackServer(greet_then_echo)
     control.write_policy(tmp_path, "lan-block", [], ["127.0.0.1/32"], [], dns_server.address)
     (tmp_path / "qemu.pid").write_text(f"{os.getpid()}\n")
     control.start(tmp_path, tmp_path / "qemu.pid")
@@ -111,7 +92,7 @@ def wait_for(cond: object, timeout: float = 5) -> None:
         time.sleep(0.05)
 
 
-def test_relays_an_allowed_connection_and_logs_it(gw: tuple[Path, FakeDNS, Echo]) -> None:
+def test_relays_an_allowed_connection_and_logs_it(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
     d, _, echo = gw
     s = tunnel(d, {"t": "tcp", "dst": "127.0.0.1", "port": echo.port, "src": "10.0.2.15:4000"})
     assert s.recv(6) == b"hello\n"
@@ -125,7 +106,7 @@ def test_relays_an_allowed_connection_and_logs_it(gw: tuple[Path, FakeDNS, Echo]
     assert (r["dst"], r["port"], r["sent"], r["received"]) == ("127.0.0.1", echo.port, 100000, 100006)
 
 
-def test_denied_http_gets_a_403_that_says_why(gw: tuple[Path, FakeDNS, Echo]) -> None:
+def test_denied_http_gets_a_403_that_says_why(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
     d, _, _ = gw
     s = tunnel(d, {"t": "tcp", "dst": "192.168.77.1", "port": 80})
     s.sendall(b"GET /secret HTTP/1.1\r\nHost: router.lan\r\n\r\n")
@@ -137,7 +118,7 @@ def test_denied_http_gets_a_403_that_says_why(gw: tuple[Path, FakeDNS, Echo]) ->
     assert (r["decision"], r["rule"], r["name"], r["name_from"]) == ("deny", "deny private 192.168.0.0/16", "router.lan", "host")
 
 
-def test_denied_non_http_is_just_closed(gw: tuple[Path, FakeDNS, Echo]) -> None:
+def test_denied_non_http_is_just_closed(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
     d, _, _ = gw
     for dst in ("169.254.169.254", "::ffff:10.0.0.1", "fd00::1", "fe80::1", "::1", "100.64.0.1"):
         s = tunnel(d, {"t": "tcp", "dst": dst, "port": 22})
@@ -148,7 +129,7 @@ def test_denied_non_http_is_just_closed(gw: tuple[Path, FakeDNS, Echo]) -> None:
     assert [r["decision"] for r in log(d)] == ["deny"] * 6
 
 
-def test_dns_port_is_never_relayed(gw: tuple[Path, FakeDNS, Echo]) -> None:
+def test_dns_port_is_never_relayed(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
     d, _, _ = gw
     s = tunnel(d, {"t": "tcp", "dst": "127.0.0.1", "port": 53})
     assert recv_all(s) == b""
@@ -156,7 +137,7 @@ def test_dns_port_is_never_relayed(gw: tuple[Path, FakeDNS, Echo]) -> None:
     assert log(d)[0]["rule"] == "deny dns port 53: names resolve through the fence only"
 
 
-def test_dns_goes_to_the_upstream_and_is_logged(gw: tuple[Path, FakeDNS, Echo]) -> None:
+def test_dns_goes_to_the_upstream_and_is_logged(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
     d, fake, _ = gw
     reply = ask(d, "good.test")
     assert [str(r) for r in reply.answer[0]] == ["127.0.0.1"]
@@ -166,7 +147,7 @@ def test_dns_goes_to_the_upstream_and_is_logged(gw: tuple[Path, FakeDNS, Echo]) 
     assert [(r["name"], r["rcode"], r["answers"]) for r in records] == [("good.test", "NOERROR", ["127.0.0.1"]), ("missing.test", "NXDOMAIN", [])]
 
 
-def test_a_name_pointing_at_the_lan_is_still_refused(gw: tuple[Path, FakeDNS, Echo]) -> None:
+def test_a_name_pointing_at_the_lan_is_still_refused(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
     d, _, _ = gw
     assert [str(r) for r in ask(d, "lan.test").answer[0]] == ["192.168.77.1"]
     s = tunnel(d, {"t": "tcp", "dst": "192.168.77.1", "port": 443})
@@ -193,7 +174,7 @@ def test_sniff_reads_sni_and_host() -> None:
     assert sniff.name_in(b"SSH-2.0-x\r\n") is None
 
 
-def test_allowlist_sni_and_address_must_agree(gw: tuple[Path, FakeDNS, Echo]) -> None:
+def test_allowlist_sni_and_address_must_agree(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
     d, _, echo = gw
     upstream = json.loads((d / "policy.json").read_text())["dns_upstream"]
     # allow_cidrs lifts the built-in denial of loopback; in allowlist mode the name still decides
@@ -222,7 +203,7 @@ def test_allowlist_sni_and_address_must_agree(gw: tuple[Path, FakeDNS, Echo]) ->
     assert tcp[2]["rule"] == "deny allowlist: 127.0.0.3 is not an address good.test resolved to"
 
 
-def test_live_deny_and_allow(gw: tuple[Path, FakeDNS, Echo]) -> None:
+def test_live_deny_and_allow(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
     d, _, _ = gw
     assert "denied good.test" in control.change_rule(d, "deny", "good.test")
     time.sleep(0.3)
@@ -235,7 +216,7 @@ def test_live_deny_and_allow(gw: tuple[Path, FakeDNS, Echo]) -> None:
     assert not control.check(d, "10.1.2.3", 443)[0][2].allow
 
 
-def test_a_dead_gateway_is_restarted_and_fails_closed_meanwhile(gw: tuple[Path, FakeDNS, Echo]) -> None:
+def test_a_dead_gateway_is_restarted_and_fails_closed_meanwhile(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
     d, _, echo = gw
     child = control.child_pid(d)
     assert child is not None

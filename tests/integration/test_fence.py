@@ -10,9 +10,7 @@ The made-up network is tests/fakenet.py: nothing leaves this machine.
 from __future__ import annotations
 
 import json
-import socket
 import subprocess
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -25,7 +23,7 @@ from vivarium import config as cfg
 from vivarium.net import control
 from vivarium.sandbox import free_port
 
-from ..fakenet import LAN, METADATA, OTHER, PUBLIC, FakeNet
+from ..fakenet import LAN, METADATA, OTHER, PUBLIC, FakeNet, LoopbackServer
 from .conftest import vv
 
 pytestmark = pytest.mark.integration
@@ -131,33 +129,12 @@ REACHABLE = {"host loopback via 10.0.2.2", "metadata 169.254.169.254", "dns udp 
              *(f"tcp {h}" for h in LAN), *(f"udp {h}" for h in LAN)}  # fmt: skip
 
 
-class Secret:
-    """A TCP service on this host's loopback that hands a secret to whoever connects."""
-
-    def __init__(self) -> None:
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
-        self.sock.listen()
-        self.port: int = self.sock.getsockname()[1]
-        self.hits = 0
-        threading.Thread(target=self._serve, daemon=True).start()
-
-    def _serve(self) -> None:
-        while True:
-            try:
-                conn, _ = self.sock.accept()
-            except OSError:
-                return
-            self.hits += 1
-            with conn:
-                conn.sendall(b"host-secret\n")
-
-
 @pytest.fixture(scope="module")
-def secret() -> Iterator[Secret]:
-    s = Secret()
+def secret() -> Iterator[LoopbackServer]:
+    """A TCP service on this host's loopback that hands a secret to whoever connects."""
+    s = LoopbackServer(lambda conn: conn.sendall(b"host-secret\n"))
     yield s
-    s.sock.close()
+    s.close()
 
 
 @pytest.fixture(scope="module")
@@ -220,7 +197,7 @@ def curl(box: Sandbox, *args: str) -> tuple[int, str]:
 # ---------------------------------------------------------------- the attacks
 
 
-def test_the_control_vm_does_reach_what_the_fence_stops(unfenced: Sandbox, secret: Secret) -> None:
+def test_the_control_vm_does_reach_what_the_fence_stops(unfenced: Sandbox, secret: LoopbackServer) -> None:
     results = run_attacks(unfenced, secret.port, flush=True)
     missed = {k: v for k, v in results.items() if k in REACHABLE and not v.startswith("OK")}
     assert not missed, missed
@@ -229,7 +206,7 @@ def test_the_control_vm_does_reach_what_the_fence_stops(unfenced: Sandbox, secre
     assert secret.hits >= 1
 
 
-def test_attacks_through_the_guests_own_fence_are_denied_and_logged(box: Sandbox, secret: Secret) -> None:
+def test_attacks_through_the_guests_own_fence_are_denied_and_logged(box: Sandbox, secret: LoopbackServer) -> None:
     hits, since = secret.hits, len(list(box.egress_log()))
     results = run_attacks(box, secret.port, flush=False)
     through = {k: v for k, v in results.items() if v.startswith("OK")}
@@ -248,7 +225,7 @@ def test_attacks_through_the_guests_own_fence_are_denied_and_logged(box: Sandbox
     assert any(r["kind"] == "dns" and r["name"] == "example.com" for r in log)
 
 
-def test_attacks_as_root_with_the_guest_firewall_flushed(box: Sandbox, secret: Secret) -> None:
+def test_attacks_as_root_with_the_guest_firewall_flushed(box: Sandbox, secret: LoopbackServer) -> None:
     hits, since = secret.hits, len(list(box.egress_log()))
     try:
         results = run_attacks(box, secret.port, flush=True)
@@ -262,7 +239,7 @@ def test_attacks_as_root_with_the_guest_firewall_flushed(box: Sandbox, secret: S
     assert {r["rule"] for r in asked} >= {"deny private 192.168.0.0/16", "deny dns port 53: names resolve through the fence only"}
 
 
-def test_attacks_from_a_docker_container(box: Sandbox, secret: Secret) -> None:
+def test_attacks_from_a_docker_container(box: Sandbox, secret: LoopbackServer) -> None:
     # An image from what the guest has (no registry here): python3 and busybox, imported.
     build = (
         "set -e; d=$(mktemp -d); mkdir -p $d/bin $d/usr/bin $d/lib $d/lib64 $d/usr/lib; "
