@@ -63,6 +63,7 @@ def run(
     env: Mapping[str, str] | None = None,
     timeout: float | None = None,
     cwd: Path | None = None,
+    pass_fds: Sequence[int] = (),
 ) -> subprocess.CompletedProcess[str]:
     """Run a program to completion and capture its output (stderr merged in)."""
     argv = _argv(args)
@@ -77,6 +78,7 @@ def run(
         timeout=timeout,
         cwd=cwd,
         check=False,
+        pass_fds=tuple(pass_fds),
     )
     if check and proc.returncode != 0:
         log.debug("output of %s:\n%s", argv[0], proc.stdout)

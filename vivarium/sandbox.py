@@ -19,6 +19,7 @@ import logging
 import os
 import pwd
 import re
+import secrets
 import shlex
 import shutil
 import socket
@@ -40,8 +41,8 @@ from vivarium.net.policy import Decision
 from vivarium.run import find_program, run
 from vivarium.share import review, virtiofs
 from vivarium.vm import accel as accel_mod
-from vivarium.vm import machine
-from vivarium.vm.qemu import HOTPLUG_SLOTS, MachineSpec, PortForward
+from vivarium.vm import channel, machine, memory
+from vivarium.vm.qemu import HOTPLUG_SLOTS, LAYOUT, MachineSpec, PortForward
 
 Progress = Callable[[str, str], None]
 log = logging.getLogger("vivarium.sandbox")
@@ -59,7 +60,7 @@ SSH_PORT = 22
 def _snapshot_info(d: Path) -> dict[str, Any]:
     """A snapshot's meta.json, with its size on disk."""
     info: dict[str, Any] = json.loads((d / "meta.json").read_text())
-    info["size"] = sum(f.stat().st_size for f in d.iterdir())
+    info["size"] = sum(f.stat().st_blocks * 512 for f in d.iterdir())  # on disk: the RAM file is sparse
     return info
 
 
@@ -256,35 +257,43 @@ class Sandbox:
         return out
 
     def _start(self, meta: dict[str, Any], image: Image, progress: Progress, *, auto_ports: bool, timeout: float | None,
-               incoming: Path | None = None, template: template_mod.Template | None = None) -> None:  # fmt: skip
-        """Boot (or, with `incoming`, resume a saved memory state; with `template`, become a copy of one) and wait for SSH."""
+               saved: Path | None = None, template: template_mod.Template | None = None) -> None:  # fmt: skip
+        """Boot (or resume the state saved in directory `saved`; or, with `template`, become a copy of it) and wait for SSH."""
         c = self.config
         if template is not None:
-            incoming = template.memory
+            saved = template.path
         progress("start", "choosing the accelerator")
         acc = accel_mod.choose(image.kernel)
         forwards = self._forwards(auto_ports)
         ssh_port = next(f.host for f in forwards if f.guest == SSH_PORT)
         helpers: list[subprocess.Popen[bytes]] = []
         pid: int | None = None
+        ram: int | None = None
         try:
-            gateway = self._start_gateway(progress, image) if self._fence else None
+            gateway = self._launch_gateway(progress, image) if self._fence else None
             shares = self._start_shares(progress, helpers)
             fw = self._write_fw_cfg(meta["user"], shares)
+            if saved is not None:
+                progress("kernel", "loading the saved memory")
+                ram = memory.load_memfd(saved / "ram", f"vivarium-{self.name}")
             spec = MachineSpec(
                 name=self.name, kernel=image.kernel, initrd=image.initrd,
                 disk=self.dir.disk, swap=self.dir.swap,
                 memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
                 forwards=tuple(forwards), qmp=self.dir.qmp, serial=self.dir.serial, pidfile=self.dir.pidfile,
-                fw_cfg=fw, gateway=gateway, relay=fence.relay_program() if gateway else "socat",
+                fw_cfg=fw, gateway=fence.socket_path(self.dir.path) if gateway else None,
+                relay=fence.relay_program() if gateway else "socat", control=self.dir.control, ram_fd=ram,
                 shares=() if template else tuple((sh.tag, sh.socket) for sh in shares),  # a template's are plugged in
-                extra=("-incoming", f"exec:cat {shlex.quote(str(incoming))}") if incoming else (),
+                extra=("-incoming", "defer") if saved else (),
             )  # fmt: skip
-            if incoming is None:
+            if saved is None:
                 self._resize_disk(c.vm.disk, meta)
                 self.dir.serial.unlink(missing_ok=True)
-            progress("kernel", f"starting QEMU ({acc.name})" if incoming is None else f"restoring the saved state ({acc.name})")
+            progress("kernel", f"starting QEMU ({acc.name})" if saved is None else f"restoring the saved state ({acc.name})")
             pid = machine.start(spec)
+            if ram is not None:
+                os.close(ram)  # QEMU has it open now
+                ram = None
             meta.update({
                 "running": True, "pid": pid, "started_at": time.time(), "accel": acc.name, "accel_reason": acc.reason,
                 "ssh_port": ssh_port, "memory": c.vm.memory, "cpus": c.vm.cpus,
@@ -295,13 +304,19 @@ class Sandbox:
                            for sh in shares],
             })  # fmt: skip
             self.dir.write_meta(meta)
-            if incoming is not None:
-                machine.wait_running(self.dir.qmp)
+            if gateway is not None:
+                fence.wait_started(self.dir.path, gateway)  # before the guest runs: its first connection finds it
+            if saved is not None:
+                machine.load(self.dir.qmp, saved / "state", without_ram=True)
             limit = timeout or (180.0 if acc.name == "kvm" else 600.0)
             if template is not None:
-                self._become(template, shares, ssh_port, progress, limit)
-            self._wait_ready(pid, ssh_port, limit, progress, restored=incoming is not None)
+                self._become(shares, fw, progress, limit)
+            elif saved is not None:  # the clock stood still, and a second restore must not repeat the first's randomness
+                channel.request(self.dir.control, "resume", f"{time.time():.3f} {secrets.token_hex(32)}", timeout=min(60.0, limit))
+            self._wait_ready(pid, ssh_port, limit, progress, restored=saved is not None)
         except BaseException:
+            if ram is not None:
+                os.close(ram)
             if pid is not None:
                 machine.kill(pid, self.name)
             for helper in helpers:  # a virtiofsd whose QEMU never came would wait for ever
@@ -312,8 +327,8 @@ class Sandbox:
             self.dir.write_meta(meta)
             raise
 
-    def _start_gateway(self, progress: Progress, image: Image) -> Path:
-        """Write this start's policy (the config's, the image's agents' domains, rules changed live before) and start the gateway."""
+    def _launch_gateway(self, progress: Progress, image: Image) -> subprocess.Popen[bytes]:
+        """Write this start's policy (the config's, the image's agents' domains, rules changed live before) and launch the gateway."""
         n = self.config.network
         live: dict[str, list[tuple[str, str]]] = {"allow": [], "deny": []}
         with contextlib.suppress(OSError, ValueError, KeyError):
@@ -327,34 +342,24 @@ class Sandbox:
         allow += live["allow"]
         fence.write_policy(self.dir.path, n.mode, allow, n.allow_cidrs, n.deny_cidrs, n.dns_upstream, live["deny"])
         progress("start", f"starting the egress gateway ({n.mode})")
-        fence.start(self.dir.path, self.dir.pidfile)
-        return fence.socket_path(self.dir.path)
+        return fence.launch(self.dir.path, self.dir.pidfile)
 
-    def _become(self, tpl: template_mod.Template, shares: Sequence[virtiofs.ShareSpec], ssh_port: int, progress: Progress,
-                limit: float) -> None:  # fmt: skip
+    def _become(self, shares: Sequence[virtiofs.ShareSpec], fw: Sequence[tuple[str, Path]], progress: Progress, limit: float) -> None:
         """Turn a guest just restored from a template into this instance: plug in its shares, then
-        (logged in with the template's key) give it this instance's identity."""
+        hand it (over the control channel) this instance's settings, the ones a boot reads from fw_cfg."""
         for i, sh in enumerate(shares):
             machine.qmp(self.dir.qmp, "chardev-add", {"id": f"fs{i}", "backend": {
                 "type": "socket", "data": {"addr": {"type": "unix", "data": {"path": str(sh.socket)}}, "server": False}}})  # fmt: skip
             machine.qmp(self.dir.qmp, "device_add", {"driver": "vhost-user-fs-pci", "id": f"fsdev{i}", "chardev": f"fs{i}",
                                                      "tag": sh.tag, "bus": f"hp{i}"})  # fmt: skip
         progress("sshd", "making the template's copy this sandbox")
-        target = tpl.target(ssh_port)
-        argv = target.argv(["sudo", "/usr/local/lib/vivarium/reidentify", f"{time.time():.3f}", str(len(shares))], tty=False)
-        deadline = time.monotonic() + min(120.0, limit)
-        while True:
-            try:
-                r = subprocess.run(argv, input=os.urandom(64), capture_output=True, timeout=max(5.0, min(120.0, limit)), check=False)
-                if r.returncode == 0:
-                    return
-                why = r.stderr.decode(errors="replace").strip()[-300:]
-            except subprocess.TimeoutExpired:
-                why = "no answer over SSH"
-            if time.monotonic() > deadline:
-                raise VMError(f"sandbox {self.name!r} restored from its template but could not take its own identity: {why}",
-                              hint=f"`vivarium destroy {self.name}` and `vivarium up --cold {self.name}`")  # fmt: skip
-            time.sleep(0.2)
+        body = [("time", f"{time.time():.3f}"), ("entropy", secrets.token_hex(32)), ("plugged", str(len(shares)))]
+        body += [(name, line) for name, path in fw for line in path.read_text().splitlines() if line.strip()]
+        try:
+            channel.request(self.dir.control, "become", body=body, timeout=min(120.0, limit))
+        except VMError as e:
+            raise VMError(f"sandbox {self.name!r} restored from its template but could not take its own identity: {e}",
+                          hint=f"`vivarium destroy {self.name}` and `vivarium up --cold {self.name}`") from None  # fmt: skip
 
     def _resize_disk(self, disk: int, meta: dict[str, Any]) -> None:
         if disk > meta.get("disk", 0):
@@ -579,25 +584,30 @@ class Sandbox:
             tmp = d.with_name(f".{tag}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir(parents=True)
-            started = time.monotonic()
             try:
-                machine.save_memory(self.dir.qmp, tmp / "memory")
-                try:  # paused with its disks flushed: copy them as they are now
-                    for disk in (self.dir.disk, self.dir.swap):
-                        run(["cp", "--reflink=auto", "--sparse=always", disk, tmp / disk.name])
-                finally:
-                    machine.qmp(self.dir.qmp, "cont")
-                info = {
-                    "tag": tag, "created": time.time(), "seconds": round(time.monotonic() - started, 2),
-                    "memory": meta["memory"], "cpus": meta["cpus"], "accel": meta["accel"], "build_id": meta["build_id"],
-                    "qemu": machine.qemu_version(self.dir.qmp),
-                }  # fmt: skip
+                info = {"tag": tag, **self._save_state(tmp, pid, meta)}
                 (tmp / "meta.json").write_text(json.dumps(info, indent=1))
                 tmp.rename(d)
             except BaseException:
                 shutil.rmtree(tmp, ignore_errors=True)
                 raise
         return _snapshot_info(d)
+
+    def _save_state(self, dest: Path, pid: int, meta: dict[str, Any]) -> dict[str, Any]:
+        """The running guest's device state, RAM and disks into `dest`, all of one instant; it runs on after."""
+        started = time.monotonic()
+        machine.save_memory(self.dir.qmp, dest / "state", without_ram=True)
+        try:  # paused, its disks flushed: RAM and disks as they are now
+            ram = memory.save_sparse(memory.qemu_ram_fd(pid, meta["memory"] >> 20 << 20), dest / "ram")
+            for disk in (self.dir.disk, self.dir.swap):
+                run(["cp", "--reflink=auto", "--sparse=always", disk, dest / disk.name])
+        finally:
+            machine.qmp(self.dir.qmp, "cont")
+        return {
+            "created": time.time(), "seconds": round(time.monotonic() - started, 2), "ram_data": ram,
+            "memory": meta["memory"], "cpus": meta["cpus"], "accel": meta["accel"], "build_id": meta["build_id"],
+            "qemu": machine.qemu_version(self.dir.qmp), "layout": LAYOUT,
+        }  # fmt: skip
 
     def snapshot_restore(self, tag: str, *, progress: Progress = _quiet) -> Status:
         """Back to a saved snapshot, memory and disks: the guest goes on where it was saved."""
@@ -611,6 +621,7 @@ class Sandbox:
         mismatch = [f"{what} {was} now {now}" for what, was, now in (
             ("memory", cfg.format_size(info["memory"]), cfg.format_size(c.vm.memory)), ("cpus", info["cpus"], c.vm.cpus),
             ("accelerator", info["accel"], acc.name), ("image", info["build_id"], image.build_id),
+            ("device layout", info.get("layout", 1), LAYOUT),
         ) if was != now]  # fmt: skip
         if any(s.mode for s in c.share):
             mismatch.append("shared directories are configured (a snapshot has none)")
@@ -623,13 +634,8 @@ class Sandbox:
             meta = self.meta()
             for disk in (self.dir.disk, self.dir.swap):
                 run(["cp", "--reflink=auto", "--sparse=always", d / disk.name, disk])
-            self._start(meta, image, progress, auto_ports=False, timeout=None, incoming=d / "memory")
-        self._set_clock()
+            self._start(meta, image, progress, auto_ports=False, timeout=None, saved=d)
         return self.status()
-
-    def _set_clock(self) -> None:
-        """A restored guest's clock stands where it was saved."""
-        self.exec(["sudo", "date", "-u", "-s", f"@{time.time():.3f}"], capture=True, timeout=60)
 
     def snapshot_rm(self, tag: str) -> None:
         d = self._snapshot_dir(tag)

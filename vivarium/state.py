@@ -106,6 +106,11 @@ class InstanceDir:
         return self.path / "lock"
 
     @property
+    def control(self) -> Path:
+        """The base name of the control channel's FIFOs (control.in, control.out)."""
+        return self.path / "control"
+
+    @property
     def fwcfg(self) -> Path:
         return self.path / "fw_cfg"
 

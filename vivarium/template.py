@@ -2,9 +2,10 @@
 
 A new sandbox of the same shape (image, memory, cpus, disk and swap sizes,
 user, accelerator) restores from it instead of booting: its disks are qcow2
-overlays on the template's, QEMU starts with `-incoming`, the shares are
-plugged in, and `reidentify` inside makes the guest this instance (keys,
-machine-id, hostname, clock, entropy) before `up` says it is ready.
+overlays on the template's, its RAM a copy of the template's (vm/memory.py),
+QEMU loads the saved device state, the shares are plugged in, and the guest's
+control agent makes it this instance (keys, machine-id, hostname, clock,
+entropy) before `up` says it is ready: no login with a shared key.
 
 Templates live in the image cache, next to the image they were made from.
 """
@@ -21,14 +22,18 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from vivarium import config as cfg
-from vivarium import ssh, state
+from vivarium import state
+from vivarium.errors import VMError
+from vivarium.vm import channel
+from vivarium.vm.qemu import LAYOUT
 
 if TYPE_CHECKING:
     from vivarium.image.build import Image
     from vivarium.sandbox import Progress
 
-# Bump when what a template holds changes shape (devices, guest setup).
-TEMPLATE_VERSION = 1
+# Bump when what a template holds changes shape (files, guest setup); the
+# device layout (qemu.LAYOUT) is part of the key as well.
+TEMPLATE_VERSION = 2
 
 
 @dataclass(frozen=True)
@@ -36,12 +41,8 @@ class Template:
     path: Path
 
     @property
-    def memory(self) -> Path:
-        return self.path / "memory"
-
-    @property
     def files(self) -> state.InstanceDir:
-        """The saved disks, key and pinned host key, named as in the instance they were saved from."""
+        """The saved disks, named as in the instance they were saved from."""
         return state.InstanceDir(self.path.name, self.path)
 
     @property
@@ -56,14 +57,9 @@ class Template:
         data: dict[str, Any] = json.loads((self.path / "meta.json").read_text())
         return data
 
-    def target(self, port: int) -> ssh.Target:
-        """The template's own identity: how to reach a guest just restored from it."""
-        m = self.meta()
-        return ssh.Target(alias=m["alias"], user=m["user"], port=port, key=self.files.key, known_hosts=self.files.known_hosts)
-
 
 def key_of(image: Image, c: cfg.Config, accel: str) -> str:
-    blob = json.dumps([TEMPLATE_VERSION, image.build_id, c.vm.memory, c.vm.cpus, c.vm.disk, c.vm.swap, c.vm.user, accel])
+    blob = json.dumps([TEMPLATE_VERSION, LAYOUT, image.build_id, c.vm.memory, c.vm.cpus, c.vm.disk, c.vm.swap, c.vm.user, accel])
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -117,18 +113,19 @@ def make(image: Image, c: cfg.Config, accel: str, progress: Progress) -> Templat
             progress("template", "booting a template to a ready state (once per image and shape)")
             box.up(progress=progress, cold=True)
             progress("template", "starting Docker in the template")
-            box.exec(["sudo", "systemctl", "start", "docker.service"], capture=True, timeout=600)
-            box.exec(["sync"], capture=True)
+            # and the modules a copy with shares needs, loaded once here instead of in every copy
+            r = box.exec(["sudo", "sh", "-c", "systemctl start docker.service && modprobe -a virtiofs overlay && sync"], capture=True, timeout=600)
+            if r.returncode != 0:
+                raise VMError(f"the template could not start Docker: {(r.stderr or r.stdout).strip()[-300:]}",
+                              hint=f"run with --debug; the template's console log is {box.dir.serial}")  # fmt: skip
+            channel.request(box.dir.control, "ping", timeout=120)  # its agent listens: copies will be able to become themselves
             progress("template", "saving the template")
             box.snapshot_save("template")
             tmp = final.with_name(f".{key}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
             (box.dir.path / "snapshots" / "template").rename(tmp)
-            saved = state.InstanceDir(name, tmp)
-            shutil.copy2(box.dir.key, saved.key)
-            shutil.copy2(box.dir.known_hosts, saved.known_hosts)
             info = json.loads((tmp / "meta.json").read_text())
-            info.update({"alias": f"vivarium-{name}", "user": box.meta()["user"], "made": time.time(), "key": key})
+            info.update({"user": box.meta()["user"], "made": time.time(), "key": key})
             (tmp / "meta.json").write_text(json.dumps(info, indent=1))
             tmp.rename(final)
             prune()

@@ -114,7 +114,12 @@ def relay_program() -> str:
 
 
 def start(directory: Path, qemu_pidfile: Path) -> int:
-    """Start the gateway (a supervisor and its serving child); return once it listens."""
+    """Start the gateway (a supervisor and its serving child); return its pid once it listens."""
+    return wait_started(directory, launch(directory, qemu_pidfile))
+
+
+def launch(directory: Path, qemu_pidfile: Path) -> subprocess.Popen[bytes]:
+    """Start the gateway without waiting for it (`wait_started` does): the caller starts QEMU meanwhile."""
     relay_program()
     stop(directory)
     sock = directory / gateway.SOCKET
@@ -124,11 +129,18 @@ def start(directory: Path, qemu_pidfile: Path) -> int:
     sock.unlink(missing_ok=True)
     err = (directory / "gateway.err").open("ab")
     (directory / gateway.PIDFILE).unlink(missing_ok=True)
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--qemu-pidfile", str(qemu_pidfile)],
-        stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
-    )  # fmt: skip
-    err.close()
+    try:
+        return subprocess.Popen(
+            [sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--qemu-pidfile", str(qemu_pidfile)],
+            stdin=subprocess.DEVNULL, stdout=err, stderr=err, start_new_session=True,
+        )  # fmt: skip
+    finally:
+        err.close()
+
+
+def wait_started(directory: Path, proc: subprocess.Popen[bytes]) -> int:
+    """Until the gateway `launch` started listens; its pid."""
+    sock = directory / gateway.SOCKET
     proc.wait(30)  # it forks and its first half exits at once
     deadline = time.monotonic() + 15
     while not sock.exists() or pid(directory) is None:

@@ -19,6 +19,7 @@ from qemu.qmp import QMPClient
 
 from vivarium.errors import CommandFailed, VMError
 from vivarium.run import run
+from vivarium.vm import channel
 from vivarium.vm.qemu import MachineSpec, qemu_argv
 
 
@@ -26,8 +27,10 @@ def start(spec: MachineSpec) -> int:
     """Start QEMU in the background; return its pid once it runs."""
     spec.pidfile.unlink(missing_ok=True)
     spec.qmp.unlink(missing_ok=True)
+    if spec.control is not None:
+        channel.make(spec.control)
     try:
-        run(qemu_argv(spec), timeout=60)
+        run(qemu_argv(spec), timeout=60, pass_fds=() if spec.ram_fd is None else (spec.ram_fd,))
     except CommandFailed as e:
         lines = [ln.removeprefix("qemu-system-x86_64: ") for ln in e.output.strip().splitlines() if ln.strip()]
         raise VMError(f"QEMU did not start: {lines[-1] if lines else f'exit code {e.returncode}'}",
@@ -82,8 +85,16 @@ def hmp(sock: Path, line: str) -> str:
     return str(result or "").strip()
 
 
-def save_memory(sock: Path, path: Path, timeout: float = 600.0) -> None:
-    """Migrate the running guest's state into a file. The guest is left paused (postmigrate)."""
+def _ignore_shared(sock: Path, on: bool) -> None:
+    """x-ignore-shared: the migration stream leaves out the guest's RAM (shared memory), only device state goes."""
+    qmp(sock, "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
+
+
+def save_memory(sock: Path, path: Path, timeout: float = 600.0, *, without_ram: bool = False) -> None:
+    """Migrate the running guest's state into a file. The guest is left paused (postmigrate).
+
+    `without_ram`: device state only; the caller reads the RAM out of QEMU's memfd."""
+    _ignore_shared(sock, without_ram)
     qmp(sock, "migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -97,6 +108,15 @@ def save_memory(sock: Path, path: Path, timeout: float = 600.0) -> None:
     with contextlib.suppress(VMError):
         qmp(sock, "migrate_cancel")
     raise VMError(f"saving the guest's memory took more than {timeout:.0f}s")
+
+
+def load(sock: Path, path: Path, *, without_ram: bool = False, timeout: float = 300.0) -> None:
+    """Load a saved state into a QEMU started with `-incoming defer`; return once the guest runs.
+
+    `without_ram`: the state holds device state only; the RAM is already in the memory backend's file."""
+    _ignore_shared(sock, without_ram)
+    qmp(sock, "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
+    wait_running(sock, timeout)
 
 
 def wait_running(sock: Path, timeout: float = 300.0) -> None:

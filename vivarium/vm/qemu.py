@@ -16,6 +16,10 @@ GUEST_IP = "10.0.2.15"
 GATEWAY_ADDR = "10.0.2.100"
 GATEWAY_PORT = 1
 HOTPLUG_SLOTS = 4
+# The virtio-serial port of the guest's control agent (guest/rootfs/.../control).
+CONTROL_PORT = "org.vivarium.control"
+# Bump when the device set changes: a saved state only loads into the same devices.
+LAYOUT = 2
 
 KERNEL_CMDLINE = (
     "root=/dev/vda rw console=ttyS0 quiet loglevel=3 net.ifnames=0 "
@@ -67,6 +71,13 @@ class MachineSpec:
     gateway: Path | None = None
     relay: str = "socat"  # the program QEMU spawns per connection (an absolute path saves a PATH search each time)
     shares: tuple[tuple[str, Path], ...] = ()  # (tag, virtiofsd socket)
+    # The host's end of the control channel: FIFOs CONTROL.in and CONTROL.out
+    # (QEMU's pipe chardev: always open, so the guest's agent blocks in read()
+    # until a request comes, instead of polling for a host that connects).
+    control: Path | None = None
+    # Guest RAM from this (inherited) file descriptor instead of a new memfd:
+    # a template's memory, copied in before QEMU starts.
+    ram_fd: int | None = None
     extra: tuple[str, ...] = field(default=())
 
 
@@ -87,7 +98,7 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
         "-m", f"{spec.memory_mib}M",
         # Guest RAM a vhost-user daemon (virtiofsd) can map, always: a machine
         # restored from a template gets its shares plugged in after the fact.
-        "-object", f"memory-backend-memfd,id=mem,size={spec.memory_mib}M,share=on", "-numa", "node,memdev=mem",
+        "-object", _memory(spec), "-numa", "node,memdev=mem",
         "-smp", str(spec.cpus),
         "-nodefaults", "-no-user-config", "-display", "none",
         "-kernel", str(spec.kernel),
@@ -101,7 +112,9 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
         "-device", "virtio-net-pci,netdev=net0",
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0",
-        # A new generation id at every start, restores included: the guest kernel reseeds its RNG.
+        # A new generation id at every start, restores included: a guest kernel with the
+        # vmgenid driver reseeds its RNG. (Debian's cloud kernel has none; the
+        # control agent reseeds it with the host's randomness.)
         "-device", "vmgenid,guid=auto",
         # Empty PCIe slots for devices plugged in at run time (shares of a restored template).
         *(x for i in range(HOTPLUG_SLOTS) for x in ("-device", f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1}")),
@@ -110,6 +123,12 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
         "-qmp", f"unix:{_escape(spec.qmp)},server=on,wait=off",
         "-pidfile", str(spec.pidfile),
     ]  # fmt: skip
+    if spec.control is not None:
+        argv += [
+            "-chardev", f"pipe,id=control,path={_escape(spec.control)}",
+            "-device", "virtio-serial-pci,id=vser0",
+            "-device", f"virtserialport,bus=vser0.0,chardev=control,name={CONTROL_PORT}",
+        ]  # fmt: skip
     for i, (tag, sock) in enumerate(spec.shares):
         argv += ["-chardev", f"socket,id=fs{i},path={_escape(sock)}", "-device", f"vhost-user-fs-pci,chardev=fs{i},tag={tag}"]
     for name, path in spec.fw_cfg:
@@ -118,6 +137,13 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
         argv.append("-daemonize")
     argv += spec.extra
     return argv
+
+
+def _memory(spec: MachineSpec) -> str:
+    size = f"size={spec.memory_mib}M,share=on"
+    if spec.ram_fd is not None:
+        return f"memory-backend-file,id=mem,{size},mem-path=/proc/self/fd/{spec.ram_fd}"
+    return f"memory-backend-memfd,id=mem,{size}"
 
 
 def _escape(path: Path | str) -> str:

@@ -1,0 +1,111 @@
+# Applying one sandbox's settings, sourced by boot-setup (at boot, from fw_cfg)
+# and by control (when a guest restored from a template becomes an instance,
+# from the host's request). Settings are files DIR/NAME/raw, as the kernel's
+# qemu_fw_cfg shows them. Under TCG every process started costs ~50 ms: these
+# stick to shell builtins where they can.
+
+get() {  # get DIR NAME VAR: VAR := the first line of DIR/NAME/raw; false if absent or empty
+    [ -r "$1/$2/raw" ] || return 1
+    read -r "$3" < "$1/$2/raw" || true  # fw_cfg files have no final newline
+    eval "[ -n \"\$$3\" ]"
+}
+
+setup_identity() {  # DIR: the agent's authorized key, the SSH host key, the hostname
+    user="" key="" name=""
+    get "$1" user user || read -r user < /etc/vivarium/user
+    [ -d /run/vivarium/authorized_keys ] || mkdir -p -m 0755 /run/vivarium/authorized_keys
+    if get "$1" authorized_key key; then
+        printf '%s\n' "$key" > "/run/vivarium/authorized_keys/$user"
+    fi
+    if [ -r "$1/ssh_host_key/raw" ]; then
+        umask 077  # sshd (9.2) reads its host key at every connection: the next login sees this one
+        while IFS= read -r line; do printf '%s\n' "$line"; done < "$1/ssh_host_key/raw" > /run/vivarium/ssh_host_ed25519_key
+        umask 022
+    elif [ ! -e /run/vivarium/ssh_host_ed25519_key ]; then
+        # No key from the host (booted by hand): make one for this boot.
+        ssh-keygen -q -t ed25519 -N '' -f /run/vivarium/ssh_host_ed25519_key
+    fi
+    if get "$1" hostname name; then
+        echo "$name" > /proc/sys/kernel/hostname
+        printf '%s\n' "$name" > /etc/hostname
+        printf '127.0.0.1\tlocalhost\n127.0.1.1\t%s\n::1\tlocalhost ip6-localhost ip6-loopback\n' "$name" > /etc/hosts
+    fi
+}
+
+setup_network() {
+    # QEMU user networking always has the same addresses, so no DHCP and no
+    # network manager. vivarium's initrd has loaded virtio_net already (and
+    # net.ifnames=0 keeps it eth0); booted another way, wait for the NIC to appear.
+    nic="" tries=0
+    while [ -z "$nic" ] && [ $tries -lt 100 ]; do
+        for dev in /sys/class/net/*; do
+            if [ -e "$dev/device" ]; then nic=${dev##*/}; break; fi
+        done
+        [ -n "$nic" ] || { sleep 0.1; tries=$((tries + 1)); }
+    done
+    if [ -n "$nic" ]; then
+        ip -batch - <<NET
+link set lo up
+link set $nic up
+addr replace 10.0.2.15/24 dev $nic
+route replace default via 10.0.2.2 dev $nic
+NET
+    else
+        echo "vivarium: no network interface appeared" > /dev/ttyS0
+    fi
+}
+
+wait_shares() {  # N: until N virtiofs devices are bound (plugged in at run time)
+    [ "$1" -gt 0 ] || return 0
+    [ -d /sys/module/virtiofs ] || modprobe virtiofs 2>/dev/null || true
+    tries=0
+    while [ $tries -lt 100 ]; do
+        n=0
+        for dev in /sys/bus/virtio/drivers/virtiofs/virtio*; do [ -e "$dev" ] && n=$((n + 1)); done
+        [ $n -lt "$1" ] || return 0
+        sleep 0.1; tries=$((tries + 1))
+    done
+}
+
+setup_shares() {  # DIR: shared host directories (virtiofs), one "TAG MODE PATH" line each (MODE: rw, ro, review)
+    # A read-only share is read-only on the host side as well; "ro" here only makes that visible.
+    [ -r "$1/shares/raw" ] || return 0
+    loaded=""
+    user=""
+    get "$1" user user || read -r user < /etc/vivarium/user
+    while read -r tag mode path; do
+        [ -n "$tag" ] || continue
+        [ -n "$loaded" ] || { [ -d /sys/module/virtiofs ] || modprobe virtiofs 2>/dev/null || true; loaded=1; }
+        mkdir -p "$path"
+        if [ "$mode" = review ]; then
+            # the host's directory (read-only on the host side) under an overlay
+            # whose writable layer is on this disk: the host takes changes with `vivarium apply`
+            lower=/run/vivarium/lower/$tag state=/var/lib/vivarium/review/$tag
+            mkdir -p "$lower" "$state/upper" "$state/work"
+            [ -d /sys/module/overlay ] || modprobe overlay 2>/dev/null || true
+            if mount -t virtiofs -o ro "$tag" "$lower"; then
+                chown "$user" "$state/upper" 2>/dev/null || true
+                mount -t overlay overlay -o "lowerdir=$lower,upperdir=$state/upper,workdir=$state/work" "$path" \
+                    || echo "vivarium: cannot put an overlay on share $tag at $path" > /dev/ttyS0
+            else
+                echo "vivarium: cannot mount share $tag" > /dev/ttyS0
+            fi
+            continue
+        fi
+        opts=rw
+        [ "$mode" = ro ] && opts=ro
+        mount -t virtiofs -o "$opts" "$tag" "$path" || echo "vivarium: cannot mount share $tag on $path" > /dev/ttyS0
+    done < "$1/shares/raw"
+}
+
+setup_kube_link() {  # DIR: kube.link_into_share (the origin's way): ~/.kube lives in the project share,
+    # so the kubeconfig Kind writes inside is the host's to use too.
+    klink="" user=""
+    get "$1" kube_link klink || return 0
+    get "$1" user user || read -r user < /etc/vivarium/user
+    mkdir -p "$klink/.kube"
+    chown "$user:" "$klink/.kube" 2>/dev/null || true
+    [ -L "/home/$user/.kube" ] || rm -rf "/home/$user/.kube"
+    ln -sfn "$klink/.kube" "/home/$user/.kube"
+    chown -h "$user:" "/home/$user/.kube" 2>/dev/null || true
+}

@@ -1,0 +1,101 @@
+"""Guest RAM as a file: how a template's memory is kept and how a copy of it starts.
+
+A template is saved with QEMU's x-ignore-shared migration capability: the
+migration stream then carries only the device state (under a MiB), and the
+RAM is read straight out of QEMU's memfd into a sparse file (pages of zeros
+left as holes). A new sandbox's RAM is a fresh memfd holding a copy of the
+file's data extents, handed to QEMU as the memory backend's file: the guest
+runs as soon as the device state is loaded, with no page parsed out of a
+stream. (A private, copy-on-write mapping of the template's file would save
+even the copy, but virtiofsd must map the guest's RAM shared.)
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vivarium.errors import VMError
+
+PAGE = 4096
+CHUNK = 1 << 20
+
+
+def qemu_ram_fd(pid: int, size: int) -> Path:
+    """The /proc path of QEMU's guest-RAM memfd (the only memfd of that size it holds)."""
+    fds = Path(f"/proc/{pid}/fd")
+    try:
+        for fd in fds.iterdir():
+            try:
+                if os.readlink(fd).startswith("/memfd:") and fd.stat().st_size == size:
+                    return fd
+            except OSError:
+                continue
+    except OSError as e:
+        raise VMError(f"cannot look at QEMU's open files ({fds}): {e.strerror}") from None
+    raise VMError(f"QEMU (pid {pid}) holds no memfd of {size >> 20} MiB to read the guest's RAM from")
+
+
+def save_sparse(src: Path, dest: Path) -> int:
+    """Copy `src` to a new file `dest`, leaving pages of zeros as holes. Returns the bytes of data written."""
+    zero = bytes(PAGE)
+    written = 0
+    with open(src, "rb", buffering=0) as fin:
+        size = os.fstat(fin.fileno()).st_size
+        fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            os.ftruncate(fd, size)
+            offset = 0
+            while offset < size:
+                chunk = os.pread(fin.fileno(), CHUNK, offset)
+                if not chunk:
+                    break
+                if chunk.count(0) != len(chunk):
+                    run = -1  # where the run of data pages being gathered starts
+                    for p in range(0, len(chunk), PAGE):
+                        page = chunk[p : p + PAGE]
+                        if page != zero[: len(page)]:
+                            run = p if run < 0 else run
+                        elif run >= 0:
+                            written += os.pwrite(fd, chunk[run:p], offset + run)
+                            run = -1
+                    if run >= 0:
+                        written += os.pwrite(fd, chunk[run:], offset + run)
+                offset += len(chunk)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    return written
+
+
+def load_memfd(src: Path, name: str) -> int:
+    """A new memfd holding `src` (only its data extents are copied; holes stay unallocated).
+
+    The descriptor is inheritable, for QEMU to open as /proc/self/fd/N; the caller closes it."""
+    fd = os.memfd_create(name, 0)
+    try:
+        with open(src, "rb", buffering=0) as fin:
+            s = fin.fileno()
+            size = os.fstat(s).st_size
+            os.ftruncate(fd, size)
+            offset = 0
+            while offset < size:
+                try:
+                    offset = os.lseek(s, offset, os.SEEK_DATA)
+                except OSError:  # ENXIO: no data after offset
+                    break
+                end = os.lseek(s, offset, os.SEEK_HOLE)
+                os.lseek(fd, offset, os.SEEK_SET)
+                while offset < end:
+                    n = os.sendfile(fd, s, offset, end - offset)
+                    if n == 0:
+                        raise VMError(f"{src} ended early while loading a template's memory")
+                    offset += n
+    except OSError as e:
+        os.close(fd)
+        raise VMError(f"cannot load a template's memory from {src}: {e.strerror}", hint="is the host short of memory?") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    os.set_inheritable(fd, True)
+    return fd
