@@ -105,3 +105,16 @@ def test_virtiofsd_argv_read_only_goes_through_a_read_only_bind_mount(tmp_path: 
     assert "remount,bind,ro" in ro[7] and ro[9] == str(tmp_path / "src") and ro[10] == "/usr/lib/qemu/virtiofsd"
     rust = virtiofsd_argv("/usr/libexec/virtiofsd", rw)
     assert f"--shared-dir={tmp_path / 'src'}" in rust
+
+
+def test_qemu_argv_control_channel_and_ram_from_a_descriptor(tmp_path: Path) -> None:
+    plain = qemu_argv(spec(tmp_path))
+    assert opt(plain, "-object")[0] == "memory-backend-memfd,id=mem,size=2048M,share=on"
+    assert not any(c.startswith("pipe,") for c in opt(plain, "-chardev"))
+    argv = qemu_argv(spec(tmp_path, control=tmp_path / "control", ram_fd=7))
+    # the saved RAM comes in as the backend's file, shared (virtiofsd maps it too)
+    assert opt(argv, "-object")[0] == "memory-backend-file,id=mem,size=2048M,share=on,mem-path=/proc/self/fd/7"
+    assert f"pipe,id=control,path={tmp_path}/control" in opt(argv, "-chardev")
+    devices = opt(argv, "-device")
+    assert "virtio-serial-pci,id=vser0" in devices
+    assert "virtserialport,bus=vser0.0,chardev=control,name=org.vivarium.control" in devices

@@ -146,7 +146,7 @@ def _sandbox_verbs(verbs: Any) -> None:
     _name(d)
     d.set_defaults(func=cmd_destroy)
 
-    r = verbs.add_parser("reset", help="back to the pristine image (a new overlay); restarts it if it ran")
+    r = verbs.add_parser("reset", help="back to clean: a new copy of the ready template (or of the image); restarts it if it ran")
     _name(r)
     r.add_argument("--timeout", type=float, metavar="SECONDS")
     r.set_defaults(func=cmd_reset)
@@ -396,7 +396,7 @@ def cmd_reset(args: argparse.Namespace) -> int:
     with PhaseDisplay(f"reset {args.name}", err) as show:
         restarted = box.reset(progress=show, timeout=args.timeout)
     again = " and started again" if restarted else ""
-    err.print(f"sandbox {args.name!r} reset to its image{again} in {time.monotonic() - started:.1f}s")
+    err.print(f"sandbox {args.name!r} reset to clean{again} in {time.monotonic() - started:.1f}s")
     return 0
 
 

@@ -174,18 +174,26 @@ class Sandbox:
                     fence.start(self.dir.path, self.dir.pidfile)
                 return self.status()
             image = self._image(progress)
-            tpl = None
             if not self.exists():
-                tpl = None if cold else self._template(image, progress)
-                self._create(image, tpl)
+                self._create(image, None if cold else self._template(image, progress), cold=cold)
             meta = self.meta()
             if meta["build_id"] != image.build_id:
                 raise InstanceError(
                     f"sandbox {self.name!r} was made from an image that has since been rebuilt",
                     hint=f"`vivarium reset {self.name}` starts it afresh from the new image",
                 )
-            self._start(meta, image, progress, auto_ports=auto_ports, timeout=timeout, template=tpl)
+            self._start(meta, image, progress, auto_ports=auto_ports, timeout=timeout, template=self._unstarted_template(meta))
         return self.status()
+
+    def _unstarted_template(self, meta: dict[str, Any]) -> template_mod.Template | None:
+        """The template whose disks this sandbox's overlays were made on, while it has not yet started from it."""
+        if not meta.get("template") or not meta.get("pristine"):
+            return None
+        tpl = template_mod.Template(template_mod.templates_dir() / meta["template"])
+        if not (tpl.path / "meta.json").exists():
+            raise InstanceError(f"the template sandbox {self.name!r} was to start from is gone from the cache",
+                                hint=f"`vivarium reset {self.name}` starts it afresh")  # fmt: skip
+        return tpl
 
     def _template(self, image: Image, progress: Progress) -> template_mod.Template | None:
         """The ready template for a new sandbox of this shape, made now if missing; None where none can serve."""
@@ -208,16 +216,12 @@ class Sandbox:
         image, _ = build_image(Recipe.from_config(self.config), progress=progress)
         return image
 
-    def _create(self, image: Image, tpl: template_mod.Template | None = None) -> None:
+    def _create(self, image: Image, tpl: template_mod.Template | None, *, cold: bool = False) -> None:
         """A new instance: overlay disks on the base (or on a template's), keys. Milliseconds."""
         c = self.config
         self.dir.path.mkdir(parents=True, exist_ok=True)
         os.chmod(self.dir.path, 0o700)
-        if tpl is None:
-            self._new_disks(image, c.vm.disk, c.vm.swap)
-        else:
-            for ours, theirs in ((self.dir.disk, tpl.disk), (self.dir.swap, tpl.swap)):
-                run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", theirs, ours])
+        self._new_disks(image, c.vm.disk, c.vm.swap, tpl)
         ssh.make_keys(self.dir.key, self.dir.host_key, self.dir.known_hosts, f"vivarium-{self.name}")
         self.dir.write_meta({
             "name": self.name,
@@ -226,14 +230,21 @@ class Sandbox:
             "build_id": image.build_id,
             "user": c.vm.user,
             "template": tpl.path.name if tpl else None,
+            "pristine": True,  # until its first start: then a template's copy has become itself
+            "cold": cold,  # --cold: a reset boots it cold again
             "disk": c.vm.disk,
             "swap": c.vm.swap,
             "running": False,
         })  # fmt: skip
 
-    def _new_disks(self, image: Image, disk: int, swap: int) -> None:
+    def _new_disks(self, image: Image, disk: int, swap: int, tpl: template_mod.Template | None = None) -> None:
+        """Overlays on the image's disk (a fresh swap), or on a template's disks."""
         for path in (self.dir.disk, self.dir.swap):
             path.unlink(missing_ok=True)
+        if tpl is not None:
+            for ours, theirs in ((self.dir.disk, tpl.disk), (self.dir.swap, tpl.swap)):
+                run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", theirs, ours])
+            return
         run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", image.disk, self.dir.disk, str(disk)])
         run(["qemu-img", "create", "-q", "-f", "qcow2", self.dir.swap, str(swap)])
 
@@ -314,6 +325,8 @@ class Sandbox:
             elif saved is not None:  # the clock stood still, and a second restore must not repeat the first's randomness
                 channel.request(self.dir.control, "resume", f"{time.time():.3f} {secrets.token_hex(32)}", timeout=min(60.0, limit))
             self._wait_ready(pid, ssh_port, limit, progress, restored=saved is not None)
+            if meta.pop("pristine", False):
+                self.dir.write_meta(meta)
         except BaseException:
             if ram is not None:
                 os.close(ram)
@@ -465,7 +478,8 @@ class Sandbox:
         shutil.rmtree(self.dir.path)
 
     def reset(self, *, progress: Progress = _quiet, timeout: float | None = None) -> bool:
-        """Back to the pristine image: a new overlay. Restarts it if it was running."""
+        """Back to clean: new overlays on the ready template of its shape (or, made --cold, on the image).
+        Restarts it if it was running."""
         was_running = self.pid() is not None
         if was_running:
             self.stop()
@@ -477,10 +491,14 @@ class Sandbox:
                 recipe = Recipe.from_config(self.config)
                 if image is None or recipe.key() != meta["image"]:
                     image, _ = build_image(recipe, progress=progress)
-            self._new_disks(image, meta["disk"], meta["swap"])
+            tpl = None if meta.get("cold") else self._template(image, progress)
+            self._new_disks(image, meta["disk"], meta["swap"], tpl)
             for snap in self.dir.path.glob("review-*.json"):  # the overlays went with the disk
                 snap.unlink()
-            meta.update({"image": image.key, "build_id": image.build_id, "running": False})
+            meta.update({"image": image.key, "build_id": image.build_id, "running": False,
+                         "template": tpl.path.name if tpl else None, "pristine": True})  # fmt: skip
+            if tpl is not None:
+                meta.update({"disk": self.config.vm.disk, "swap": self.config.vm.swap})
             self.dir.write_meta(meta)
         if was_running:
             self.up(progress=progress, timeout=timeout)

@@ -169,9 +169,15 @@ def test_missing_qemu_is_one_line_with_the_fix(box: Sandbox, project: Path, tmp_
 def test_reset_throws_the_guest_disk_away(box: Sandbox, project: Path) -> None:
     assert box.exec(["sh", "-c", "echo precious > ~/marker && sync"]).returncode == 0
     assert box.exec(["test", "-f", "/home/agent/marker"]).returncode == 0
-    vv("reset", "itest", cwd=project)  # the project's vivarium.toml: its forwards, not the defaults
+    r = vv("reset", "itest", cwd=project)  # the project's vivarium.toml: its forwards, not the defaults
+    assert "reset to clean and started again" in r.stderr
     assert box.pid() is not None
     assert box.exec(["test", "-f", "/home/agent/marker"]).returncode == 1
+    # a fresh copy of the ready template, made this sandbox again: Docker runs, the share is back, its own name
+    meta = box.meta()
+    assert meta["template"] is not None and "pristine" not in meta
+    r = box.exec(["sh", "-c", f"systemctl is-active docker; hostname; mount | grep -c ' {project.resolve()} type virtiofs'"], capture=True)
+    assert r.stdout.split() == ["active", "itest", "1"], r.stdout
 
 
 def test_sigkill_then_up_recovers(box: Sandbox, project: Path) -> None:

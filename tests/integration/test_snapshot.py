@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -49,6 +50,13 @@ def test_restore_goes_back_to_where_it_was_saved(snapbox: tuple[Sandbox, Path]) 
     curl = box.exec(["curl", "-sS", "-m", "20", "http://public.test/"], capture=True)
     assert curl.stdout.strip() == f"hello from {PUBLIC}", curl.stderr
     assert box.status().gateway is not None
+    # each restore is a machine of its own: the clock is now, and its randomness is not the last restore's
+    probe = ["sh", "-c", "head -c 32 /dev/urandom | od -An -tx1 | tr -d ' \\n'; echo; date +%s"]
+    first = box.exec(probe, capture=True).stdout.split()
+    vv("snapshot", "snapbox", "restore", "one", cwd=d)
+    second = box.exec(probe, capture=True).stdout.split()
+    assert len(first[0]) == 64 and first[0] != second[0]
+    assert abs(int(second[1]) - time.time()) < 30
     (snap,) = json.loads(vv("snapshot", "snapbox", "ls", "--json").stdout)
     assert snap["tag"] == "one" and snap["memory"] == 1 << 30 and snap["size"] > 0
 

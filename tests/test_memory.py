@@ -1,0 +1,41 @@
+"""Guest RAM files: saved sparse, loaded into a memfd with the same bytes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from vivarium.vm import memory
+
+
+def test_save_sparse_then_load_gives_the_same_bytes(tmp_path: Path) -> None:
+    size = 8 << 20
+    src = tmp_path / "ram"
+    with open(src, "wb") as f:
+        f.truncate(size)
+        for offset, data in ((0, b"boot"), (3 * memory.PAGE + 17, b"x" * 9000), (5 << 20, os.urandom(memory.CHUNK)), (size - 3, b"end")):
+            f.seek(offset)
+            f.write(data)
+        f.seek(2 << 20)
+        f.write(bytes(memory.CHUNK))  # written zeros: left as a hole in the copy
+    saved = tmp_path / "saved"
+    written = memory.save_sparse(src, saved)
+    assert saved.stat().st_size == size
+    assert written == memory.PAGE + 3 * memory.PAGE + memory.CHUNK + memory.PAGE  # whole pages of data only
+    assert saved.stat().st_blocks * 512 < 2 * written  # the zeros take no room
+    fd = memory.load_memfd(saved, "test")
+    try:
+        assert os.get_inheritable(fd)
+        assert Path(f"/proc/self/fd/{fd}").read_bytes() == src.read_bytes()
+    finally:
+        os.close(fd)
+
+
+def test_qemu_ram_fd_finds_the_memfd_of_that_size(tmp_path: Path) -> None:
+    fd = os.memfd_create("guest-ram")
+    os.ftruncate(fd, 4 << 20)
+    try:
+        path = memory.qemu_ram_fd(os.getpid(), 4 << 20)
+        assert os.path.samefile(path, f"/proc/self/fd/{fd}")
+    finally:
+        os.close(fd)
