@@ -315,8 +315,6 @@ class Sandbox:
                            for sh in shares],
             })  # fmt: skip
             self.dir.write_meta(meta)
-            if gateway is not None:
-                fence.wait_started(self.dir.path, gateway)  # before the guest runs: its first connection finds it
             if saved is not None:
                 machine.load(self.dir.qmp, saved / "state", without_ram=True)
             limit = timeout or (180.0 if acc.name == "kvm" else 600.0)
@@ -324,6 +322,10 @@ class Sandbox:
                 self._become(shares, fw, progress, limit)
             elif saved is not None:  # the clock stood still, and a second restore must not repeat the first's randomness
                 channel.request(self.dir.control, "resume", f"{time.time():.3f} {secrets.token_hex(32)}", timeout=min(60.0, limit))
+            if gateway is not None:
+                # Waited for only now, its start overlapping the restore: a connection the guest
+                # made before it listened was refused (the fence fails closed), never let out.
+                fence.wait_started(self.dir.path, gateway)
             self._wait_ready(pid, ssh_port, limit, progress, restored=saved is not None)
             if meta.pop("pristine", False):
                 self.dir.write_meta(meta)
