@@ -178,10 +178,20 @@ kernel/drivers/net/virtio_net.ko: kernel/drivers/net/net_failover.ko kernel/net/
 kernel/drivers/firmware/qemu_fw_cfg.ko:
 kernel/drivers/virtio/virtio.ko:
 kernel/drivers/virtio/virtio_ring.ko: kernel/drivers/virtio/virtio.ko
+N/nf_tables.ko: N/nfnetlink.ko kernel/lib/libcrc32c.ko
+N/nft_chain_nat.ko: N/nf_nat.ko N/nf_conntrack.ko N/nf_defrag_ipv6.ko N/nf_defrag_ipv4.ko N/nf_tables.ko N/nfnetlink.ko kernel/lib/libcrc32c.ko
+N/nft_redir.ko: N/nf_nat.ko N/nf_conntrack.ko N/nf_defrag_ipv6.ko N/nf_defrag_ipv4.ko N/nf_tables.ko N/nfnetlink.ko kernel/lib/libcrc32c.ko
+N/nft_ct.ko: N/nf_conntrack.ko N/nf_defrag_ipv6.ko N/nf_defrag_ipv4.ko N/nf_tables.ko N/nfnetlink.ko kernel/lib/libcrc32c.ko
+N/nf_nat.ko: N/nf_conntrack.ko N/nf_defrag_ipv6.ko N/nf_defrag_ipv4.ko kernel/lib/libcrc32c.ko
+N/nf_conntrack.ko: N/nf_defrag_ipv6.ko N/nf_defrag_ipv4.ko kernel/lib/libcrc32c.ko
+N/nf_defrag_ipv6.ko:
+N/nf_defrag_ipv4.ko:
+N/nfnetlink.ko:
+kernel/lib/libcrc32c.ko:
 """
 
 
-DEP = DEP.replace("kernel/drivers/virtio/", "K/")  # short lines; the paths only need to agree
+DEP = DEP.replace("kernel/drivers/virtio/", "K/").replace("N/", "kernel/net/netfilter/")  # short lines; the paths only need to agree
 
 
 def test_initrd_module_order_puts_dependencies_first() -> None:
@@ -189,6 +199,9 @@ def test_initrd_module_order_puts_dependencies_first() -> None:
     assert order.index("virtio") < order.index("virtio_ring") < order.index("virtio_pci") < order.index("virtio_blk")
     assert order.index("failover") < order.index("net_failover") < order.index("virtio_net")
     assert len(order) == len(set(order)) and "qemu_fw_cfg" in order
+    fence = [Path(p).stem for p in initrd.load_order(DEP, (*initrd.MODULES, *initrd.FENCE_MODULES))]
+    assert fence.index("libcrc32c") < fence.index("nf_conntrack") < fence.index("nf_nat") < fence.index("nft_redir")
+    assert fence.index("nfnetlink") < fence.index("nf_tables") < fence.index("nft_chain_nat") and len(fence) == len(set(fence))
     with pytest.raises(KeyError):
         initrd.load_order(DEP, ["nvme"])
 

@@ -15,6 +15,8 @@ from pathlib import Path
 from vivarium.config import Config, Download
 from vivarium.guest import GUEST_DIR
 
+INITRD_SOURCE = Path(__file__).with_name("initrd.py")
+
 # Bump when the way an image is put together changes in a way the fields miss.
 RECIPE_VERSION = 3
 
@@ -60,6 +62,7 @@ class Recipe:
     setup: str
     downloads: tuple[Download, ...]
     guest_files: str  # a hash of vivarium/guest, so editing a unit rebuilds the image
+    initrd: str  # a hash of the initrd's maker (its /init, its modules)
     version: int = RECIPE_VERSION
 
     @classmethod
@@ -75,6 +78,7 @@ class Recipe:
             setup=img.setup,
             downloads=img.download,
             guest_files=hash_tree(GUEST_DIR),
+            initrd=hashlib.sha256(INITRD_SOURCE.read_bytes()).hexdigest()[:16],
         )
 
     def key(self) -> str:
