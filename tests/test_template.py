@@ -35,9 +35,15 @@ def test_prune_keeps_only_templates_whose_image_is_cached(tmp_path: Path, monkey
     images = tmp_path / "cache" / "images"
     (images / "k1").mkdir(parents=True)
     (images / "k1" / "manifest.json").write_text(json.dumps({"build_id": "live"}))
-    for key, build_id in (("t-live", "live"), ("t-gone", "gone")):
+    for key, build_id, version in (("t-live", "live", template.TEMPLATE_VERSION), ("t-gone", "gone", template.TEMPLATE_VERSION),
+                                   ("t-old", "live", template.TEMPLATE_VERSION - 1)):  # fmt: skip
         d = template.templates_dir() / key
         d.mkdir(parents=True)
-        (d / "meta.json").write_text(json.dumps({"build_id": build_id}))
+        (d / "meta.json").write_text(json.dumps({"build_id": build_id, "version": version}))
+    inst = tmp_path / "state" / "instances" / "copy"  # a sandbox still on an old template keeps it
+    inst.mkdir(parents=True)
+    (inst / "instance.json").write_text(json.dumps({"template": "t-old"}))
     assert template.prune() == ["t-gone"]
+    (inst / "instance.json").unlink()
+    assert template.prune() == ["t-old"]
     assert [p.name for p in template.templates_dir().iterdir()] == ["t-live"]

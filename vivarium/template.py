@@ -23,7 +23,7 @@ from typing import TYPE_CHECKING, Any
 
 from vivarium import config as cfg
 from vivarium import state
-from vivarium.errors import VMError
+from vivarium.errors import InstanceError, VMError
 from vivarium.vm import channel
 from vivarium.vm.qemu import LAYOUT
 
@@ -73,7 +73,14 @@ def find(image: Image, c: cfg.Config, accel: str) -> Template | None:
 
 
 def prune() -> list[str]:
-    """Remove templates whose image is gone from the cache. Returns their keys."""
+    """Remove templates whose image is gone from the cache, or made by another TEMPLATE_VERSION,
+    unless a sandbox's disks are still overlays on them. Returns their keys."""
+    used = set()
+    for inst in state.list_instances():
+        try:
+            used.add(inst.read_meta().get("template"))
+        except (OSError, ValueError, InstanceError):
+            continue
     live = set()
     if state.images_dir().is_dir():
         for m in state.images_dir().glob("*/manifest.json"):
@@ -84,10 +91,11 @@ def prune() -> list[str]:
     gone = []
     for meta in templates_dir().glob("*/meta.json") if templates_dir().is_dir() else ():
         try:
-            build_id = json.loads(meta.read_text())["build_id"]
+            info = json.loads(meta.read_text())
+            build_id, version = info["build_id"], info.get("version", 1)
         except (OSError, ValueError, KeyError):
             continue
-        if build_id not in live:
+        if meta.parent.name not in used and (build_id not in live or version != TEMPLATE_VERSION):
             shutil.rmtree(meta.parent, ignore_errors=True)
             gone.append(meta.parent.name)
     return gone
@@ -125,7 +133,7 @@ def make(image: Image, c: cfg.Config, accel: str, progress: Progress) -> Templat
             shutil.rmtree(tmp, ignore_errors=True)
             (box.dir.path / "snapshots" / "template").rename(tmp)
             info = json.loads((tmp / "meta.json").read_text())
-            info.update({"user": box.meta()["user"], "made": time.time(), "key": key})
+            info.update({"user": box.meta()["user"], "made": time.time(), "key": key, "version": TEMPLATE_VERSION})
             (tmp / "meta.json").write_text(json.dumps(info, indent=1))
             tmp.rename(final)
             prune()
