@@ -153,3 +153,18 @@ def test_bad_config_is_one_line_exit_2(tmp_path: Path, monkeypatch: pytest.Monke
     assert lines[0].startswith("error:") and "vm.memory" in lines[0]
     assert "Traceback" not in captured.err
     assert not any(tmp_path.glob("*.tmp"))
+
+
+def test_a_full_disk_is_one_line_with_a_hint(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    import errno
+
+    monkeypatch.chdir(tmp_path)
+
+    def full(args: object) -> int:
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "disk.qcow2"))
+
+    monkeypatch.setattr(cli, "cmd_config_show", full)
+    assert cli.main(["config", "show"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("error: No space left on device: ") and "disk.qcow2" in err
+    assert "hint: free some disk space" in err and "Traceback" not in err

@@ -5,6 +5,9 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import pytest
+
+from vivarium.errors import VMError
 from vivarium.vm import memory
 
 
@@ -39,3 +42,12 @@ def test_qemu_ram_fd_finds_the_memfd_of_that_size(tmp_path: Path) -> None:
         assert os.path.samefile(path, f"/proc/self/fd/{fd}")
     finally:
         os.close(fd)
+
+
+def test_a_failed_save_says_so_and_leaves_no_half_file(tmp_path: Path) -> None:
+    src = tmp_path / "ram"
+    src.write_bytes(b"x" * memory.PAGE)
+    dest = tmp_path / "gone" / "saved"  # its directory does not exist: the write fails as a full disk would
+    with pytest.raises(VMError, match="cannot save the guest's memory"):
+        memory.save_sparse(src, dest)
+    assert not dest.exists()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import errno
 import json
 import logging
 import os
@@ -633,6 +634,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         if e.hint:
             err.print(f"  hint: {escape(e.hint)}")
         return e.exit_code
+    except OSError as e:  # a full disk, a file gone from under us: one line, not a traceback
+        if args.debug:
+            raise
+        where = f": {e.filename}" if e.filename else ""
+        err.print(f"[red]error:[/] {escape(e.strerror or str(e))}{escape(str(where))}")
+        if e.errno in (errno.ENOSPC, errno.EDQUOT):
+            err.print("  hint: free some disk space, or set VIVARIUM_HOME to a disk with room (see `vivarium doctor`)")
+        return 1
     except KeyboardInterrupt:
         err.print("interrupted")
         return 130

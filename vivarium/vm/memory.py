@@ -12,6 +12,7 @@ even the copy, but virtiofsd must map the guest's RAM shared.)
 
 from __future__ import annotations
 
+import errno
 import os
 from pathlib import Path
 
@@ -38,6 +39,15 @@ def qemu_ram_fd(pid: int, size: int) -> Path:
 
 def save_sparse(src: Path, dest: Path) -> int:
     """Copy `src` to a new file `dest`, leaving pages of zeros as holes. Returns the bytes of data written."""
+    try:
+        return _save_sparse(src, dest)
+    except OSError as e:
+        dest.unlink(missing_ok=True)
+        hint = "free some disk space" if e.errno in (errno.ENOSPC, errno.EDQUOT) else ""
+        raise VMError(f"cannot save the guest's memory to {dest}: {e.strerror}", hint=hint) from None
+
+
+def _save_sparse(src: Path, dest: Path) -> int:
     zero = bytes(PAGE)
     written = 0
     with open(src, "rb", buffering=0) as fin:
