@@ -51,3 +51,17 @@ def test_a_failed_save_says_so_and_leaves_no_half_file(tmp_path: Path) -> None:
     with pytest.raises(VMError, match="cannot save the guest's memory"):
         memory.save_sparse(src, dest)
     assert not dest.exists()
+
+
+def test_untouched_ram_is_not_even_read(tmp_path: Path) -> None:
+    fd = os.memfd_create("guest-ram")
+    try:
+        os.ftruncate(fd, 64 << 20)
+        os.pwrite(fd, b"kernel", 32 << 20)
+        spans = list(memory.extents(fd, 64 << 20))
+        assert sum(end - start for start, end in spans) < 1 << 20  # a memfd's holes are skipped
+        assert any(start <= 32 << 20 < end for start, end in spans)
+        written = memory.save_sparse(Path(f"/proc/self/fd/{fd}"), tmp_path / "saved")
+        assert written == memory.PAGE and (tmp_path / "saved").read_bytes()[32 << 20 :][:6] == b"kernel"
+    finally:
+        os.close(fd)

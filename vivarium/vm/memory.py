@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import errno
 import os
+from collections.abc import Iterator
 from pathlib import Path
 
 from vivarium.errors import VMError
@@ -48,33 +49,55 @@ def save_sparse(src: Path, dest: Path) -> int:
 
 
 def _save_sparse(src: Path, dest: Path) -> int:
-    zero = bytes(PAGE)
     written = 0
     with open(src, "rb", buffering=0) as fin:
-        size = os.fstat(fin.fileno()).st_size
+        s = fin.fileno()
+        size = os.fstat(s).st_size
         fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
         try:
             os.ftruncate(fd, size)
-            offset = 0
-            while offset < size:
-                chunk = os.pread(fin.fileno(), CHUNK, offset)
-                if not chunk:
-                    break
-                if chunk.count(0) != len(chunk):
-                    run = -1  # where the run of data pages being gathered starts
-                    for p in range(0, len(chunk), PAGE):
-                        page = chunk[p : p + PAGE]
-                        if page != zero[: len(page)]:
-                            run = p if run < 0 else run
-                        elif run >= 0:
-                            written += os.pwrite(fd, chunk[run:p], offset + run)
-                            run = -1
-                    if run >= 0:
-                        written += os.pwrite(fd, chunk[run:], offset + run)
-                offset += len(chunk)
+            for start, end in extents(s, size):  # never-touched guest RAM is a hole in the memfd: not even read
+                for offset in range(start, end, CHUNK):
+                    chunk = os.pread(s, min(CHUNK, end - offset), offset)
+                    written += _write_data_pages(fd, chunk, offset)
             os.fsync(fd)
         finally:
             os.close(fd)
+    return written
+
+
+def extents(fd: int, size: int) -> Iterator[tuple[int, int]]:
+    """The (start, end) ranges of `fd` that hold data (SEEK_DATA/SEEK_HOLE), page-aligned."""
+    offset = 0
+    while offset < size:
+        try:
+            start = os.lseek(fd, offset, os.SEEK_DATA)
+        except OSError as e:
+            if e.errno == errno.ENXIO:  # no data after offset
+                return
+            raise
+        end = min(os.lseek(fd, start, os.SEEK_HOLE), size)
+        start -= start % PAGE
+        yield start, end
+        offset = max(end, start + PAGE)
+
+
+def _write_data_pages(fd: int, chunk: bytes, offset: int) -> int:
+    """Write the pages of `chunk` (at `offset`) that are not all zeros, in runs. Returns the bytes written."""
+    if chunk.count(0) == len(chunk):
+        return 0
+    zero = bytes(PAGE)
+    written = 0
+    run = -1  # where the run of data pages being gathered starts
+    for p in range(0, len(chunk), PAGE):
+        page = chunk[p : p + PAGE]
+        if page != zero[: len(page)]:
+            run = p if run < 0 else run
+        elif run >= 0:
+            written += os.pwrite(fd, chunk[run:p], offset + run)
+            run = -1
+    if run >= 0:
+        written += os.pwrite(fd, chunk[run:], offset + run)
     return written
 
 
@@ -88,13 +111,7 @@ def load_memfd(src: Path, name: str) -> int:
             s = fin.fileno()
             size = os.fstat(s).st_size
             os.ftruncate(fd, size)
-            offset = 0
-            while offset < size:
-                try:
-                    offset = os.lseek(s, offset, os.SEEK_DATA)
-                except OSError:  # ENXIO: no data after offset
-                    break
-                end = os.lseek(s, offset, os.SEEK_HOLE)
+            for offset, end in extents(s, size):
                 os.lseek(fd, offset, os.SEEK_SET)
                 while offset < end:
                     n = os.sendfile(fd, s, offset, end - offset)
