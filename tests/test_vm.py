@@ -77,6 +77,16 @@ def test_ssh_argv_keeps_word_boundaries(tmp_path: Path) -> None:
     assert t.argv([], tty=True)[-2:] == ["--", "agent@127.0.0.1"]
     block = t.config_block()
     assert block.startswith("Host vivarium-x\n") and "Port 2222" in block
+    assert "ControlMaster=auto" not in argv  # no control path: a connection per command
+
+
+def test_ssh_shares_one_connection_where_the_socket_path_fits(tmp_path: Path) -> None:
+    t = ssh.Target("vivarium-x", "agent", 2222, tmp_path / "key", tmp_path / "known_hosts", control_path=tmp_path / "ssh-2222.sock")
+    argv = t.argv(["true"])
+    assert "ControlMaster=auto" in argv and f"ControlPath={tmp_path}/ssh-2222.sock" in argv
+    assert "ControlMaster" not in t.config_block()  # the user's own ssh is left as it is
+    deep = ssh.Target("vivarium-x", "agent", 2222, tmp_path / "key", tmp_path / "kh", control_path=Path("/" + "d" * 120) / "s.sock")
+    assert "ControlMaster=auto" not in deep.argv(["true"])  # too long for a unix socket: connect afresh
 
 
 def test_qemu_argv_with_shares(tmp_path: Path) -> None:

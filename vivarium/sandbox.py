@@ -155,7 +155,7 @@ class Sandbox:
         """This instance's SSH identity (its key, its pinned host key) at a given host port."""
         return ssh.Target(
             alias=f"vivarium-{self.name}", user=user or self.meta()["user"], port=port,
-            key=self.dir.key, known_hosts=self.dir.known_hosts,
+            key=self.dir.key, known_hosts=self.dir.known_hosts, control_path=self.dir.path / f"ssh-{port}.sock",
         )  # fmt: skip
 
     # ---------------------------------------------------------- lifecycle
