@@ -29,6 +29,7 @@ systemctl mask \
     apt-daily.timer apt-daily-upgrade.timer man-db.timer e2scrub_all.timer fstrim.timer \
     getty@tty1.service systemd-timesyncd.service ssh.service ssh.socket \
     systemd-networkd.service systemd-network-generator.service \
+    e2scrub_reap.service modprobe@efi_pstore.service modprobe@dm_mod.service \
     >/dev/null 2>&1
 
 # Docker starts on first use (docker.socket), not at boot: under TCG dockerd
