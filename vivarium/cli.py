@@ -116,7 +116,11 @@ def _sandbox_verbs(verbs: Any) -> None:
     _name(s)
     s.set_defaults(func=cmd_ssh, command=[])
 
-    e = verbs.add_parser("exec", help="run CMD in the sandbox; exits with its exit code", usage="vivarium exec [NAME] -- CMD...")
+    e = verbs.add_parser(
+        "exec",
+        help="run CMD in the sandbox, in this directory where a share holds it; exits with its exit code",
+        usage="vivarium exec [NAME] -- CMD...",
+    )
     _name(e)
     e.set_defaults(func=cmd_exec, command=[])
 
@@ -282,7 +286,7 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not cmd:
         raise UsageError("exec needs a command", hint=f"vivarium exec {args.name} -- CMD...")
     box = Sandbox(args.name)
-    return box.exec(cmd).returncode
+    return box.exec(cmd, cwd=box.guest_dir(Path.cwd())).returncode  # where you are, as the share has it
 
 
 def cmd_run(args: argparse.Namespace) -> int:

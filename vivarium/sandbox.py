@@ -742,10 +742,15 @@ class Sandbox:
         capture: bool = False,
         input: str | None = None,
         timeout: float | None = None,
+        cwd: str | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run a command in the guest as the agent user. Its exit code is returned as is."""
+        """Run a command in the guest as the agent user. Its exit code is returned as is.
+
+        In the guest directory `cwd` if given and there, else in the agent's home."""
         if not command:
             raise UsageError("exec needs a command", hint="vivarium exec NAME -- CMD...")
+        if cwd is not None:
+            command = ["sh", "-c", 'cd -- "$0" 2>/dev/null || cd; exec "$@"', cwd, *command]
         argv = self.target().argv(command, tty=False)
         return subprocess.run(
             argv,
@@ -758,6 +763,15 @@ class Sandbox:
         )
 
     # ---------------------------------------------------------- sessions
+
+    def guest_dir(self, host_dir: Path) -> str:
+        """Where `host_dir` is in the guest, if a share holds it (at the same path unless the share
+        says otherwise); else workdir()."""
+        here = host_dir.resolve()
+        for share in self.meta().get("shares") or []:
+            with contextlib.suppress(ValueError):
+                return str(Path(share["guest"]) / here.relative_to(share["host"]))
+        return self.workdir()
 
     def workdir(self) -> str:
         """Where agents start: the guest path of the first share, else the agent's home."""

@@ -22,10 +22,14 @@ from .conftest import vv
 pytestmark = pytest.mark.integration
 
 
-def test_exec_returns_exit_code_and_separate_streams(box: Sandbox) -> None:
+def test_exec_returns_exit_code_and_separate_streams(box: Sandbox, project: Path) -> None:
     r = vv("exec", "itest", "--", "sh", "-c", "echo to-out; echo to-err >&2; exit 7", check=False)
     assert r.returncode == 7
     assert r.stdout == "to-out\n" and r.stderr == "to-err\n"
+    # where you are: the same path in the guest when a share holds it, else the first share
+    (project / "sub").mkdir(exist_ok=True)
+    assert vv("exec", "itest", "--", "pwd", cwd=project / "sub").stdout.strip() == str((project / "sub").resolve())
+    assert vv("exec", "itest", "--", "pwd", cwd=Path("/")).stdout.strip() == str(project.resolve())
     # arguments keep their word boundaries
     r = vv("exec", "itest", "--", "printf", "%s|", "a b", "c")
     assert r.stdout == "a b|c|"
