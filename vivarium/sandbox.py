@@ -189,8 +189,8 @@ class Sandbox:
         """The template whose disks this sandbox's overlays were made on, while it has not yet started from it."""
         if not meta.get("template") or not meta.get("pristine"):
             return None
-        tpl = template_mod.Template(template_mod.templates_dir() / meta["template"])
-        if not (tpl.path / "meta.json").exists():
+        tpl = template_mod.get(meta["template"])
+        if tpl is None:
             raise InstanceError(f"the template sandbox {self.name!r} was to start from is gone from the cache",
                                 hint=f"`vivarium reset {self.name}` starts it afresh")  # fmt: skip
         return tpl

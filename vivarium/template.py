@@ -19,7 +19,7 @@ import shutil
 import time
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
 
 from vivarium import config as cfg
 from vivarium import state
@@ -53,10 +53,6 @@ class Template:
     def swap(self) -> Path:
         return self.files.swap
 
-    def meta(self) -> dict[str, Any]:
-        data: dict[str, Any] = json.loads((self.path / "meta.json").read_text())
-        return data
-
 
 def key_of(image: Image, c: cfg.Config, accel: str) -> str:
     blob = json.dumps([TEMPLATE_VERSION, LAYOUT, image.build_id, c.vm.memory, c.vm.cpus, c.vm.disk, c.vm.swap, c.vm.user, accel])
@@ -68,7 +64,12 @@ def templates_dir() -> Path:
 
 
 def find(image: Image, c: cfg.Config, accel: str) -> Template | None:
-    t = Template(templates_dir() / key_of(image, c, accel))
+    return get(key_of(image, c, accel))
+
+
+def get(key: str) -> Template | None:
+    """The finished template `key` (its meta.json is written last), or None."""
+    t = Template(templates_dir() / key)
     return t if (t.path / "meta.json").exists() else None
 
 

@@ -122,7 +122,7 @@ def launch(directory: Path, qemu_pidfile: Path) -> subprocess.Popen[bytes]:
     """Start the gateway without waiting for it (`wait_started` does): the caller starts QEMU meanwhile."""
     relay_program()
     stop(directory)
-    sock = directory / gateway.SOCKET
+    sock = socket_path(directory)
     if "," in str(sock) or len(str(sock)) > 100:
         raise VMError(f"the sandbox's directory {directory} cannot hold the gateway's socket (a comma, or longer than a unix socket path may be)",
                       hint="set VIVARIUM_HOME or XDG_STATE_HOME to a shorter, plain path")  # fmt: skip
@@ -140,7 +140,7 @@ def launch(directory: Path, qemu_pidfile: Path) -> subprocess.Popen[bytes]:
 
 def wait_started(directory: Path, proc: subprocess.Popen[bytes]) -> int:
     """Until the gateway `launch` started listens; its pid."""
-    sock = directory / gateway.SOCKET
+    sock = socket_path(directory)
     proc.wait(30)  # it forks and its first half exits at once
     deadline = time.monotonic() + 15
     while not sock.exists() or pid(directory) is None:
@@ -166,7 +166,7 @@ def stop(directory: Path) -> None:
         if _alive(value):
             os.kill(value, signal.SIGKILL)
     (directory / gateway.PIDFILE).unlink(missing_ok=True)
-    (directory / gateway.SOCKET).unlink(missing_ok=True)
+    socket_path(directory).unlink(missing_ok=True)
 
 
 def _alive(value: int) -> bool:
