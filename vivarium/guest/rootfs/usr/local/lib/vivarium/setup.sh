@@ -10,9 +10,14 @@ get() {  # get DIR NAME VAR: VAR := the first line of DIR/NAME/raw; false if abs
     eval "[ -n \"\$$3\" ]"
 }
 
-setup_identity() {  # DIR: the agent's authorized key, the SSH host key, the hostname
-    user="" key="" name=""
+agent_user() {  # DIR: user := the agent user DIR names, else the image's
+    user=""
     get "$1" user user || read -r user < /etc/vivarium/user
+}
+
+setup_identity() {  # DIR: the agent's authorized key, the SSH host key, the hostname
+    key="" name=""
+    agent_user "$1"
     [ -d /run/vivarium/authorized_keys ] || mkdir -p -m 0755 /run/vivarium/authorized_keys
     if get "$1" authorized_key key; then
         printf '%s\n' "$key" > "/run/vivarium/authorized_keys/$user"
@@ -71,8 +76,7 @@ setup_shares() {  # DIR: shared host directories (virtiofs), one "TAG MODE PATH"
     # A read-only share is read-only on the host side as well; "ro" here only makes that visible.
     [ -r "$1/shares/raw" ] || return 0
     loaded=""
-    user=""
-    get "$1" user user || read -r user < /etc/vivarium/user
+    agent_user "$1"
     while read -r tag mode path; do
         [ -n "$tag" ] || continue
         [ -n "$loaded" ] || { [ -d /sys/module/virtiofs ] || modprobe virtiofs 2>/dev/null || true; loaded=1; }
@@ -100,9 +104,9 @@ setup_shares() {  # DIR: shared host directories (virtiofs), one "TAG MODE PATH"
 
 setup_kube_link() {  # DIR: kube.link_into_share (the origin's way): ~/.kube lives in the project share,
     # so the kubeconfig Kind writes inside is the host's to use too.
-    klink="" user=""
+    klink=""
     get "$1" kube_link klink || return 0
-    get "$1" user user || read -r user < /etc/vivarium/user
+    agent_user "$1"
     mkdir -p "$klink/.kube"
     chown "$user:" "$klink/.kube" 2>/dev/null || true
     [ -L "/home/$user/.kube" ] || rm -rf "/home/$user/.kube"
