@@ -65,3 +65,9 @@ def test_untouched_ram_is_not_even_read(tmp_path: Path) -> None:
         assert written == memory.PAGE and (tmp_path / "saved").read_bytes()[32 << 20 :][:6] == b"kernel"
     finally:
         os.close(fd)
+
+
+def test_a_missing_saved_memory_says_what_to_delete(tmp_path: Path) -> None:
+    with pytest.raises(VMError, match="cannot load the saved memory") as e:
+        memory.load_memfd(tmp_path / "template" / "ram", "test")
+    assert f"{tmp_path / 'template'} is damaged" in e.value.hint

@@ -25,6 +25,7 @@ from pathlib import Path
 from vivarium.errors import VMError
 
 MAX_REPLY = 1 << 20  # what the guest may write before an answer counts as none
+LOG_HINT = "the guest's console log (`vivarium logs NAME`) may say why"
 
 
 def fifos(base: Path) -> tuple[Path, Path]:
@@ -63,7 +64,7 @@ def request(base: Path, verb: str, arg: str = "", body: Iterable[tuple[str, str]
             wfd = os.open(to_guest, os.O_WRONLY | os.O_NONBLOCK)
         except OSError as e:
             if e.errno == errno.ENXIO:  # no reader: QEMU is not running
-                raise VMError("QEMU is not running: nothing reads the guest's control channel") from None
+                raise VMError("QEMU is not running: nothing reads the guest's control channel", hint="start it with `vivarium up`") from None
             raise
         try:
             _write_all(wfd, message, deadline)
@@ -73,10 +74,10 @@ def request(base: Path, verb: str, arg: str = "", body: Iterable[tuple[str, str]
     finally:
         os.close(rfd)
     if answer is None:
-        raise VMError(f"the guest did not answer {verb!r} on its control channel within {timeout:.0f}s")
+        raise VMError(f"the guest did not answer {verb!r} on its control channel within {timeout:.0f}s", hint=LOG_HINT)
     status, why = answer
     if status != "ok":
-        raise VMError(f"the guest could not {verb}: {why or 'no reason given'}")
+        raise VMError(f"the guest could not {verb}: {why or 'no reason given'}", hint=LOG_HINT)
 
 
 def _write_all(fd: int, data: bytes, deadline: float) -> None:
@@ -84,7 +85,7 @@ def _write_all(fd: int, data: bytes, deadline: float) -> None:
     while view:
         left = deadline - time.monotonic()
         if left <= 0:
-            raise VMError("the guest's control channel does not take requests (QEMU is not reading it)")
+            raise VMError("the guest's control channel does not take requests (QEMU is not reading it)", hint=LOG_HINT)
         _, ready, _ = select.select([], [fd], [], left)
         if ready:
             view = view[os.write(fd, view) :]
@@ -103,7 +104,7 @@ def _read_answer(fd: int, nonce: str, deadline: float) -> tuple[str, str] | None
             continue
         chunk = os.read(fd, 4096)
         if not chunk:  # QEMU holds the FIFO open while it runs: no writer left means it is gone
-            raise VMError("QEMU exited before the guest answered on its control channel")
+            raise VMError("QEMU exited before the guest answered on its control channel", hint=LOG_HINT)
         seen += len(chunk)
         buf += chunk
         *lines, buf = buf.split(b"\n")

@@ -20,6 +20,7 @@ from pathlib import Path
 from vivarium.errors import VMError
 
 PAGE = 4096
+RAM_HINT = "vivarium reads a running guest's RAM through /proc: QEMU must run as you, started by vivarium"
 CHUNK = 1 << 20
 
 
@@ -34,8 +35,8 @@ def qemu_ram_fd(pid: int, size: int) -> Path:
             except OSError:
                 continue
     except OSError as e:
-        raise VMError(f"cannot look at QEMU's open files ({fds}): {e.strerror}") from None
-    raise VMError(f"QEMU (pid {pid}) holds no memfd of {size >> 20} MiB to read the guest's RAM from")
+        raise VMError(f"cannot look at QEMU's open files ({fds}): {e.strerror}", hint=RAM_HINT) from None
+    raise VMError(f"QEMU (pid {pid}) holds no memfd of {size >> 20} MiB to read the guest's RAM from", hint=RAM_HINT)
 
 
 def save_sparse(src: Path, dest: Path) -> int:
@@ -116,11 +117,14 @@ def load_memfd(src: Path, name: str) -> int:
                 while offset < end:
                     n = os.sendfile(fd, s, offset, end - offset)
                     if n == 0:
-                        raise VMError(f"{src} ended early while loading a template's memory")
+                        raise OSError(errno.EIO, "the file ended early")
                     offset += n
     except OSError as e:
         os.close(fd)
-        raise VMError(f"cannot load a template's memory from {src}: {e.strerror}", hint="is the host short of memory?") from None
+        short = e.errno in (errno.ENOMEM, errno.ENOSPC)
+        hint = ("the host is short of memory: stop a sandbox, or give this one less ([vm] memory)" if short else
+                f"the saved state in {src.parent} is damaged: delete that directory (a template is made again on the next `up`)")  # fmt: skip
+        raise VMError(f"cannot load the saved memory from {src}: {e.strerror}", hint=hint) from None
     except BaseException:
         os.close(fd)
         raise
