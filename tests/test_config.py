@@ -6,7 +6,7 @@ from pathlib import Path
 
 import pytest
 
-from vivarium import cli
+from vivarium import cli, trust
 from vivarium import config as cfg
 from vivarium.errors import ConfigError
 
@@ -15,8 +15,10 @@ SMALL = cfg.Host(cpus=2, memory=4 << 30, user="alice", uid=1234)
 
 
 def write(tmp_path: Path, text: str) -> Path:
+    """A vivarium.toml its user trusts (`vivarium config trust`): the tests here are about its settings."""
     p = tmp_path / "vivarium.toml"
     p.write_text(text)
+    trust.trust(p, p.read_bytes())
     return p
 
 

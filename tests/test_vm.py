@@ -104,17 +104,18 @@ def test_qemu_argv_with_shares(tmp_path: Path) -> None:
     assert "vmgenid,guid=auto" in opt(plain, "-device")
 
 
-def test_virtiofsd_argv_read_only_goes_through_a_read_only_bind_mount(tmp_path: Path) -> None:
-    from vivarium.share.virtiofs import ShareSpec, virtiofsd_argv
+def test_virtiofsd_argv_goes_through_confine_with_its_limits(tmp_path: Path) -> None:
+    from vivarium.share.virtiofs import MODCAPS, ShareSpec, virtiofsd_argv
 
-    rw = ShareSpec("share0", tmp_path / "src", tmp_path / "src", "rw", tmp_path / "s.sock")
+    rw = ShareSpec("share0", tmp_path / "src", tmp_path / "src", "rw", tmp_path / "s.sock", (".git/config", ".envrc"))
     argv = virtiofsd_argv("/usr/lib/qemu/virtiofsd", rw)
-    assert argv[0] == "/usr/lib/qemu/virtiofsd" and f"source={tmp_path / 'src'}" in argv
-    ro = virtiofsd_argv("/usr/lib/qemu/virtiofsd", ShareSpec("s", tmp_path / "src", Path("/mnt"), "ro", tmp_path / "s.sock"))
-    assert ro[:5] == ["unshare", "--mount", "--propagation", "private", "--"]
-    assert "remount,bind,ro" in ro[7] and ro[9] == str(tmp_path / "src") and ro[10] == "/usr/lib/qemu/virtiofsd"
+    at = argv.index("--")
+    assert argv[1:at] == ["-m", "vivarium.share.confine", "--root", str(tmp_path / "src"), "--protect", ".git/config", "--protect", ".envrc"]
+    assert argv[at + 1] == "/usr/lib/qemu/virtiofsd" and f"source={tmp_path / 'src'}" in argv and f"modcaps={MODCAPS}" in argv
+    ro = virtiofsd_argv("/usr/lib/qemu/virtiofsd", ShareSpec("s", tmp_path / "src", Path("/mnt"), "ro", tmp_path / "s.sock", (".envrc",)))
+    assert ro[3 : ro.index("--")] == ["--root", str(tmp_path / "src"), "--ro"]  # all of it read-only: nothing to protect one by one
     rust = virtiofsd_argv("/usr/libexec/virtiofsd", rw)
-    assert f"--shared-dir={tmp_path / 'src'}" in rust
+    assert f"--shared-dir={tmp_path / 'src'}" in rust and f"--modcaps={MODCAPS}" in rust
 
 
 def test_qemu_argv_control_channel_and_ram_from_a_descriptor(tmp_path: Path) -> None:

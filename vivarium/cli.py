@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import errno
+import hashlib
 import json
 import logging
 import os
@@ -21,11 +22,12 @@ from rich.table import Table
 
 from vivarium import config as cfg
 from vivarium import doctor as doctor_mod
-from vivarium import kube
+from vivarium import kube, trust
 from vivarium.errors import UsageError, VivariumError
 from vivarium.image.build import Image, build_image
 from vivarium.image.recipe import Recipe
 from vivarium.net.policy import split_host_port
+from vivarium.printable import printable
 from vivarium.progress import PhaseDisplay
 from vivarium.sandbox import Sandbox, list_sandboxes
 
@@ -62,12 +64,34 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 
 def load_config(args: argparse.Namespace, *, vm: bool = True) -> cfg.Config:
-    """The effective config; `vm`: this verb sizes a VM, so say what was clamped."""
-    path = cfg.find_config(args.config, Path.cwd())
-    config = cfg.load(path, _overrides(args))
+    """The effective config (a ./vivarium.toml only when trusted); `vm`: this verb sizes a VM, so say what was clamped."""
+    config = cfg.discover(args.config, Path.cwd(), _overrides(args))
     for note in config.notes if vm else ():
         err.print(f"[yellow]note:[/] {escape(note)}")
     return config
+
+
+def sandbox_for(args: argparse.Namespace) -> Sandbox:
+    """The sandbox a verb that may create it works on: a new one takes the settings here; an
+    existing one keeps those it was made with, and we say so when the settings here differ."""
+    box = Sandbox(args.name)
+    if not box.exists():
+        return Sandbox(args.name, load_config(args))
+    frozen = box.config
+    path = cfg.find_config(args.config, Path.cwd())
+    overrides = _overrides(args)
+    if path is None and not overrides:
+        return box
+    try:  # parsed only to compare: nothing of it is used
+        here = cfg.load(path, overrides)
+        differs = cfg.to_dict(here) != cfg.to_dict(frozen)
+    except VivariumError:
+        differs = True
+    if differs:
+        what = f"{path}{' and the flags given' if overrides else ''}" if path else "the flags given"
+        err.print(f"[yellow]note:[/] sandbox {args.name!r} keeps the settings it was made with; {escape(str(what))} differ "
+                  f"(`vivarium destroy {args.name}` and `up` again to take them)")  # fmt: skip
+    return box
 
 
 def parser() -> argparse.ArgumentParser:
@@ -81,12 +105,16 @@ def parser() -> argparse.ArgumentParser:
     _add_setting_flags(b)
     b.set_defaults(func=cmd_build)
 
-    c = verbs.add_parser("config", help="show the effective settings")
-    csub = c.add_subparsers(dest="config_verb", metavar="show", required=True)
+    c = verbs.add_parser("config", help="show the effective settings; trust a project's vivarium.toml")
+    csub = c.add_subparsers(dest="config_verb", metavar="show|trust", required=True)
     cs = csub.add_parser("show", help="print the effective settings")
     cs.add_argument("--json", action="store_true")
     _add_setting_flags(cs)
     cs.set_defaults(func=cmd_config_show)
+    ct = csub.add_parser("trust", help="trust this vivarium.toml as it is now (a changed file must be trusted again)")
+    ct.add_argument("file", nargs="?", type=Path, metavar="FILE", help="default: ./vivarium.toml")
+    ct.add_argument("--show", action="store_true", help="only show what changed since the trusted version, and what it reaches")
+    ct.set_defaults(func=cmd_config_trust)
 
     d = verbs.add_parser("doctor", help="check what this host has and what is missing")
     d.add_argument("--json", action="store_true")
@@ -249,7 +277,7 @@ def _command(args: argparse.Namespace) -> list[str]:
 
 
 def cmd_up(args: argparse.Namespace) -> int:
-    box = Sandbox(args.name, load_config(args))
+    box = sandbox_for(args)
     if box.exists() and box.pid() is not None:
         err.print(f"sandbox {args.name!r} is already running")
         _print_connect(box)
@@ -293,7 +321,7 @@ def cmd_run(args: argparse.Namespace) -> int:
     cmd = _command(args)
     if not cmd:
         raise UsageError("run needs a command", hint=f"vivarium run {args.name} -- claude")
-    box = Sandbox(args.name, load_config(args))
+    box = sandbox_for(args)
     if not (box.exists() and box.pid() is not None):
         with PhaseDisplay(f"up {args.name}", err) as show:
             box.up(progress=show)
@@ -396,7 +424,7 @@ def cmd_destroy(args: argparse.Namespace) -> int:
 
 
 def cmd_reset(args: argparse.Namespace) -> int:
-    box = Sandbox(args.name)
+    box = sandbox_for(args)
     started = time.monotonic()
     with PhaseDisplay(f"reset {args.name}", err) as show:
         restarted = box.reset(progress=show, timeout=args.timeout)
@@ -434,7 +462,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         info = box.snapshot_save(args.tag or time.strftime("snap-%Y%m%d-%H%M%S"))
         err.print(f"saved snapshot {info['tag']} of {args.name!r} in {info['seconds']:.1f}s ({info['size'] / 2**20:.0f} MiB on disk)")
     elif verb == "restore":
-        box = Sandbox(args.name, load_config(args))
+        box = Sandbox(args.name)  # with the settings it was made with
         started = time.monotonic()
         with PhaseDisplay(f"restore {args.name}", err) as show:
             box.snapshot_restore(args.tag, progress=show)
@@ -582,6 +610,24 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     for s in cfg.SETTINGS:
         value = data[s.section][s.key] if s.section else data[s.key]
         out.print(f"{s.name:24} {json.dumps(value)}")
+    return 0
+
+
+def cmd_config_trust(args: argparse.Namespace) -> int:
+    path: Path = args.file or Path.cwd() / cfg.CONFIG_NAME
+    if not path.is_file():
+        raise UsageError(f"{path}: no such config file")
+    raw = cfg.read_bytes(path)
+    config = cfg.load_data(cfg.parse_toml(raw, path), str(path), path.parent.resolve(), source=path)  # a bad file is refused here
+    if args.show:
+        out.print(escape(trust.changes(path, raw)) or f"# {escape(str(path))} is trusted as it is", end="")
+    out.print(f"# what {escape(str(path))} reaches outside the sandbox:")
+    for line in trust.reaching_out(config):
+        out.print(f"  {escape(printable(line))}")
+    if args.show:
+        return 0
+    trust.trust(path, raw)
+    err.print(f"trusted {escape(str(path))} as it is now (sha256 {hashlib.sha256(raw).hexdigest()[:16]}…); a change must be trusted again")
     return 0
 
 

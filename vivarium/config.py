@@ -34,11 +34,17 @@ class Forward:
     bind: str = "127.0.0.1"
 
 
+# Paths in an rw share that run on the host (git, direnv, editors, vivarium itself):
+# read-only to the guest, enforced by the share server's mounts on the host.
+DEFAULT_PROTECT = ("vivarium.toml", ".git/config", ".git/hooks", ".envrc", ".vscode", ".idea")
+
+
 @dataclass(frozen=True)
 class Share:
     host: Path
     guest: Path
     mode: str = "rw"
+    protect: tuple[str, ...] = DEFAULT_PROTECT
 
 
 @dataclass(frozen=True)
@@ -277,12 +283,26 @@ parse_downloads = _table_list(
 )
 
 
-def _raw_share(host: str, guest: str = "", mode: str = "rw") -> tuple[str, str, str]:
-    return (host, guest, mode)
+def _check_protect(value: str, where: str) -> None:
+    parts = value.strip("/").split("/")
+    if value.startswith("/") or not value.strip("/") or any(p in ("", ".", "..") for p in parts) or "\0" in value:
+        raise ConfigError(f"{where}: {value!r} is not a path inside the share", hint='write it relative to the share, like ".git/config"')
+
+
+RawShare = tuple[str, str, str, tuple[str, ...]]
+
+
+def _raw_share(host: str, guest: str = "", mode: str = "rw", protect: tuple[str, ...] = DEFAULT_PROTECT) -> RawShare:
+    return (host, guest, mode, tuple(p.strip("/") for p in protect))
 
 
 _parse_raw_shares = _table_list(
-    {"host": parse_str, "guest": lambda v, w: v if v == "" else _parse_abs(v, w), "mode": _choice("rw", "ro", "review")},
+    {
+        "host": parse_str,
+        "guest": lambda v, w: v if v == "" else _parse_abs(v, w),
+        "mode": _choice("rw", "ro", "review"),
+        "protect": _str_list(_check_protect),
+    },
     ("host",),
     _raw_share,
 )
@@ -321,7 +341,8 @@ class Setting:
 
 
 def _dump_tables(v: tuple[Any, ...]) -> list[dict[str, object]]:
-    return [{k: str(x) if isinstance(x, Path) else x for k, x in dataclasses.asdict(e).items()} for e in v]
+    return [{k: str(x) if isinstance(x, Path) else list(x) if isinstance(x, tuple) else x for k, x in dataclasses.asdict(e).items()}
+            for e in v]  # fmt: skip
 
 
 ORIGIN_FORWARDS = [
@@ -429,14 +450,38 @@ def find_config(explicit: Path | None, cwd: Path) -> Path | None:
     return candidate if candidate.is_file() else None
 
 
-def read_toml(path: Path) -> dict[str, Any]:
+def read_bytes(path: Path) -> bytes:
     try:
-        with path.open("rb") as f:
-            return tomllib.load(f)
-    except tomllib.TOMLDecodeError as e:
-        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+        return path.read_bytes()
     except OSError as e:
         raise ConfigError(f"{path}: cannot read: {e.strerror}") from None
+
+
+def parse_toml(raw: bytes, path: Path) -> dict[str, Any]:
+    try:
+        return tomllib.loads(raw.decode())
+    except (tomllib.TOMLDecodeError, UnicodeDecodeError) as e:
+        raise ConfigError(f"{path}: not valid TOML: {e}") from None
+
+
+def read_toml(path: Path) -> dict[str, Any]:
+    return parse_toml(read_bytes(path), path)
+
+
+def discover(explicit: Path | None, cwd: Path, overrides: Mapping[str, object] | None = None) -> Config:
+    """The settings a command in `cwd` runs with: `explicit` (--config FILE: the user named it,
+    so it is trusted), else ./vivarium.toml, used only when the user trusted its exact content
+    (trust.py): a project directory is often shared with the guest, and root there can write it.
+    The bytes checked are the bytes parsed."""
+    path = find_config(explicit, cwd)
+    if path is None:
+        return load(None, overrides, cwd=cwd)
+    raw = read_bytes(path)
+    if explicit is None:
+        from vivarium import trust  # (trust reads Config)
+
+        trust.require(path, raw)
+    return load_data(parse_toml(raw, path), str(path), path.parent.resolve(), overrides, source=path)
 
 
 def load(
@@ -451,10 +496,23 @@ def load(
     `overrides` maps setting names ("vm.memory") to raw values as the CLI saw them.
     """
     cwd = cwd or Path.cwd()
-    host = host or Host.probe()
     data = read_toml(path) if path else {}
     where = str(path) if path else "defaults"
     base = path.parent.resolve() if path else cwd
+    return load_data(data, where, base, overrides, host=host, source=path)
+
+
+def load_data(
+    data: Mapping[str, Any],
+    where: str,
+    base: Path,
+    overrides: Mapping[str, object] | None = None,
+    *,
+    host: Host | None = None,
+    source: Path | None = None,
+) -> Config:
+    """load() on settings already read: a TOML file's tables, or a sandbox's frozen settings (to_dict)."""
+    host = host or Host.probe()
     _reject_unknown(data, where)
 
     values: dict[str, object] = {}
@@ -483,7 +541,7 @@ def load(
     if not vm["vm.user"]:
         vm["vm.user"] = host.user if host.uid != 0 else "agent"
 
-    raw_shares: tuple[tuple[str, str, str], ...] = values["share"]  # type: ignore[assignment]
+    raw_shares: tuple[RawShare, ...] = values["share"]  # type: ignore[assignment]
     values["share"] = tuple(_resolve_share(raw, base, i, where) for i, raw in enumerate(raw_shares))
     _check_forwards(values["forward"])  # type: ignore[arg-type]
 
@@ -492,7 +550,7 @@ def load(
         forward=values["forward"],  # type: ignore[arg-type]
         share=values["share"],  # type: ignore[arg-type]
         uid=guest_uid(str(values["vm.user"]), host),
-        source=path,
+        source=source,
         notes=tuple(notes),
         **sections,
     )
@@ -514,12 +572,12 @@ def _reject_unknown(data: Mapping[str, Any], where: str) -> None:
                 raise ConfigError(f"{where}: unknown key {key}.{sub}", hint=f"known keys in [{key}]: {', '.join(sorted(known[key]))}")
 
 
-def _resolve_share(raw: tuple[str, str, str], base: Path, i: int, where: str) -> Share:
-    host_s, guest_s, mode = raw
+def _resolve_share(raw: RawShare, base: Path, i: int, where: str) -> Share:
+    host_s, guest_s, mode, protect = raw
     host_path = (base / os.path.expanduser(host_s)).resolve()
     if not host_path.is_dir():
         raise ConfigError(f"{where}: share[{i}].host: {host_path} is not a directory", hint="create it or fix the path")
-    return Share(host=host_path, guest=Path(guest_s) if guest_s else host_path, mode=mode)
+    return Share(host=host_path, guest=Path(guest_s) if guest_s else host_path, mode=mode, protect=protect)
 
 
 def _check_forwards(forwards: Sequence[Forward]) -> None:

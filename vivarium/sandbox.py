@@ -55,6 +55,7 @@ PHASES = (
 PHASE_ORDER = ("kernel", "systemd", "sshd")
 MARKLESS_GRACE = 30.0
 SSH_PORT = 22
+FROZEN_VERSION = 1
 
 
 def _snapshot_info(d: Path) -> dict[str, Any]:
@@ -107,9 +108,32 @@ class Sandbox:
 
     @property
     def config(self) -> cfg.Config:
+        """The settings given to this Sandbox; else those the sandbox was made (or last reset) with,
+        frozen in its directory; else, for a new one, the current directory's trusted vivarium.toml."""
         if self._config is None:
-            self._config = cfg.load(cfg.find_config(None, Path.cwd()))
+            self._config = self.frozen_config() or cfg.discover(None, Path.cwd())
         return self._config
+
+    def frozen_config(self) -> cfg.Config | None:
+        try:
+            data = json.loads(self.dir.frozen.read_text())
+        except FileNotFoundError:
+            return None
+        except ValueError:
+            raise InstanceError(f"the saved settings of sandbox {self.name!r} are damaged ({self.dir.frozen})",
+                                hint=f"`vivarium destroy {self.name}` and make it again") from None  # fmt: skip
+        if not isinstance(data, dict) or data.get("version") != FROZEN_VERSION or not isinstance(data.get("settings"), dict):
+            raise InstanceError(f"the saved settings of sandbox {self.name!r} are of another vivarium version",
+                                hint=f"`vivarium destroy {self.name}` and make it again")  # fmt: skip
+        source = Path(data["source"]) if data.get("source") else None
+        return cfg.load_data(data["settings"], f"sandbox {self.name!r}'s saved settings", Path("/"), source=source)
+
+    def _freeze(self) -> None:
+        """Keep the settings this sandbox runs with: its later `up` and `reset` use them, whatever
+        a vivarium.toml where they are typed says (the guest may have written it)."""
+        c = self.config
+        data = {"version": FROZEN_VERSION, "source": str(c.source) if c.source else None, "settings": cfg.to_dict(c)}
+        state.write_atomic(self.dir.frozen, json.dumps(data, indent=1) + "\n", 0o600)
 
     def exists(self) -> bool:
         return self.dir.exists()
@@ -165,6 +189,7 @@ class Sandbox:
 
         A new sandbox is restored from a ready template of its shape (made on
         first use) unless `cold`; an existing one boots."""
+        given = self._config is not None
         with self.dir.lock():
             if self.exists() and self.pid() is not None:
                 meta = self.meta()
@@ -176,6 +201,8 @@ class Sandbox:
             image = self._image(progress)
             if not self.exists():
                 self._create(image, None if cold else self._template(image, progress), cold=cold)
+            elif given:
+                self._freeze()
             meta = self.meta()
             if meta["build_id"] != image.build_id:
                 raise InstanceError(
@@ -223,6 +250,7 @@ class Sandbox:
         os.chmod(self.dir.path, 0o700)
         self._new_disks(image, c.vm.disk, c.vm.swap, tpl)
         ssh.make_keys(self.dir.key, self.dir.host_key, self.dir.known_hosts, f"vivarium-{self.name}")
+        self._freeze()
         self.dir.write_meta({
             "name": self.name,
             "created": time.time(),
@@ -390,7 +418,8 @@ class Sandbox:
             progress("start", f"not sharing {', '.join(str(s.host) for s in wanted)}: {why}")
             log.warning("not sharing %s: %s", ", ".join(str(s.host) for s in wanted), why)
             return []
-        specs = [virtiofs.ShareSpec(f"share{i}", s.host, s.guest, s.mode, self.dir.path / f"share{i}.sock") for i, s in enumerate(wanted)]
+        specs = [virtiofs.ShareSpec(f"share{i}", s.host, s.guest, s.mode, self.dir.path / f"share{i}.sock", s.protect)
+                 for i, s in enumerate(wanted)]  # fmt: skip
         for spec in specs:
             if spec.mode == "review":
                 snap = self.dir.path / f"review-{spec.tag}.json"
@@ -483,13 +512,15 @@ class Sandbox:
         """Back to clean: new overlays on the ready template of its shape (or, made --cold, on the image).
         Restarts it if it was running."""
         was_running = self.pid() is not None
+        given = self._config is not None
         if was_running:
             self.stop()
         with self.dir.lock():
             meta = self.meta()
+            self._freeze()
             image = find_image(meta["image"])
             # Settings given to this Sandbox (or a missing image) decide the image; otherwise keep its own.
-            if image is None or self._config is not None:
+            if image is None or given:
                 recipe = Recipe.from_config(self.config)
                 if image is None or recipe.key() != meta["image"]:
                     image, _ = build_image(recipe, progress=progress)

@@ -98,6 +98,11 @@ class InstanceDir:
         return self.path / "serial.log"
 
     @property
+    def frozen(self) -> Path:
+        """The settings the sandbox was made with (Sandbox.config)."""
+        return self.path / "config.json"
+
+    @property
     def meta(self) -> Path:
         return self.path / "instance.json"
 

@@ -50,6 +50,25 @@ def list_all() -> list[Sandbox]:
     return list_sandboxes()
 
 
+def write_config(d: Path, text: str) -> Path:
+    """A project's vivarium.toml, trusted as its user would trust it (`vivarium config trust`)."""
+    d.mkdir(parents=True, exist_ok=True)
+    (d / "vivarium.toml").write_text(text)
+    vv("config", "trust", cwd=d)
+    return d / "vivarium.toml"
+
+
+# Paths in a project that run on the host; the project fixture has each, as a user's repository would.
+PROTECTED = {
+    "vivarium.toml": None,  # written by the fixture
+    ".git/config": "[core]\n\trepositoryformatversion = 0\n\tbare = false\n",
+    ".git/hooks/pre-commit.sample": "#!/bin/sh\nexit 0\n",
+    ".envrc": "export FOO=bar\n",
+    ".vscode/settings.json": "{}\n",
+    ".idea/workspace.xml": "<project/>\n",
+}
+
+
 def vv(*args: str, check: bool = True, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real CLI."""
     proc = subprocess.run([sys.executable, "-m", "vivarium", *args], capture_output=True, text=True, cwd=cwd, env=env, check=False)
@@ -72,7 +91,12 @@ def project(session_env: dict[str, str], net: FakeNet) -> Path:
     assert net.dns is not None
     d = Path(os.environ["XDG_STATE_HOME"]).parent / "project"
     d.mkdir(parents=True, exist_ok=True)
-    (d / "vivarium.toml").write_text(
+    for rel, text in PROTECTED.items():
+        if text is not None:
+            (d / rel).parent.mkdir(parents=True, exist_ok=True)
+            (d / rel).write_text(text)
+    write_config(
+        d,
         f"""
 [vm]
 memory = "2G"
@@ -91,7 +115,7 @@ guest = 3000
 [network]
 allow_cidrs = ["{PUBLIC}/32"]
 dns_upstream = "{net.dns.address}"
-"""
+""",
     )
     return d
 
@@ -110,6 +134,47 @@ def box(project: Path, built: subprocess.CompletedProcess[str]) -> Iterator[Sand
     sandbox = Sandbox("itest")
     yield sandbox
     sandbox.destroy()
+
+
+@pytest.fixture(scope="session")
+def shared(project: Path, built: object) -> Iterator[tuple[Sandbox, Path, Path]]:
+    """A sandbox with every kind of share: rw, ro at another path, review, and a second review
+    share that the attack tests (test_host_trust.py) play with."""
+    d = project.parent / "shared-project"
+    (d / "rw").mkdir(parents=True, exist_ok=True)
+    (d / "ro").mkdir(exist_ok=True)
+    (d / "ro" / "readme.txt").write_text("from the host\n")
+    (d / "review" / "src").mkdir(parents=True, exist_ok=True)
+    for name, text in (("keep.txt", "keep\n"), ("edit.txt", "one\ntwo\n"), ("gone.txt", "bye\n"), ("src/both.txt", "base\n")):
+        (d / "review" / name).write_text(text)
+    attack = d / "attack"
+    (attack / "src").mkdir(parents=True, exist_ok=True)
+    (d / "victim").mkdir(exist_ok=True)
+    (d / "victim" / "precious.txt").write_text("outside the share\n")
+    for name, text in (("same.txt", "aaaa\n"), ("swap.txt", "orig\n"), ("src/keep.txt", "k\n")):
+        (attack / name).write_text(text)
+    if not (attack / "hostlink").is_symlink():
+        (attack / "hostlink").symlink_to("../victim")  # the user's own symlink, pointing out of the share
+    write_config(
+        d,
+        f'[vm]\nmemory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n'
+        f"[[forward]]\nhost = {free_port()}\nguest = 22\n"
+        f'[[share]]\nhost = "rw"\n'
+        f'[[share]]\nhost = "ro"\nguest = "/mnt/ro"\nmode = "ro"\n'
+        f'[[share]]\nhost = "review"\nmode = "review"\n'
+        f'[[share]]\nhost = "attack"\nmode = "review"\n'
+        f"[kube]\nlink_into_share = true\n",
+    )
+    # The project belongs to the user the agent runs as (here: agent, 1000, since the tests run as root),
+    # as it does when you run vivarium as yourself in your own project.
+    os.chown(d / "rw", 1000, 1000)
+    for top in ("review", "attack"):
+        for p in [d / top, *(d / top).rglob("*")]:
+            os.lchown(p, 1000, 1000)
+    vv("up", "sharebox", cwd=d)
+    box = Sandbox("sharebox")
+    yield box, (d / "rw").resolve(), (d / "ro").resolve()
+    box.destroy()
 
 
 def load(project: Path) -> cfg.Config:

@@ -20,7 +20,7 @@ from vivarium import state
 from vivarium.image.build import find_image
 from vivarium.run import run
 
-from .conftest import vv
+from .conftest import vv, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -121,9 +121,7 @@ def test_wrong_sha256_fails_in_one_line_and_leaves_nothing(project: Path, server
     proj = tmp_path / "p"
     proj.mkdir()
     wrong = "1" * 64
-    (proj / "vivarium.toml").write_text(
-        f'[[image.download]]\nname = "kind"\nurl = "{server}/kind"\nsha256 = "{wrong}"\ndest = "/usr/local/bin/kind"\n'
-    )
+    write_config(proj, f'[[image.download]]\nname = "kind"\nurl = "{server}/kind"\nsha256 = "{wrong}"\ndest = "/usr/local/bin/kind"\n')
     before = sorted(p.name for p in state.images_dir().iterdir())
     result = vv("build", cwd=proj, check=False)
     assert result.returncode == 1
@@ -141,7 +139,7 @@ def test_wrong_sha256_fails_in_one_line_and_leaves_nothing(project: Path, server
 def test_interrupted_build_leaves_no_half_image(tmp_path: Path, built: object) -> None:
     proj = tmp_path / "p"
     proj.mkdir()
-    (proj / "vivarium.toml").write_text('[image]\npackages = ["hello"]\nagents = []\n')
+    write_config(proj, '[image]\npackages = ["hello"]\nagents = []\n')
     env = dict(os.environ)
     proc = subprocess.Popen([sys.executable, "-m", "vivarium", "build"], cwd=proj, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip

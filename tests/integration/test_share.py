@@ -5,45 +5,22 @@ from __future__ import annotations
 import json
 import os
 import time
-from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
 from vivarium import Sandbox
-from vivarium.sandbox import free_port
 
 from .conftest import vv
 
 pytestmark = pytest.mark.integration
 
 
-@pytest.fixture(scope="module")
-def shared(project: Path, built: object) -> Iterator[tuple[Sandbox, Path, Path]]:
-    d = project.parent / "shared-project"
-    (d / "rw").mkdir(parents=True, exist_ok=True)
-    (d / "ro").mkdir(exist_ok=True)
-    (d / "ro" / "readme.txt").write_text("from the host\n")
-    (d / "review" / "src").mkdir(parents=True, exist_ok=True)
-    for name, text in (("keep.txt", "keep\n"), ("edit.txt", "one\ntwo\n"), ("gone.txt", "bye\n"), ("src/both.txt", "base\n")):
-        (d / "review" / name).write_text(text)
-    (d / "vivarium.toml").write_text(
-        f'[vm]\nmemory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n'
-        f"[[forward]]\nhost = {free_port()}\nguest = 22\n"
-        f'[[share]]\nhost = "rw"\n'
-        f'[[share]]\nhost = "ro"\nguest = "/mnt/ro"\nmode = "ro"\n'
-        f'[[share]]\nhost = "review"\nmode = "review"\n'
-        f"[kube]\nlink_into_share = true\n"
-    )
-    # The project belongs to the user the agent runs as (here: agent, 1000, since the tests run as root),
-    # as it does when you run vivarium as yourself in your own project.
-    os.chown(d / "rw", 1000, 1000)
-    for p in [d / "review", *(d / "review").rglob("*")]:
-        os.chown(p, 1000, 1000)
-    vv("up", "sharebox", cwd=d)
-    box = Sandbox("sharebox")
-    yield box, (d / "rw").resolve(), (d / "ro").resolve()
-    box.destroy()
+def review_diff(review: Path) -> dict[str, Any]:
+    shares = json.loads(vv("diff", "sharebox", "--json").stdout)
+    (d,) = [sh for sh in shares if sh["share"] == str(review)]
+    return d  # type: ignore[no-any-return]
 
 
 def test_rw_share_round_trip_with_the_right_owner(shared: tuple[Sandbox, Path, Path]) -> None:
@@ -78,6 +55,7 @@ def test_status_says_how_each_share_is_served(shared: tuple[Sandbox, Path, Path]
         (str(rw), "rw", "virtiofs"),
         (str(ro), "ro", "virtiofs"),
         (str(rw.parent / "review"), "review", "virtiofs"),
+        (str(rw.parent / "attack"), "review", "virtiofs"),
     ]
 
 
@@ -90,26 +68,27 @@ def test_review_share_keeps_the_host_untouched_until_apply(shared: tuple[Sandbox
     assert box.exec(["cat", f"{review}/added.txt"], capture=True).stdout == "new\n"  # the guest sees its own writes
     # ... and the host has none of them
     assert (review / "edit.txt").read_text() == "one\ntwo\n" and (review / "gone.txt").exists() and not (review / "added.txt").exists()
-    (d,) = json.loads(vv("diff", "sharebox", "--json").stdout)
+    d = review_diff(review)
     assert {(c["kind"], c["path"]) for c in d["changes"]} == {
         ("modified", "edit.txt"),
         ("added", "added.txt"),
         ("deleted", "gone.txt"),
         ("modified", "src/both.txt"),
     }
-    patch = vv("diff", "sharebox", "--patch").stdout
+    patch = vv("diff", "sharebox", "--patch").stdout  # (every review share's; the other one is test_host_trust's)
     assert "--- a/edit.txt" in patch and "-two" in patch and "+three" in patch
     # the host edits one of the files meanwhile: apply must not overwrite it
     time.sleep(0.01)
     (review / "src" / "both.txt").write_text("the host's edit\n")
-    r = vv("apply", "sharebox", check=False)
+    vv("diff", "sharebox")  # what apply takes: the change set this diff showed
+    r = vv("apply", "sharebox", str(review), check=False)
     assert r.returncode == 1 and f"not applied: {review}/src/both.txt changed on the host" in r.stderr
     assert (review / "src" / "both.txt").read_text() == "the host's edit\n"
     assert (review / "edit.txt").read_text() == "one\nthree\n" and (review / "added.txt").read_text() == "new\n"
     assert not (review / "gone.txt").exists()
     assert (review / "added.txt").stat().st_uid == 1000  # the share's owner, not root
     # what was applied no longer shows; the refused change still does, with the guest's version kept
-    (d,) = json.loads(vv("diff", "sharebox", "--json").stdout)
+    d = review_diff(review)
     assert [(c["kind"], c["path"]) for c in d["changes"]] == [("modified", "src/both.txt")]
     assert box.exec(["cat", f"{review}/src/both.txt"], capture=True).stdout == "guest\n"
 

@@ -13,7 +13,7 @@ from vivarium import Sandbox
 from vivarium.sandbox import free_port
 
 from ..fakenet import PUBLIC, FakeNet
-from .conftest import vv
+from .conftest import vv, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -23,9 +23,10 @@ def snapbox(project: Path, built: object, net: FakeNet) -> Iterator[tuple[Sandbo
     assert net.dns is not None
     d = project.parent / "snapshot-project"
     d.mkdir(exist_ok=True)
-    (d / "vivarium.toml").write_text(
+    write_config(
+        d,
         f'share = []\n[vm]\nmemory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n'
-        f'[network]\nallow_cidrs = ["{PUBLIC}/32"]\ndns_upstream = "{net.dns.address}"\n'
+        f'[network]\nallow_cidrs = ["{PUBLIC}/32"]\ndns_upstream = "{net.dns.address}"\n',
     )
     vv("up", "snapbox", cwd=d)
     box = Sandbox("snapbox")
@@ -65,7 +66,7 @@ def test_restore_refuses_a_changed_shape(snapbox: tuple[Sandbox, Path]) -> None:
     box, d = snapbox
     other = d / "bigger"
     other.mkdir(exist_ok=True)
-    (other / "vivarium.toml").write_text((d / "vivarium.toml").read_text().replace('memory = "1G"', 'memory = "2G"'))
+    write_config(other, (d / "vivarium.toml").read_text().replace('memory = "1G"', 'memory = "2G"'))
     r = vv("snapshot", "snapbox", "restore", "one", cwd=other, check=False)
     assert r.returncode == 2 and "no longer fits" in r.stderr and "memory 1G now 2G" in r.stderr
     assert box.pid() is not None  # left as it was

@@ -10,7 +10,7 @@ import pytest
 
 from vivarium import Sandbox
 
-from .conftest import vv
+from .conftest import vv, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -22,7 +22,7 @@ IDENTITY = "ssh-keygen -lf /run/vivarium/ssh_host_ed25519_key.pub 2>/dev/null ||
 def twins(project: Path, built: object) -> Iterator[tuple[Sandbox, Sandbox]]:
     d = project.parent / "twins"
     d.mkdir(exist_ok=True)
-    (d / "vivarium.toml").write_text((project / "vivarium.toml").read_text())
+    write_config(d, (project / "vivarium.toml").read_text())
     boxes = []
     try:
         for name in ("twin-a", "twin-b"):

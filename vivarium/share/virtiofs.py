@@ -2,9 +2,11 @@
 
 QEMU's own virtiofsd (bookworm ships the C one at /usr/lib/qemu/virtiofsd;
 newer systems the Rust one) serves each share on a vhost-user socket; QEMU's
-guest RAM must then be shared memory (memfd). A read-only share is served
-from a read-only bind mount in a private mount namespace, so nothing the
-guest does, as root or not, can write through it.
+guest RAM must then be shared memory (memfd). Each server starts behind
+confine.py, in a private mount namespace: a read-only share is a read-only
+bind mount there, and an rw share's protected paths are, so nothing the guest
+does, as root or not, can write through them; and a seccomp filter keeps
+setuid/setgid bits, device nodes and fifos off the host.
 """
 
 from __future__ import annotations
@@ -12,6 +14,7 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,10 +32,16 @@ class ShareSpec:
     guest: Path  # mount point in the guest
     mode: str  # rw | ro | review (served read-only; the guest writes into an overlay on its own disk)
     socket: Path
+    protect: tuple[str, ...] = ()  # paths under source kept read-only in an rw share
 
     @property
     def readonly(self) -> bool:
         return self.mode != "rw"
+
+
+# Capabilities the share server does not get: no device nodes, no file capabilities, and
+# setuid/setgid bits cleared on every write (confine.py's filter refuses to set them).
+MODCAPS = "-mknod:-setfcap:-fsetid"
 
 
 def find_virtiofsd() -> str:
@@ -46,15 +55,23 @@ def find_virtiofsd() -> str:
 
 
 def virtiofsd_argv(binary: str, share: ShareSpec) -> list[str]:
-    """The virtiofsd command line; read-only shares get a read-only bind mount first."""
+    """The virtiofsd command line, behind confine.py: its mounts (read-only, protected paths) and its seccomp filter."""
     if binary.endswith("/qemu/virtiofsd"):  # the C daemon
-        daemon = [binary, f"--socket-path={share.socket}", "-o", f"source={share.source}", "-o", "cache=auto"]
+        daemon = [binary, f"--socket-path={share.socket}", "-o", f"source={share.source}", "-o", "cache=auto", "-o", f"modcaps={MODCAPS}"]
     else:  # the Rust daemon
-        daemon = [binary, f"--socket-path={share.socket}", f"--shared-dir={share.source}", "--cache=auto"]
-    if not share.readonly:
-        return daemon
-    script = 'mount --bind "$1" "$1" && mount -o remount,bind,ro "$1" && shift && exec "$@"'
-    return ["unshare", "--mount", "--propagation", "private", "--", "sh", "-c", script, "vivarium-ro", str(share.source), *daemon]
+        daemon = [binary, f"--socket-path={share.socket}", f"--shared-dir={share.source}", "--cache=auto", f"--modcaps={MODCAPS}"]
+    limits = ["--ro"] if share.readonly else [x for rel in share.protect for x in ("--protect", rel)]
+    return [sys.executable, "-m", "vivarium.share.confine", "--root", str(share.source), *limits, "--", *daemon]
+
+
+def prepare(share: ShareSpec) -> None:
+    """An empty .git/hooks where a repository has none, so that it can be protected (git makes one itself)."""
+    git = share.source / ".git"
+    hooks = git / "hooks"
+    if ".git/hooks" in share.protect and git.is_dir() and not git.is_symlink() and not os.path.lexists(hooks):
+        st = git.stat()
+        hooks.mkdir(mode=0o755)
+        os.chown(hooks, st.st_uid, st.st_gid)
 
 
 def supported() -> str | None:
@@ -72,6 +89,8 @@ def start(share: ShareSpec, timeout: float = 10.0) -> subprocess.Popen[bytes]:
     """Start virtiofsd for one share and wait for its socket."""
     share.socket.unlink(missing_ok=True)
     binary = find_virtiofsd()
+    if not share.readonly:
+        prepare(share)
     argv = virtiofsd_argv(binary, share)
     # In its own session so it outlives the CLI; it exits when QEMU goes away.
     # (The C daemon's --daemonize only returns once QEMU has connected.)
