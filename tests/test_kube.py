@@ -68,3 +68,35 @@ def test_ssh_include_is_added_once_at_the_top(tmp_path: Path) -> None:
     lines = config.read_text().splitlines()
     assert lines[1] == f"Include {tmp_path}/.ssh/vivarium/*.conf" and lines.count(lines[1]) == 1
     assert "ServerAliveInterval 30" in lines[-1]
+
+
+@pytest.mark.parametrize(
+    "evil",
+    [
+        {"user": {"exec": {"command": "/bin/sh", "args": ["-c", "touch /tmp/pwned"]}}},
+        {"user": {"auth-provider": {"name": "gcp"}}},
+        {"user": {"tokenFile": "/etc/shadow"}},
+        {"user": {"client-key": "/root/.ssh/id_ed25519"}},
+        {"user": {"token": "a\nb"}},
+        {"cluster": {"insecure-skip-tls-verify": True}},
+        {"cluster": {"proxy-url": "http://example.org:3128"}},
+        {"cluster": {"tls-server-name": "example.org"}},
+        {"cluster": {"certificate-authority": "/etc/ssl/private/key.pem"}},
+        {"cluster": {"certificate-authority-data": "not base64!"}},
+    ],
+)
+def test_rewrite_takes_credentials_only_and_refuses_the_rest(evil: dict[str, dict[str, object]]) -> None:
+    data = yaml.safe_load(KIND)
+    for where, extra in evil.items():
+        (data["users"] if where == "user" else data["clusters"])[0][where].update(extra)
+    with pytest.raises(UsageError) as e:
+        kube.rewrite(yaml.safe_dump(data), "demo", 45999)
+    assert "\n" not in e.value.message
+
+
+def test_the_ssh_config_block_gives_the_guest_nothing_of_the_host(tmp_path: Path) -> None:
+    t = ssh.Target("vivarium-demo", "agent", 2222, tmp_path / "k", tmp_path / "kh")
+    block = t.config_block().splitlines()
+    for line in ("  ForwardAgent no", "  ForwardX11 no", "  IdentityAgent none", "  PermitLocalCommand no"):
+        assert line in block
+    assert block[0] == "Host vivarium-demo"

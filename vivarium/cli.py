@@ -224,9 +224,10 @@ def _sandbox_verbs(verbs: Any) -> None:
     df.add_argument("--json", action="store_true")
     df.set_defaults(func=cmd_diff)
 
-    ap = verbs.add_parser("apply", help="copy the sandbox's changes to review-mode shares back to the host")
+    ap = verbs.add_parser("apply", help="copy the changes the last `diff` showed (review-mode shares) to the host")
     _name(ap, optional=False)
     ap.add_argument("paths", nargs="*", metavar="PATH", help="only changes at or under these host paths (default: all)")
+    ap.add_argument("--id", metavar="ID", help="the change set a diff printed (default: the last diff)")
     ap.set_defaults(func=cmd_apply)
 
     sn = verbs.add_parser("snapshot", help="save and restore a running sandbox's memory and disks")
@@ -508,27 +509,44 @@ def cmd_diff(args: argparse.Namespace) -> int:
     marks = {"added": "A", "modified": "M", "deleted": "D"}
     for share in shares:
         if args.patch:
-            sys.stdout.write(share["patch"])
+            text = share["patch"]
+            sys.stdout.write(printable(text, lines=True) if sys.stdout.isatty() else text)
             continue
-        for c in share["changes"]:
+        # what runs on the host (git metadata, CI, build files, executables) first: read those before anything else
+        for c in sorted(share["changes"], key=lambda c: not c["runs_on_host"]):
             suffix = "/" if c["what"] == "dir" else ""
-            sys.stdout.write(f"{marks[c['kind']]} {share['share']}/{c['path']}{suffix}\n")
-        if not share["changes"]:
-            err.print(f"no changes to {share['share']}")
+            flag = "!" if c["runs_on_host"] else " "
+            note = "   (runs on the host)" if c["runs_on_host"] else ""
+            sys.stdout.write(f"{marks[c['kind']]}{flag} {printable(share['share'])}/{printable(c['path'])}{suffix}{note}\n")
+        for sk in share["skipped"]:
+            sys.stdout.write(f"?  {printable(share['share'])}/{printable(sk['path'])}   (skipped: {printable(sk['why'])})\n")
+        if not share["changes"] and not share["skipped"]:
+            err.print(f"no changes to {escape(printable(share['share']))}")
+    if shares:
+        set_id = shares[0]["id"]
+        err.print(f"change set {set_id}: `vivarium apply {args.name}` applies exactly this (or `--id {set_id}`)")
     return 0
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
     code = 0
-    for host, result in Sandbox(args.name).apply(args.paths):
+    for host, result, skipped in Sandbox(args.name).apply(args.paths, set_id=args.id):
+        where = escape(printable(host))
         for path in result.applied:
-            err.print(f"applied {host}/{path}")
+            err.print(f"applied {where}/{escape(printable(path))}")
         for path in result.conflicts:
-            err.print(f"[yellow]not applied:[/] {host}/{path} changed on the host since the sandbox started; both versions are kept "
-                      f"(the sandbox's stays in `vivarium diff {args.name}`)")  # fmt: skip
+            err.print(f"[yellow]not applied:[/] {where}/{escape(printable(path))} changed on the host since the sandbox started; "
+                      f"both versions are kept (the sandbox's stays in `vivarium diff {args.name}`)")  # fmt: skip
             code = 1
-        if not result.applied and not result.conflicts:
-            err.print(f"nothing to apply to {host}")
+        for path, why in result.refused:
+            err.print(f"[yellow]not applied:[/] {where}/{escape(printable(path))}: {escape(printable(why))}")
+            code = 1
+        for sk in skipped:
+            err.print(
+                f"skipped {where}/{escape(printable(sk['path']))}: {escape(printable(sk['why']))} (only files, directories and symlinks are applied)"
+            )
+        if not result.applied and not result.conflicts and not result.refused and not skipped:
+            err.print(f"nothing to apply to {where}")
     return code
 
 

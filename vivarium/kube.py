@@ -8,27 +8,47 @@ the host side of that forward; `--merge` folds it into ~/.kube/config.
 
 from __future__ import annotations
 
+import base64
+import binascii
 import os
+import re
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from vivarium.errors import UsageError
+from vivarium.printable import printable
 
 API_PORT = 45631
 KIND_CONFIG = "/etc/vivarium/kind.yaml"
 
 
+# From the guest's kubeconfig only these are taken: credentials as data. Everything else there
+# (exec and auth-provider commands kubectl would run on the host, file paths it would read there,
+# proxies, insecure-skip-tls-verify, a server name) is the guest's to choose, so it is refused.
+CLUSTER_KEYS = ("certificate-authority-data",)
+USER_KEYS = ("client-certificate-data", "client-key-data", "token")
+_TOKEN = re.compile(r"[A-Za-z0-9._~+/=:-]{1,8192}")
+
+
 def rewrite(text: str, name: str, host_port: int, bind: str = "127.0.0.1") -> dict[str, Any]:
-    """A kubeconfig from the guest, made to reach the API server through the host's forward."""
-    data = yaml.safe_load(text)
-    if not isinstance(data, dict) or not data.get("clusters"):
+    """A kubeconfig from the guest, made to reach the API server through the host's forward:
+    its CA and client credentials, nothing else; the server is always the loopback forward."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError:
+        raise UsageError("the sandbox's kubeconfig is not YAML") from None
+    if not isinstance(data, dict) or not isinstance(data.get("clusters"), list) or not data["clusters"]:
         raise UsageError("the sandbox's kubeconfig has no cluster in it", hint=f"create one with `kind create cluster --config {KIND_CONFIG}`")
     label = f"vivarium-{name}"
-    cluster = dict(data["clusters"][0]["cluster"])
+    first = data["clusters"][0]
+    theirs = first.get("cluster") if isinstance(first, dict) else None
+    cluster = _only(theirs, CLUSTER_KEYS, {"server"}, "cluster")
     cluster["server"] = f"https://{'127.0.0.1' if bind in ('0.0.0.0', '') else bind}:{host_port}"
-    user = data["users"][0]["user"] if data.get("users") else {}
+    users = data.get("users") or []
+    first_user = users[0] if isinstance(users, list) and users else {}
+    user = _only(first_user.get("user") if isinstance(first_user, dict) else None, USER_KEYS, set(), "user")
     return {
         "apiVersion": "v1",
         "kind": "Config",
@@ -38,6 +58,35 @@ def rewrite(text: str, name: str, host_port: int, bind: str = "127.0.0.1") -> di
         "current-context": label,
         "preferences": {},
     }
+
+
+def _only(entry: object, keys: tuple[str, ...], ignored: set[str], what: str) -> dict[str, str]:
+    """The `keys` of a guest's cluster or user entry, each checked; any other key refused in one line."""
+    if entry is None:
+        return {}
+    if not isinstance(entry, dict):
+        raise UsageError(f"the sandbox's kubeconfig {what} entry is not a mapping")
+    out: dict[str, str] = {}
+    for key, value in entry.items():
+        if key in ignored:
+            continue
+        if key not in keys:
+            raise UsageError(
+                f"the sandbox's kubeconfig has {printable(str(key))!r} in its {what}: refused (only {', '.join(keys)} are taken from the guest)",
+                hint="kubectl would act on it on this host; recreate the cluster with Kind's own kubeconfig",
+            )
+        if not isinstance(value, str) or not (_TOKEN.fullmatch(value) if key == "token" else _base64(value)):
+            raise UsageError(f"the sandbox's kubeconfig {what}.{key} is not {'a token' if key == 'token' else 'base64 data'}")
+        out[key] = value
+    return out
+
+
+def _base64(value: str) -> bool:
+    try:
+        base64.b64decode(value, validate=True)
+    except (binascii.Error, ValueError):
+        return False
+    return bool(value)
 
 
 def merge(existing: dict[str, Any] | None, new: dict[str, Any], *, use: bool = False) -> dict[str, Any]:

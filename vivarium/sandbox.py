@@ -13,7 +13,7 @@ layer over this class.
 from __future__ import annotations
 
 import contextlib
-import functools
+import hashlib
 import json
 import logging
 import os
@@ -38,6 +38,7 @@ from vivarium.image.build import Image, build_image, find_image
 from vivarium.image.recipe import AGENT_DOMAINS, Recipe
 from vivarium.net import control as fence
 from vivarium.net.policy import Decision
+from vivarium.printable import printable
 from vivarium.run import find_program, run
 from vivarium.share import review, virtiofs
 from vivarium.vm import accel as accel_mod
@@ -550,11 +551,15 @@ class Sandbox:
     def _upper(self, share: dict[str, Any]) -> str:
         return review.UPPER.format(tag=share["tag"])
 
-    def _scan(self, share: dict[str, Any]) -> list[dict[str, Any]]:
+    def _scan(self, share: dict[str, Any]) -> object:
+        """The guest's own account of its changes: untrusted, checked by review.changes()."""
         r = self.exec(["sudo", "python3", "-c", review.SCAN, self._upper(share)], capture=True, timeout=600)
         if r.returncode != 0:
             raise VMError(f"cannot read the changes to {share['host']} in the sandbox: {r.stderr.strip()[-200:]}")
-        entries: list[dict[str, Any]] = json.loads(r.stdout)
+        try:
+            entries: object = json.loads(r.stdout)
+        except ValueError:
+            raise VMError(f"the sandbox's account of its changes to {share['host']} is not JSON") from None
         return entries
 
     def _fetch(self, share: dict[str, Any], rel: str) -> bytes:
@@ -565,44 +570,99 @@ class Sandbox:
         return r.stdout
 
     def diff(self, *, patch: bool = False) -> list[dict[str, Any]]:
-        """What the guest changed in each review share: [{share, changes: [...], patch?}]."""
+        """What the guest changed in each review share: [{share, guest, id, changes: [...], skipped: [...], patch?}].
+
+        The change set is recorded under its id: `apply` takes exactly it (the last one, or the one named)."""
         out = []
+        record: dict[str, dict[str, Any]] = {}
         for share in self._review_shares():
             host = Path(share["host"])
-            entries = self._scan(share)
-            found = review.changes(host, entries)
-            item: dict[str, Any] = {"share": share["host"], "guest": share["guest"], "changes": [c.to_dict() for c in found]}
+            found = review.changes(host, self._scan(share))
+            changes = [c.to_dict() for c in found.changes]
+            record[share["host"]] = {"tag": share["tag"], "changes": changes, "skipped": found.skipped}
+            item: dict[str, Any] = {"share": share["host"], "guest": share["guest"], "changes": changes, "skipped": found.skipped}
             if patch:
                 text = []
-                for c in found:
+                for c in found.changes:
                     if c.what != "file":
                         continue
-                    old = (host / c.path).read_bytes() if c.kind != "added" else None
+                    old = review.read_host(host, c.path) if c.kind != "added" else None
                     new = self._fetch(share, c.path) if c.kind != "deleted" else None
-                    text.append(review.unified(c.path, old, new))
+                    text.append(review.unified(printable(c.path), old, new))
                 item["patch"] = "".join(text)
             out.append(item)
+        set_id = review.set_id(record)
+        d = self.dir.path / "reviewed"
+        d.mkdir(mode=0o700, exist_ok=True)
+        state.write_atomic(d / f"{set_id}.json", json.dumps({"id": set_id, "shares": record}), 0o600)
+        state.write_atomic(d / "last", set_id + "\n", 0o600)
+        for item in out:
+            item["id"] = set_id
         return out
 
-    def apply(self, paths: Sequence[str] = ()) -> list[tuple[str, review.ApplyResult]]:
-        """Copy the guest's changes (all, or those under `paths`) to the host. Host-changed paths are left alone."""
-        results = []
-        wanted = [Path(p).absolute() for p in paths]
+    def _reviewed(self, set_id: str | None) -> dict[str, Any]:
+        d = self.dir.path / "reviewed"
+        if set_id is None:
+            try:
+                set_id = (d / "last").read_text().strip()
+            except FileNotFoundError:
+                raise UsageError(f"nothing of sandbox {self.name!r} was reviewed yet: apply takes the changes a diff showed",
+                                 hint=f"vivarium diff {self.name}") from None  # fmt: skip
+        if not re.fullmatch(r"[0-9a-f]{12}", set_id) or not (d / f"{set_id}.json").exists():
+            raise UsageError(f"sandbox {self.name!r} has no reviewed change set {set_id!r}", hint=f"vivarium diff {self.name}")
+        data: dict[str, Any] = json.loads((d / f"{set_id}.json").read_text())
+        return data
+
+    def apply(self, paths: Sequence[str] = (), *, set_id: str | None = None) -> list[tuple[str, review.ApplyResult, list[dict[str, str]]]]:
+        """Copy the reviewed changes (all, or those at or under `paths`) to the host: exactly what `diff` showed
+        (the last one, or `set_id`), or nothing when the guest changed any of it since. Host-changed paths are left alone.
+        Returns (share, result, skipped) per share."""
+        record = self._reviewed(set_id)
+        wanted = [os.path.normpath(os.path.abspath(p)) for p in paths]
+        plans = []
         for share in self._review_shares():
             host = Path(share["host"])
-            entries = self._scan(share)
-            found = review.changes(host, entries)
+            rec = record["shares"].get(share["host"])
+            if rec is None:
+                continue
+            rels: list[str] | None = None
             if wanted:
-                rels = [str(w.relative_to(host)) for w in wanted if w == host or host in w.parents]
-                found = [c for c in found if any(r in (".", c.path) or c.path.startswith(r + "/") for r in rels)]
+                rels = [os.path.relpath(w, host) for w in wanted if w == str(host) or w.startswith(str(host).rstrip("/") + "/")]
+                if not rels:
+                    continue
+            chosen = review.select((review.Change.from_dict(c) for c in rec["changes"]), rels)
+            skipped = [s for s in rec["skipped"] if rels is None or any(r == "." or s["path"] == r or s["path"].startswith(r + "/") for r in rels)]
+            plans.append((share, host, chosen, skipped))
+        # The guest as it is now must still hold what was reviewed, byte for byte: fetch and check all before writing any.
+        fetched: dict[tuple[str, str], bytes] = {}
+        moved: list[str] = []
+        for share, host, chosen, _ in plans:
+            if not chosen:
+                continue
+            now = {c.path: c for c in review.changes(host, self._scan(share)).changes}
+            for c in chosen:
+                if now.get(c.path) not in (c, None):
+                    moved.append(f"{host}/{c.path}")
+                elif c.what == "file" and c.kind != "deleted":
+                    data = self._fetch(share, c.path)
+                    if hashlib.sha256(data).hexdigest() != c.sha256:
+                        moved.append(f"{host}/{c.path}")
+                    fetched[(share["host"], c.path)] = data
+        if moved:
+            raise InstanceError(f"sandbox {self.name!r} changed {', '.join(printable(m) for m in moved[:5])}"
+                                f"{' and more' if len(moved) > 5 else ''} since the diff you reviewed; nothing was applied",
+                                hint=f"`vivarium diff {self.name}` again, then apply what it shows")  # fmt: skip
+        results = []
+        for share, host, chosen, skipped in plans:
             snap_path = self.dir.path / f"review-{share['tag']}.json"
             snap = review.load_snapshot(snap_path)
             st = host.stat()
             owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+            content = {c.path: fetched[(share["host"], c.path)] for c in chosen if (share["host"], c.path) in fetched}
             with self.dir.lock():
-                result = review.apply(host, found, entries, snap, functools.partial(self._fetch, share), owner)
+                result = review.apply(host, chosen, snap, content, owner)
                 review.save_snapshot(snap_path, snap)
-            results.append((share["host"], result))
+            results.append((share["host"], result, skipped))
         return results
 
     # ----------------------------------------------------------- snapshots

@@ -61,6 +61,9 @@ class Target:
             "-o", "StrictHostKeyChecking=yes",
             "-o", "IdentitiesOnly=yes",
             "-o", "IdentityAgent=none",
+            "-o", "ForwardAgent=no",
+            "-o", "ForwardX11=no",
+            "-o", "PermitLocalCommand=no",
             "-o", f"KexAlgorithms={KEX}",
             "-o", "LogLevel=ERROR",
             "-o", "ConnectTimeout=10",
@@ -94,6 +97,12 @@ class Target:
             f"  UserKnownHostsFile {self.known_hosts}",
             "  StrictHostKeyChecking yes",
             f"  KexAlgorithms {KEX}",
+            # Nothing of this host for the guest, whatever a later `Host *` says (ssh takes the first value):
+            # root in the guest could use a forwarded agent to sign as you, or a forwarded X display to watch you.
+            "  ForwardAgent no",
+            "  ForwardX11 no",
+            "  IdentityAgent none",
+            "  PermitLocalCommand no",
             "",
         ])  # fmt: skip
 
