@@ -345,7 +345,7 @@ def cmd_sessions(args: argparse.Namespace) -> int:
         return 0
     t = Table("session", "state", "attached", "command")
     for r in rows:
-        t.add_row(r["session"], r["state"], "yes" if r["attached"] else "", r["command"])
+        t.add_row(*(escape(printable(str(x))) for x in (r["session"], r["state"], "yes" if r["attached"] else "", r["command"])))
     out.print(t)
     return 0
 
@@ -389,7 +389,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             value = ", ".join(f"{s['host']} → {s['guest']} ({s['mode']}, {s['via']})" for s in value)
         elif key == "uptime":
             value = _uptime(value)
-        out.print(f"{key:8} {value if value is not None else ''}")
+        out.print(f"{key:8} {escape(printable(str(value))) if value is not None else ''}")
     return 0
 
 
@@ -401,11 +401,11 @@ def cmd_logs(args: argparse.Namespace) -> int:
         err.print("no console log yet")
         return 0
     with path.open(errors="replace") as f:
-        sys.stdout.write(f.read())
+        sys.stdout.write(printable(f.read(), lines=True))  # the guest's console: shown, never obeyed by the terminal
         while args.follow:
             line = f.readline()
             if line:
-                sys.stdout.write(line)
+                sys.stdout.write(printable(line, lines=True))
                 sys.stdout.flush()
             else:
                 time.sleep(0.3)
@@ -563,7 +563,7 @@ def cmd_egress(args: argparse.Namespace) -> int:
         else:
             for addr, name, d in rows:
                 where = " ".join(x for x in (name, f"[{addr}]" if addr else "") if x)
-                out.print(f"{'[green]allow[/]' if d.allow else '[red]deny[/]'} {escape(where)}:{port}  {escape(d.rule)}")
+                out.print(f"{'[green]allow[/]' if d.allow else '[red]deny[/]'} {escape(printable(where))}:{port}  {escape(printable(d.rule))}")
         return 0 if all(d.allow for _, _, d in rows) else 1
     for record in box.egress_log(follow=args.follow):
         if args.denied and record.get("decision") != "deny":
@@ -584,15 +584,20 @@ def _host_port(text: str) -> tuple[str, int]:
 
 
 def _egress_line(r: dict[str, Any]) -> str:
-    when = str(r.get("time", ""))[11:23]
-    verdict = str(r.get("decision", "?")).upper()
+    """One audit record as a line: every field the guest could have chosen (names above all) escaped."""
+
+    def f(key: str, default: str = "") -> str:
+        return printable(str(r.get(key, default)))
+
+    when = f("time")[11:23]
+    verdict = f("decision", "?").upper()
     if r.get("kind") == "dns":
-        answers = ",".join(r.get("answers", [])) or r.get("rcode", "")
-        return f"{when} {verdict:5} dns {r.get('name')} {r.get('type')} → {answers}  ({r.get('rule')})"
-    name = f"{r.get('name')} " if r.get("name") else ""
-    extra = f" sent {r.get('sent', 0)} received {r.get('received', 0)} in {r.get('duration', 0)}s"
-    error = f" {r['error']}" if r.get("error") else ""
-    return f"{when} {verdict:5} tcp {name}{r.get('dst')}:{r.get('port')}  ({r.get('rule')}){extra}{error}"
+        answers = printable(",".join(str(a) for a in r.get("answers", []))) or f("rcode")
+        return f"{when} {verdict:5} dns {f('name')} {f('type')} → {answers}  ({f('rule')})"
+    name = f"{f('name')} " if r.get("name") else ""
+    extra = f" sent {f('sent', '0')} received {f('received', '0')} in {f('duration', '0')}s"
+    error = f" {f('error')}" if r.get("error") else ""
+    return f"{when} {verdict:5} tcp {name}{f('dst')}:{f('port')}  ({f('rule')}){extra}{error}"
 
 
 def cmd_build(args: argparse.Namespace) -> int:
@@ -698,9 +703,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     except VivariumError as e:
         if args.debug:
             raise
-        err.print(f"[red]error:[/] {escape(e.message)}")
+        err.print(f"[red]error:[/] {escape(printable(e.message, lines=True))}")  # may quote the guest (a console tail)
         if e.hint:
-            err.print(f"  hint: {escape(e.hint)}")
+            err.print(f"  hint: {escape(printable(e.hint, lines=True))}")
         return e.exit_code
     except OSError as e:  # a full disk, a file gone from under us: one line, not a traceback
         if args.debug:
