@@ -262,7 +262,7 @@ def test_a_kubeconfig_with_a_command_in_it_is_refused(box: Sandbox, tmp_path: Pa
     vv("port", "itest", "add", f"{port}:45631")
     hostile = {
         "apiVersion": "v1", "kind": "Config",
-        "clusters": [{"name": "kind-kind", "cluster": {"server": "https://0.0.0.0:45631", "insecure-skip-tls-verify": True}}],
+        "clusters": [{"name": "kind-kind", "cluster": {"server": "https://0.0.0.0:45631"}}],
         "users": [{"name": "kind-kind", "user": {"exec": {"apiVersion": "client.authentication.k8s.io/v1", "command": "/bin/sh",
                                                           "args": ["-c", "touch /tmp/pwned-by-kubeconfig"]}}}],
     }  # fmt: skip
