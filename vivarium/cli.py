@@ -295,6 +295,11 @@ def cmd_up(args: argparse.Namespace) -> int:
     return 0
 
 
+def _print_json(data: object) -> None:
+    """JSON as JSON: ASCII, every guest-made character escaped (rich's print_json would write them raw)."""
+    sys.stdout.write(json.dumps(data, indent=2) + "\n")
+
+
 def _print_connect(box: Sandbox) -> None:
     st = box.status()
     out.print(f"  vivarium ssh {box.name}")
@@ -341,7 +346,7 @@ def cmd_attach(args: argparse.Namespace) -> int:
 def cmd_sessions(args: argparse.Namespace) -> int:
     rows = Sandbox(args.name).sessions()
     if args.json:
-        out.print_json(json.dumps(rows))
+        _print_json(rows)
         return 0
     t = Table("session", "state", "attached", "command")
     for r in rows:
@@ -358,7 +363,7 @@ def cmd_ssh_config(args: argparse.Namespace) -> int:
 def cmd_ls(args: argparse.Namespace) -> int:
     rows = [b.status() for b in list_sandboxes()]
     if args.json:
-        out.print_json(json.dumps([r.to_dict() for r in rows]))
+        _print_json([r.to_dict() for r in rows])
         return 0
     t = Table("name", "state", "accel", "ssh", "memory", "cpus", "uptime")
     for r in rows:
@@ -378,7 +383,7 @@ def _uptime(seconds: float | None) -> str:
 def cmd_status(args: argparse.Namespace) -> int:
     st = Sandbox(args.name).status()
     if args.json:
-        out.print_json(json.dumps(st.to_dict()))
+        _print_json(st.to_dict())
         return 0
     for key, value in st.to_dict().items():
         if key == "ports":
@@ -449,7 +454,7 @@ def cmd_port(args: argparse.Namespace) -> int:
     else:
         ports = box.status().ports
         if args.json:
-            out.print_json(json.dumps(ports))
+            _print_json(ports)
         else:
             for p in ports:
                 out.print(f"{p['bind']}:{p['host']} → guest {p['guest']}")
@@ -474,7 +479,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
     else:
         rows = Sandbox(args.name).snapshots()
         if args.json:
-            out.print_json(json.dumps(rows))
+            _print_json(rows)
         else:
             t = Table("tag", "created", "memory", "cpus", "accel", "size")
             for r in rows:
@@ -504,7 +509,7 @@ def cmd_docker_context(args: argparse.Namespace) -> int:
 def cmd_diff(args: argparse.Namespace) -> int:
     shares = Sandbox(args.name).diff(patch=args.patch)
     if args.json:
-        out.print_json(json.dumps(shares))
+        _print_json(shares)
         return 0
     marks = {"added": "A", "modified": "M", "deleted": "D"}
     for share in shares:
@@ -559,7 +564,7 @@ def cmd_egress(args: argparse.Namespace) -> int:
         host, port = _host_port(args.target)
         rows = box.egress_check(host, port)
         if args.json:
-            out.print_json(json.dumps([{"address": a, "name": n, "allow": d.allow, "rule": d.rule} for a, n, d in rows]))
+            _print_json([{"address": a, "name": n, "allow": d.allow, "rule": d.rule} for a, n, d in rows])
         else:
             for addr, name, d in rows:
                 where = " ".join(x for x in (name, f"[{addr}]" if addr else "") if x)
@@ -627,7 +632,7 @@ def cmd_config_show(args: argparse.Namespace) -> int:
     config = load_config(args)
     data = cfg.to_dict(config)
     if args.json:
-        out.print_json(json.dumps(data))
+        _print_json(data)
         return 0
     out.print(f"# effective settings{' from ' + str(config.source) if config.source else ' (defaults)'}")
     for s in cfg.SETTINGS:
@@ -658,7 +663,7 @@ def cmd_doctor(args: argparse.Namespace) -> int:
     results = doctor_mod.checks()
     bad = [c for c in results if not c.ok and c.required]
     if args.json:
-        out.print_json(json.dumps([c.__dict__ for c in results]))
+        _print_json([c.__dict__ for c in results])
     else:
         t = Table("check", "", "detail", "fix")
         for c in results:
