@@ -7,6 +7,7 @@ so an interrupted build leaves nothing half-made behind.
 
 from __future__ import annotations
 
+import contextlib
 import fcntl
 import hashlib
 import json
@@ -15,6 +16,7 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import tarfile
 import time
@@ -347,12 +349,28 @@ _PHASES = (
 )
 
 
+def _stop_group(proc: subprocess.Popen[str], grace: float = 10.0) -> None:
+    """SIGTERM to the whole process group, SIGKILL after `grace` seconds; the mounts it leaves are _remove_tree's."""
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, sig)
+        try:
+            proc.wait(timeout=grace)
+        except subprocess.TimeoutExpired:
+            continue
+        with contextlib.suppress(ProcessLookupError):
+            os.killpg(proc.pid, signal.SIGKILL)  # whatever of the group outlived its leader
+        return
+
+
 def _run_mmdebstrap(argv: list[str], logfile: Path, progress: Progress) -> None:
     progress("resolve", "starting mmdebstrap")
     current = "resolve"
     remaining = False
     with logfile.open("w") as out:
-        proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+        # Its own process group: an interrupt stops all of it (mmdebstrap's top process alone waits for
+        # its workers, and apt and dpkg run on for minutes).
+        proc = spawn(argv, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
         assert proc.stdout is not None
         try:
             for line in proc.stdout:
@@ -370,8 +388,7 @@ def _run_mmdebstrap(argv: list[str], logfile: Path, progress: Progress) -> None:
                         break
             rc = proc.wait()
         except BaseException:
-            proc.terminate()
-            proc.wait()
+            _stop_group(proc)
             raise
     if rc != 0:
         saved = state.cache_dir() / "logs" / "build-failed.log"
