@@ -510,7 +510,11 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
                 child.wait(5)
             except subprocess.TimeoutExpired:
                 child.kill()
-        (directory / SOCKET).unlink(missing_ok=True)
+        # Only while the sandbox is still ours: a gateway started since (its pid in PIDFILE) owns the socket now,
+        # and unlinking it would cut the new one off before it ever served (an `up` right after QEMU died).
+        with contextlib.suppress(OSError, ValueError):
+            if int((directory / PIDFILE).read_text().strip()) == os.getpid():
+                (directory / SOCKET).unlink(missing_ok=True)
     return 0
 
 
