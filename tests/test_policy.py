@@ -131,3 +131,34 @@ def test_split_host_port() -> None:
     for bad in ("x:0", "x:70000", "x:dns", "[::1]x"):
         with pytest.raises(ValueError):
             split_host_port(bad, 53)
+
+
+@pytest.mark.parametrize(
+    ("ip", "rule"),
+    [
+        ("64:ff9b:1::c0a8:4d01", "deny local-use-nat64 64:ff9b:1::/48"),
+        ("64:ff9b::c0a8:4d01", "deny private 192.168.0.0/16"),  # NAT64: decided on the IPv4 address it carries
+        ("64:ff9b::808:808", "allow public internet"),
+        ("2002:c0a8:4d01::1", "deny private 192.168.0.0/16"),  # 6to4: the same
+        ("2001:0:4136:e378:8000:63bf:3f57:b2fe", "deny teredo 2001::/32"),
+        ("2001:2::1", "deny ietf-protocol-assignments 2001::/23"),
+        ("fec0::1", "deny site-local fec0::/10"),
+        ("3fff::1", "deny documentation 3fff::/20"),
+        ("5f00::1", "deny srv6-sid 5f00::/16"),
+        ("192.88.99.1", "deny 6to4-relay 192.88.99.0/24"),
+        ("::ffff:10.0.0.1", "deny private 10.0.0.0/8"),
+        ("::ffff:169.254.169.254", "deny link-local/metadata 169.254.0.0/16"),
+        ("fe80::1%eth0", "deny link-local fe80::/10"),
+        ("2606:4700::1111", "allow public internet"),
+    ],
+)
+def test_special_purpose_ranges_address_by_address(ip: str, rule: str) -> None:
+    assert Policy.build("lan-block").decide(ip, 443).rule == rule
+
+
+@pytest.mark.parametrize("spelling", ["2606:4700:77::1%hov0", "2606:4700:77::1%6", "2606:4700:77::1%0", "2606:4700:77::1"])
+def test_the_hosts_own_address_in_every_scope_spelling(spelling: str) -> None:
+    # even where allow_cidrs opens the range the host's address is in
+    policy = Policy.build("lan-block", allow_cidrs=["2606:4700:77::/48"], host_addresses=["2606:4700:77::1"])
+    assert policy.decide(spelling, 443).rule == "deny the host's own address"
+    assert unwrap(ipaddress.ip_address(spelling)) == ipaddress.ip_address("2606:4700:77::1")

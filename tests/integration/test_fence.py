@@ -344,3 +344,59 @@ def test_a_killed_gateway_is_restarted_and_egress_fails_closed(box: Sandbox) -> 
     time.sleep(1)
     assert curl(box, "http://public.test/") == (0, f"hello from {PUBLIC}")
     assert "gateway: serving process exited" in (box.dir.path / "gateway.err").read_text()
+
+
+# ---------------------------------------------------------------- issue 12: ranges, and denied names win
+
+FORGED = r"""
+import json, socket, sys
+out = {}
+for dst in json.loads(sys.argv[1]):
+    s = socket.create_connection(("10.0.2.100", 1), timeout=10)
+    s.sendall(json.dumps({"t": "tcp", "dst": dst, "port": 7777}).encode() + b"\n")
+    try:
+        out[dst] = s.recv(100).decode(errors="replace")
+    except OSError as e:
+        out[dst] = str(e)
+    s.close()
+print(json.dumps(out))
+"""
+
+# The LAN host 192.168.77.1 spelled through IPv6 transition ranges, and special-purpose ranges that are nobody's internet.
+SPELLINGS = {
+    "64:ff9b:1::c0a8:4d01": "deny local-use-nat64 64:ff9b:1::/48",
+    "64:ff9b::c0a8:4d01": "deny private 192.168.0.0/16",
+    "2002:c0a8:4d01::1": "deny private 192.168.0.0/16",
+    "2001:0:4136:e378:8000:63bf:3f57:b2fe": "deny teredo 2001::/32",
+    "fec0::c0a8:4d01": "deny site-local fec0::/10",
+    "3fff::1": "deny documentation 3fff::/20",
+}
+
+
+def test_transition_and_special_purpose_ranges_are_refused_and_logged(box: Sandbox) -> None:
+    since = len(list(box.egress_log()))
+    r = box.exec(["sudo", "sh", "-c", 'nft flush ruleset; exec python3 -c "$0" "$1"', FORGED, json.dumps(list(SPELLINGS))],
+                 capture=True, timeout=120)  # fmt: skip
+    restore_fence(box)
+    assert r.returncode == 0, r.stderr
+    # one record per connection, in order (the script makes them one after the other)
+    logged = [(rec["decision"], rec["rule"]) for rec in egress(box, since) if rec["kind"] == "tcp" and rec["port"] == 7777]
+    assert logged == [("deny", rule) for rule in SPELLINGS.values()]
+
+
+def test_a_denied_names_address_stays_denied_whatever_name_the_client_shows(box: Sandbox, net: FakeNet) -> None:
+    set_policy(box, net, "lan-block")
+    try:
+        assert curl(box, "http://public.test/") == (0, f"hello from {PUBLIC}")  # the gateway resolved it: it knows the address
+        vv("egress", "deny", box.name, "public.test")
+        time.sleep(0.5)
+        since = len(list(box.egress_log()))
+        # the same address, named as something else in the Host header (or the SNI)
+        _, text = curl(box, "-H", "Host: evil.test", f"http://{PUBLIC}/")
+        assert f"hello from {PUBLIC}" not in text, text
+        assert curl(box, "-k", "--resolve", f"evil.test:443:{PUBLIC}", "https://evil.test/")[0] != 0
+        denied = [r for r in egress(box, since) if r["kind"] == "tcp"]
+        assert denied and all(r["decision"] == "deny" and r["rule"].startswith("deny public.test (cli)") for r in denied), denied
+        assert any("the client named evil.test" in r["rule"] for r in denied)
+    finally:
+        set_policy(box, net, "lan-block")

@@ -363,10 +363,18 @@ class Gateway:
     def decide(self, dst: IPAddress, port: int, seen: tuple[str, str] | None) -> tuple[Decision, str | None, str | None]:
         """(decision, the name it was made on, where the name came from)."""
         policy = self.settings.policy
+        known = self.names.names(dst)
+        # A denied name wins: if the gateway's own resolver gave this address for a denied name, no other
+        # name the client shows (SNI, Host) opens it. (An address denied on its own keeps that rule.)
+        for n in known if policy.deny else ():
+            rule = next((r for r in policy.deny if r.matches(n, port)), None)
+            verdict = policy.ip_verdict(dst, port)
+            if rule is not None and (verdict is None or verdict.allow):
+                said = f"; the client named {seen[0]}" if seen is not None and seen[0] != n else ""
+                return Decision(False, f"deny {rule} ({rule.source}){said}"), n, "dns"
         if seen is not None:
             name, source = seen
             return policy.decide(dst, port, name, self.names.ips(name)), name, source
-        known = self.names.names(dst)
         if not known:
             return policy.decide(dst, port), None, None
         decisions = [(policy.decide(dst, port, n, self.names.ips(n)), n) for n in known]

@@ -33,14 +33,23 @@ ALWAYS_DENIED: tuple[tuple[str, str], ...] = (
     ("224.0.0.0/4", "multicast"),
     ("240.0.0.0/4", "reserved"),
     ("255.255.255.255/32", "broadcast"),
+    ("192.88.99.0/24", "6to4-relay"),
     ("::/128", "unspecified"),
     ("::1/128", "loopback"),
+    ("64:ff9b:1::/48", "local-use-nat64"),  # RFC 8215: where the IPv4 address sits depends on the site; never out
     ("100::/64", "discard"),
+    ("2001::/32", "teredo"),  # the IPv4 address in it is obfuscated, and the relay may be anywhere
+    ("2001::/23", "ietf-protocol-assignments"),
     ("2001:db8::/32", "documentation"),
+    ("3fff::/20", "documentation"),
+    ("5f00::/16", "srv6-sid"),
     ("fc00::/7", "unique-local"),
     ("fe80::/10", "link-local"),
+    ("fec0::/10", "site-local"),
     ("ff00::/8", "multicast"),
 )
+# (Not listed because they are decided on the IPv4 address they carry, see unwrap(): ::ffff:0:0/96
+# IPv4-mapped, ::/96 IPv4-compatible, 2002::/16 6to4, 64:ff9b::/96 NAT64.)
 
 MODES = ("lan-block", "allowlist", "offline")
 
@@ -96,7 +105,10 @@ def split_host_port(text: str, default: int) -> tuple[str, int]:
 
 
 def unwrap(ip: IPAddress) -> IPAddress:
-    """The IPv4 address hidden in an IPv4-mapped, -compatible, 6to4 or NAT64 IPv6 address."""
+    """The address decided on: without an IPv6 scope id (`%eth0` names no other host), and the IPv4
+    address hidden in an IPv4-mapped, -compatible, 6to4 or NAT64 IPv6 address."""
+    if isinstance(ip, ipaddress.IPv6Address) and ip.scope_id is not None:
+        ip = ipaddress.IPv6Address(ip.packed)
     if isinstance(ip, ipaddress.IPv6Address):
         if ip.ipv4_mapped is not None:
             return ip.ipv4_mapped
@@ -142,7 +154,7 @@ class Policy:
             allow=tuple(AllowRule.parse(a) for a in allow),
             allow_cidrs=tuple(ipaddress.ip_network(c, strict=False) for c in allow_cidrs),
             deny_cidrs=tuple(ipaddress.ip_network(c, strict=False) for c in deny_cidrs),
-            host_addresses=frozenset(ipaddress.ip_address(a) for a in host_addresses),
+            host_addresses=frozenset(unwrap(ipaddress.ip_address(a)) for a in host_addresses),
             deny=tuple(AllowRule.parse(d, "deny") for d in deny),
             host_networks=tuple(ipaddress.ip_network(c, strict=False) for c in host_networks),
         )
