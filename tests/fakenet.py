@@ -64,6 +64,16 @@ def secret(conn):
     with conn:
         conn.sendall(("secret from %s\n" % conn.getsockname()[0]).encode())
 
+def tls_sink(conn):
+    # stands in for a TLS server: whatever a client's first bytes, say that they arrived
+    with conn:
+        conn.settimeout(5)
+        try:
+            if conn.recv(65536):
+                conn.sendall(b"reached\n")
+        except OSError:
+            pass
+
 def tcp(port, handler):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
     s.bind(("0.0.0.0", port)); s.listen(1024)
@@ -93,7 +103,7 @@ def dns_tcp(conn):
             q += conn.recv(n - len(q))
         a = answer(q); conn.sendall(len(a).to_bytes(2, "big") + a)
 
-for target, args in ((tcp, (80, http)), (tcp, (7777, secret)), (tcp, (53, dns_tcp)), (udp, (7777, False)), (udp, (53, True))):
+for target, args in ((tcp, (80, http)), (tcp, (443, tls_sink)), (tcp, (7777, secret)), (tcp, (53, dns_tcp)), (udp, (7777, False)), (udp, (53, True))):
     threading.Thread(target=target, args=args, daemon=True).start()
 print("ready", flush=True)
 sys.stdin.read()  # until the test closes our stdin

@@ -244,3 +244,49 @@ def test_it_exits_with_qemu(tmp_path: Path) -> None:
     assert control.pid(tmp_path) is None
     assert not (tmp_path / "gateway.sock").exists()
     assert sys.executable
+
+
+def records(hello: bytes, cut: int) -> bytes:
+    """The same ClientHello carried in two TLS records, split inside the handshake message."""
+    body = hello[5:]
+    head = hello[:3]
+    return head + len(body[:cut]).to_bytes(2, "big") + body[:cut] + head + len(body[cut:]).to_bytes(2, "big") + body[cut:]
+
+
+def test_head_state_needs_the_whole_record() -> None:
+    hello = client_hello("other.test")
+    assert sniff.head_state(hello) == "complete" and sniff.tls_sni(hello) == "other.test"
+    assert [sniff.head_state(hello[:n]) for n in (1, 5, 9, len(hello) - 1)] == ["more"] * 4
+    assert sniff.tls_sni(hello[:1]) is None
+    split = records(hello, 3)
+    assert sniff.head_state(split) == "complete" and sniff.tls_sni(split) == "other.test"
+    assert sniff.head_state(split[:-1]) == "more"
+    assert sniff.head_state(hello, cap=100) == "oversized"
+    assert [sniff.head_state(b) for b in (b"G", b"GET / HTTP/1.1\r\nHost: a", b"GET / HTTP/1.1\r\nHost: a\r\n\r\n")] == ["more", "more", "complete"]
+    assert sniff.head_state(b"SSH-2.0-x\r\n") == "other" and sniff.head_state(b"\x17\x03\x03\x00\x10") == "other"
+
+
+def test_allowlist_a_split_or_late_client_hello_is_read_whole(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
+    d, _, echo = gw
+    upstream = json.loads((d / "policy.json").read_text())["dns_upstream"]
+    control.write_policy(d, "allowlist", [("good.test", "config")], ["127.0.0.0/8"], [], upstream)
+    control.reload(d)
+    time.sleep(0.3)
+    assert ask(d, "good.test").rcode() == dns.rcode.NOERROR  # 127.0.0.1 is good.test's, as the gateway knows
+    hello = client_hello("other.test")
+    since = len([r for r in log(d) if r["kind"] == "tcp"])
+
+    def attempt(*parts: tuple[float, bytes]) -> None:
+        s = tunnel(d, {"t": "tcp", "dst": "127.0.0.1", "port": echo.port})
+        for pause, part in parts:
+            time.sleep(pause)
+            s.sendall(part)
+        s.shutdown(socket.SHUT_WR)
+        recv_all(s)
+
+    attempt((0, hello[:1]), (0.3, hello[1:]))  # one byte, then the rest
+    attempt((0, records(hello, 10)))  # two TLS records
+    attempt((2.0, hello))  # after the gateway stopped waiting: decided on good.test, then read all the same
+    wait_for(lambda: len([r for r in log(d) if r["kind"] == "tcp"]) >= since + 3)
+    tcp = [r for r in log(d) if r["kind"] == "tcp"][since:]
+    assert [(r["decision"], r["name"], r["rule"]) for r in tcp] == [("deny", "other.test", "deny allowlist: other.test is not listed")] * 3

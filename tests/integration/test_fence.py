@@ -400,3 +400,51 @@ def test_a_denied_names_address_stays_denied_whatever_name_the_client_shows(box:
         assert any("the client named evil.test" in r["rule"] for r in denied)
     finally:
         set_policy(box, net, "lan-block")
+
+
+SPLIT = r"""
+import json, socket, struct, sys, time
+def hello(name):
+    name = name.encode()
+    sni = struct.pack("!HBH", len(name) + 3, 0, len(name)) + name
+    ext = struct.pack("!HH", 0, len(sni)) + sni
+    body = b"\x03\x03" + b"\x00" * 32 + b"\x00" + b"\x00\x02\x13\x01" + b"\x01\x00" + struct.pack("!H", len(ext)) + ext
+    return b"\x01" + len(body).to_bytes(3, "big") + body
+hs = hello("evil.test")
+whole = b"\x16\x03\x01" + struct.pack("!H", len(hs)) + hs
+two = b"".join(b"\x16\x03\x01" + struct.pack("!H", len(p)) + p for p in (hs[:10], hs[10:]))
+out = {}
+for what, parts in (("one byte, then the rest", [(0, whole[:1]), (0.3, whole[1:])]), ("two TLS records", [(0, two)]),
+                    ("after 2 s of silence", [(2.0, whole)])):
+    if sys.argv[2] == "forged":  # straight at the gateway, with a tunnel header of our own
+        s = socket.create_connection(("10.0.2.100", 1), timeout=15)
+        s.sendall(json.dumps({"t": "tcp", "dst": sys.argv[1], "port": 443}).encode() + b"\n")
+    else:
+        s = socket.create_connection((sys.argv[1], 443), timeout=15)
+    for pause, part in parts:
+        time.sleep(pause); s.sendall(part)
+    try:
+        out[what] = s.recv(100).decode(errors="replace").strip() or "closed"
+    except OSError as e:
+        out[what] = str(e)
+    s.close()
+print(json.dumps(out))
+"""
+
+
+def test_allowlist_a_split_or_late_client_hello_is_read_whole(box: Sandbox, net: FakeNet) -> None:
+    set_policy(box, net, "allowlist", ["public.test"])
+    try:
+        assert box.exec(["getent", "hosts", "public.test"]).returncode == 0  # the gateway now knows the address as public.test's
+        since = len(list(box.egress_log()))
+        redirected = box.exec(["python3", "-c", SPLIT, PUBLIC, "redirected"], capture=True, timeout=120)
+        forged = box.exec(["sudo", "sh", "-c", 'nft flush ruleset; exec python3 -c "$0" "$1" forged', SPLIT, PUBLIC], capture=True, timeout=120)
+        restore_fence(box)
+        for r in (redirected, forged):
+            assert r.returncode == 0, r.stderr
+            results = json.loads(r.stdout.strip().splitlines()[-1])
+            assert not [what for what, got in results.items() if got == "reached"], results  # the server never heard the hello
+        tcp = [rec for rec in egress(box, since) if rec["kind"] == "tcp" and rec["port"] == 443]
+        assert [(rec["decision"], rec["name"], rec["rule"]) for rec in tcp] == [("deny", "evil.test", "deny allowlist: evil.test is not listed")] * 6
+    finally:
+        set_policy(box, net, "lan-block")

@@ -32,7 +32,7 @@ import subprocess
 import sys
 import time
 from collections import OrderedDict
-from collections.abc import Iterable
+from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
@@ -47,7 +47,7 @@ import dns.rdatatype
 import dns.rrset
 
 from vivarium.net.policy import AllowRule, Decision, IPAddress, Policy, split_host_port, unwrap
-from vivarium.net.sniff import looks_like_http, name_in
+from vivarium.net.sniff import looks_like_http, name_in, read_head
 
 SOCKET = "gateway.sock"
 POLICY = "policy.json"
@@ -56,6 +56,7 @@ PIDFILE = "gateway.pid"  # the supervisor's
 # How long to wait for a client's first bytes when its name decides (allowlist,
 # denied names); a server-speaks-first protocol is then decided on DNS names.
 PEEK_TIMEOUT = 1.5
+HEAD_TIMEOUT = 10.0  # from its first byte, for a whole ClientHello or request head to arrive
 CONNECT_TIMEOUT = 10.0
 HEADER_LIMIT = 1024
 CHUNK = 256 * 1024
@@ -360,6 +361,24 @@ class Gateway:
 
     # -------------------------------------------------------------- TCP
 
+    def _recheck(self, dst: IPAddress, port: int, record: dict[str, Any]) -> Recheck:
+        async def check(data: bytes, reader: asyncio.StreamReader) -> bytes | None:
+            head, state = await read_head(reader, 0, HEAD_TIMEOUT, initial=data)
+            seen = name_in(head) if state == "complete" else None
+            if state in ("partial", "oversized"):
+                decision, name = Decision(False, f"deny {state} TLS ClientHello or HTTP request head: no name to decide on"), None
+            elif seen is None:
+                return head
+            else:
+                decision, name, _ = self.decide(dst, port, seen)
+            if decision.allow:
+                record.update(name=name, name_from=seen[1] if seen else None, rule=decision.rule)
+                return head
+            record.update(name=name or record.get("name"), name_from=seen[1] if seen else None, decision="deny", rule=decision.rule)
+            return None
+
+        return check
+
     def decide(self, dst: IPAddress, port: int, seen: tuple[str, str] | None) -> tuple[Decision, str | None, str | None]:
         """(decision, the name it was made on, where the name came from)."""
         policy = self.settings.policy
@@ -397,13 +416,19 @@ class Gateway:
         record.update(dst=str(dst), port=port)
         policy = self.settings.policy
         verdict = policy.ip_verdict(dst, port)
-        first = b""
+        first, state = b"", "silent"
         if verdict is None or not verdict.allow:
-            # the name decides, or a denial may owe an HTTP client a 403: read what the client says first
-            with contextlib.suppress(TimeoutError):
-                first = await asyncio.wait_for(reader.read(CHUNK), PEEK_TIMEOUT)
-        seen = name_in(first) if first else None
-        decision, name, source = self.decide(dst, port, seen) if verdict is None else (verdict, *(seen or (None, None)))
+            # the name decides, or a denial may owe an HTTP client a 403: read what the client says first,
+            # a whole ClientHello or request head (split across reads and records as it may be)
+            first, state = await read_head(reader, PEEK_TIMEOUT, HEAD_TIMEOUT)
+        seen = name_in(first) if state == "complete" else None
+        if verdict is None and state in ("partial", "oversized"):
+            # the name decides, and it cannot be read: a client that hides it gets nothing
+            decision, name, source = Decision(False, f"deny {state} TLS ClientHello or HTTP request head: no name to decide on"), None, None
+        elif verdict is None:
+            decision, name, source = self.decide(dst, port, seen)
+        else:
+            decision, name, source = verdict, seen[0] if seen else None, seen[1] if seen else None
         if name is None and verdict is not None:
             known = self.names.names(dst)
             name, source = (known[0], "dns") if known else (None, None)
@@ -427,8 +452,11 @@ class Gateway:
                 if first:
                     up_writer.write(first)
                     sent += len(first)
+                # Decided on the names the gateway resolved because the client said nothing at first: what it
+                # says later is read the same way, and a name that is not allowed ends the connection there.
+                watch = self._recheck(dst, port, record) if verdict is None and state == "silent" else None
                 counts = await asyncio.gather(
-                    _pump(reader, up_writer, sniff=None if first or verdict is None else record),
+                    _pump(reader, up_writer, sniff=None if first or verdict is None else record, watch=watch),
                     _pump(up_reader, writer),
                 )
                 sent += counts[0]
@@ -442,14 +470,26 @@ class Gateway:
             self.audit.write(record)
 
 
-async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, sniff: dict[str, Any] | None = None) -> int:
-    """Copy until EOF, then pass the EOF on. With `sniff`, fill in the name from the first bytes (for the log)."""
+Recheck = Callable[[bytes, asyncio.StreamReader], Awaitable[bytes | None]]
+
+
+async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, sniff: dict[str, Any] | None = None,
+                watch: Recheck | None = None) -> int:  # fmt: skip
+    """Copy until EOF, then pass the EOF on. With `sniff`, fill in the name from the first bytes (for the log).
+    With `watch`, the first bytes go through it first: it returns what to send on, or None to end the connection."""
     total = 0
     try:
         while True:
             data = await src.read(CHUNK)
             if not data:
                 break
+            if watch is not None:
+                checked = await watch(data, src)
+                watch = None
+                if checked is None:
+                    dst.close()
+                    return total
+                data = checked
             if sniff is not None:
                 seen = name_in(data)
                 if seen:

@@ -1,11 +1,18 @@
 """The name a client means, read from the first bytes it sends: TLS SNI or HTTP Host.
 
-Pure functions over bytes; they never raise on malformed input, they return None.
+A name is read only from a complete record: the whole TLS ClientHello (which
+may come in many TLS records and many reads, one byte at a time if the client
+likes) or the whole HTTP request head, up to its blank line. head_state() says
+whether the bytes so far hold one; read_head() reads until they do, within a
+deadline and a size cap. Pure functions over bytes never raise on malformed
+input; they return None or a state.
 """
 
 from __future__ import annotations
 
+import asyncio
 import re
+import time
 
 HTTP_METHODS = (b"GET ", b"POST ", b"PUT ", b"HEAD ", b"DELETE ", b"OPTIONS ", b"PATCH ", b"CONNECT ", b"TRACE ")
 _HOST = re.compile(rb"\r\nhost:[ \t]*([^\r\n]*)", re.IGNORECASE)
@@ -35,19 +42,98 @@ def _strip_port(host: str) -> str:
     return host.rsplit(":", 1)[0].lower() if host.count(":") == 1 else host.lower()
 
 
+HEAD_CAP = 64 * 1024  # a ClientHello or request head larger than this is not read for a name
+TLS_RECORD_MAX = (1 << 14) + 2048
+
+
+def _handshake(data: bytes) -> tuple[bytes, int]:
+    """The handshake bytes carried by the leading TLS handshake records, and where they end in `data`."""
+    hs, p = b"", 0
+    while p + 5 <= len(data) and data[p] == 0x16:
+        n = int.from_bytes(data[p + 3 : p + 5], "big")
+        if p + 5 + n > len(data):
+            break
+        hs += data[p + 5 : p + 5 + n]
+        p += 5 + n
+    return hs, p
+
+
+def head_state(data: bytes, cap: int = HEAD_CAP) -> str:
+    """What `data` (a client's first bytes) holds: "complete" (a whole ClientHello or request head),
+    "more" (the start of one), "oversized" (one larger than `cap`), or "other" (neither TLS nor HTTP)."""
+    if not data:
+        return "more"
+    if data[0] == 0x16:
+        if len(data) >= 5 and int.from_bytes(data[3:5], "big") > TLS_RECORD_MAX:
+            return "other"
+        hs, end = _handshake(data)
+        if len(hs) >= 4:
+            if hs[0] != 0x01:
+                return "other"  # not a ClientHello
+            need = 4 + int.from_bytes(hs[1:4], "big")
+            if need > cap:
+                return "oversized"
+            if len(hs) >= need:
+                return "complete"
+        if end < len(data) and data[end] != 0x16:
+            return "other"  # a record of another type before the hello was whole
+        return "oversized" if len(data) > cap + 1024 else "more"
+    if looks_like_http(data):
+        if b"\r\n\r\n" in data:
+            return "complete"
+        return "oversized" if len(data) > cap else "more"
+    if any(m.startswith(data) for m in HTTP_METHODS):
+        return "more"  # "GE", one byte at a time
+    return "other"
+
+
+async def read_head(reader: asyncio.StreamReader, first_wait: float, deadline: float, *, initial: bytes = b"",
+                    cap: int = HEAD_CAP, chunk: int = 256 * 1024) -> tuple[bytes, str]:  # fmt: skip
+    """Read a client's first bytes until they hold a whole ClientHello or request head.
+
+    Returns (bytes read, state): "silent" (nothing within first_wait: a server-speaks-first protocol,
+    or a client biding its time), "eof", "complete", "other", "oversized", or "partial" (the start of
+    one that did not finish within `deadline` seconds of the first byte)."""
+    data = initial
+    if not data:
+        try:
+            data = await asyncio.wait_for(reader.read(chunk), first_wait)
+        except TimeoutError:
+            return b"", "silent"
+        if not data:
+            return b"", "eof"
+    end = time.monotonic() + deadline
+    while True:
+        state = head_state(data, cap)
+        if state != "more":
+            return data, state
+        left = end - time.monotonic()
+        if left <= 0:
+            return data, "partial"
+        try:
+            more = await asyncio.wait_for(reader.read(chunk), left)
+        except TimeoutError:
+            return data, "partial"
+        if not more:
+            return data, "partial"
+        data += more
+
+
 def tls_sni(data: bytes) -> str | None:
-    """The server_name of a TLS ClientHello (in the first record), if any."""
+    """The server_name of a TLS ClientHello (across as many records as it takes), if any."""
     try:
         return _sni(data)
     except (IndexError, ValueError, UnicodeDecodeError):
         return None
 
 
-def _sni(d: bytes) -> str | None:
-    # record: type 22 (handshake), version, length; handshake: type 1 (ClientHello)
-    if len(d) < 6 or d[0] != 0x16 or d[5] != 0x01:
+def _sni(raw: bytes) -> str | None:
+    hs, _ = _handshake(raw)
+    # handshake: type 1 (ClientHello), length; then the hello itself
+    if len(hs) < 4 or hs[0] != 0x01:
         return None
-    p = 5 + 4  # record header, handshake header
+    d = hs[: 4 + int.from_bytes(hs[1:4], "big")]
+    p = 4  # handshake header
     p += 2 + 32  # client version, random
     p += 1 + d[p]  # session id
     p += 2 + int.from_bytes(d[p : p + 2], "big")  # cipher suites
