@@ -280,7 +280,9 @@ def _command(args: argparse.Namespace) -> list[str]:
 def cmd_up(args: argparse.Namespace) -> int:
     box = sandbox_for(args)
     if box.exists() and box.pid() is not None:
-        err.print(f"sandbox {args.name!r} is already running")
+        had_gateway = box.status().gateway is not None or box.meta().get("network") == "unfenced"
+        box.up()  # brings back a gateway that was killed from outside: egress has been failing closed
+        err.print(f"sandbox {args.name!r} is already running" + ("" if had_gateway else "; its egress gateway was down and is restarted"))
         _print_connect(box)
         return 0
     for f in box.config.forward:
@@ -394,6 +396,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             value = ", ".join(f"{s['host']} → {s['guest']} ({s['mode']}, {s['via']})" for s in value)
         elif key == "uptime":
             value = _uptime(value)
+        elif key == "gateway":
+            value = f"up (pid {value})" if value else ("down" if st.state == "running" and st.network != "unfenced" else "")
         out.print(f"{key:8} {escape(printable(str(value))) if value is not None else ''}")
     return 0
 

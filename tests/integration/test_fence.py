@@ -10,6 +10,8 @@ The made-up network is tests/fakenet.py: nothing leaves this machine.
 from __future__ import annotations
 
 import json
+import os
+import signal
 import subprocess
 import time
 from collections.abc import Iterator
@@ -448,3 +450,31 @@ def test_allowlist_a_split_or_late_client_hello_is_read_whole(box: Sandbox, net:
         assert [(rec["decision"], rec["name"], rec["rule"]) for rec in tcp] == [("deny", "evil.test", "deny allowlist: evil.test is not listed")] * 6
     finally:
         set_policy(box, net, "lan-block")
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
+
+
+@pytest.mark.parametrize("victims", ["supervisor", "supervisor and child"])
+def test_up_brings_back_a_killed_gateway(box: Sandbox, victims: str) -> None:
+    d = box.dir.path
+    supervisor, child = control.pid(d), control.child_pid(d)
+    assert supervisor is not None and child is not None
+    os.kill(supervisor, signal.SIGKILL)
+    if victims == "supervisor and child":
+        os.kill(child, signal.SIGKILL)
+        deadline = time.monotonic() + 10
+        while _alive(child) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert "gateway  down" in vv("status", box.name).stdout
+    r = vv("up", box.name)
+    assert "its egress gateway was down and is restarted" in r.stderr, r.stderr
+    assert control.pid(d) not in (None, supervisor)
+    assert not _alive(child)  # a serving process left without its supervisor is not left serving
+    assert curl(box, "http://public.test/") == (0, f"hello from {PUBLIC}")
+    assert f"gateway  up (pid {control.pid(d)})" in vv("status", box.name).stdout

@@ -100,7 +100,7 @@ def child_pid(directory: Path) -> int | None:
         cmdline = Path(f"/proc/{value}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
-    return value if b"--serve" in cmdline else None
+    return value if b"--serve" in cmdline and str(directory).encode() in cmdline.split(b"\0") else None
 
 
 def socket_path(directory: Path) -> Path:
@@ -157,6 +157,11 @@ def wait_started(directory: Path, proc: subprocess.Popen[bytes]) -> int:
 
 
 def stop(directory: Path) -> None:
+    """Stop the gateway: its supervisor, and a serving process left without one (its supervisor killed)."""
+    orphan = child_pid(directory)
+    if orphan is not None and pid(directory) is None:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(orphan, signal.SIGKILL)
     value = pid(directory)
     if value is not None:
         os.kill(value, signal.SIGTERM)
