@@ -296,3 +296,16 @@ def test_allowlist_a_split_or_late_client_hello_is_read_whole(gw: tuple[Path, Fa
     wait_for(lambda: len([r for r in log(d) if r["kind"] == "tcp"]) >= since + 3)
     tcp = [r for r in log(d) if r["kind"] == "tcp"][since:]
     assert [(r["decision"], r["name"], r["rule"]) for r in tcp] == [("deny", "other.test", "deny allowlist: other.test is not listed")] * 3
+
+
+def test_a_dying_qemu_is_not_taken_for_the_next_one(tmp_path: Path) -> None:
+    from vivarium.net.gateway import _pid_alive
+
+    proc = subprocess.Popen(["sleep", "60"])
+    (tmp_path / "qemu.pid").write_text(f"{proc.pid}\n")
+    assert _pid_alive(tmp_path / "qemu.pid")
+    proc.kill()
+    wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z")
+    assert not _pid_alive(tmp_path / "qemu.pid")  # a zombie (not reaped yet) is not a running QEMU
+    proc.wait()
+    assert not _pid_alive(tmp_path / "qemu.pid")

@@ -309,6 +309,7 @@ class Sandbox:
         helpers: list[subprocess.Popen[bytes]] = []
         pid: int | None = None
         ram: int | None = None
+        self.dir.pidfile.unlink(missing_ok=True)  # a dead QEMU's: the gateway waits for the one started now
         try:
             gateway = self._launch_gateway(progress, image) if self._fence else None
             shares = self._start_shares(progress, helpers)

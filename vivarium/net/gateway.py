@@ -567,12 +567,16 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
 
 
 def _pid_alive(pidfile: Path) -> bool:
+    """Is the process in `pidfile` running? One that is exiting or a zombie is not: a QEMU killed with a
+    large guest takes a while to die, and a gateway started for the next QEMU must not see it as its own
+    (it would exit the moment that one was gone, before the new QEMU wrote its pid)."""
     try:
         pid = int(pidfile.read_text().strip())
-        os.kill(pid, 0)
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
         return False
-    return True
+    return bool(cmdline) and stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def main(argv: list[str] | None = None) -> int:
