@@ -174,13 +174,17 @@ def test_sniff_reads_sni_and_host() -> None:
     assert sniff.name_in(b"SSH-2.0-x\r\n") is None
 
 
-def test_allowlist_sni_and_address_must_agree(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
-    d, _, echo = gw
+def allow_only_good_test(d: Path) -> None:
+    """Allowlist mode with good.test listed; allow_cidrs lifts the built-in denial of loopback (the name still decides)."""
     upstream = json.loads((d / "policy.json").read_text())["dns_upstream"]
-    # allow_cidrs lifts the built-in denial of loopback; in allowlist mode the name still decides
     control.write_policy(d, "allowlist", [("good.test", "config")], ["127.0.0.0/8"], [], upstream)
     control.reload(d)
     time.sleep(0.3)
+
+
+def test_allowlist_sni_and_address_must_agree(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
+    d, _, echo = gw
+    allow_only_good_test(d)
     assert ask(d, "other.test").rcode() == dns.rcode.NXDOMAIN  # not listed: not even resolved
     assert ask(d, "good.test").rcode() == dns.rcode.NOERROR  # listed: resolved, 127.0.0.1 remembered for it
 
@@ -274,10 +278,7 @@ def test_head_state_needs_the_whole_record() -> None:
 
 def test_allowlist_a_split_or_late_client_hello_is_read_whole(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
     d, _, echo = gw
-    upstream = json.loads((d / "policy.json").read_text())["dns_upstream"]
-    control.write_policy(d, "allowlist", [("good.test", "config")], ["127.0.0.0/8"], [], upstream)
-    control.reload(d)
-    time.sleep(0.3)
+    allow_only_good_test(d)
     assert ask(d, "good.test").rcode() == dns.rcode.NOERROR  # 127.0.0.1 is good.test's, as the gateway knows
     hello = client_hello("other.test")
     since = len([r for r in log(d) if r["kind"] == "tcp"])

@@ -632,12 +632,13 @@ class Sandbox:
                 if not rels:
                     continue
             chosen = review.select((review.Change.from_dict(c) for c in rec["changes"]), rels)
-            skipped = [s for s in rec["skipped"] if rels is None or any(r == "." or s["path"] == r or s["path"].startswith(r + "/") for r in rels)]
+            skipped = [s for s in rec["skipped"] if review.under(s["path"], rels)]
             plans.append((share, host, chosen, skipped))
         # The guest as it is now must still hold what was reviewed, byte for byte: fetch and check all before writing any.
-        fetched: dict[tuple[str, str], bytes] = {}
+        fetched: dict[str, dict[str, bytes]] = {}  # share → path → content
         moved: list[str] = []
         for share, host, chosen, _ in plans:
+            content = fetched.setdefault(share["host"], {})
             if not chosen:
                 continue
             now = {c.path: c for c in review.changes(host, self._scan(share)).changes}
@@ -645,10 +646,9 @@ class Sandbox:
                 if now.get(c.path) not in (c, None):
                     moved.append(f"{host}/{c.path}")
                 elif c.what == "file" and c.kind != "deleted":
-                    data = self._fetch(share, c.path)
-                    if hashlib.sha256(data).hexdigest() != c.sha256:
+                    content[c.path] = self._fetch(share, c.path)
+                    if hashlib.sha256(content[c.path]).hexdigest() != c.sha256:
                         moved.append(f"{host}/{c.path}")
-                    fetched[(share["host"], c.path)] = data
         if moved:
             raise InstanceError(f"sandbox {self.name!r} changed {', '.join(printable(m) for m in moved[:5])}"
                                 f"{' and more' if len(moved) > 5 else ''} since the diff you reviewed; nothing was applied",
@@ -659,9 +659,8 @@ class Sandbox:
             snap = review.load_snapshot(snap_path)
             st = host.stat()
             owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
-            content = {c.path: fetched[(share["host"], c.path)] for c in chosen if (share["host"], c.path) in fetched}
             with self.dir.lock():
-                result = review.apply(host, chosen, snap, content, owner)
+                result = review.apply(host, chosen, snap, fetched[share["host"]], owner)
                 review.save_snapshot(snap_path, snap)
             results.append((share["host"], result, skipped))
         return results

@@ -158,11 +158,11 @@ def wait_started(directory: Path, proc: subprocess.Popen[bytes]) -> int:
 
 def stop(directory: Path) -> None:
     """Stop the gateway: its supervisor, and a serving process left without one (its supervisor killed)."""
-    orphan = child_pid(directory)
-    if orphan is not None and pid(directory) is None:
+    value = pid(directory)
+    orphan = child_pid(directory) if value is None else None
+    if orphan is not None:
         with contextlib.suppress(ProcessLookupError):
             os.kill(orphan, signal.SIGKILL)
-    value = pid(directory)
     if value is not None:
         os.kill(value, signal.SIGTERM)
         deadline = time.monotonic() + 5

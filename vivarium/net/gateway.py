@@ -366,7 +366,7 @@ class Gateway:
             head, state = await read_head(reader, 0, HEAD_TIMEOUT, initial=data)
             seen = name_in(head) if state == "complete" else None
             if state in ("partial", "oversized"):
-                decision, name = Decision(False, f"deny {state} TLS ClientHello or HTTP request head: no name to decide on"), None
+                decision, name = _unreadable(state), None
             elif seen is None:
                 return head
             else:
@@ -385,10 +385,10 @@ class Gateway:
         known = self.names.names(dst)
         # A denied name wins: if the gateway's own resolver gave this address for a denied name, no other
         # name the client shows (SNI, Host) opens it. (An address denied on its own keeps that rule.)
-        for n in known if policy.deny else ():
+        verdict = policy.ip_verdict(dst, port) if known and policy.deny else None
+        for n in known if policy.deny and (verdict is None or verdict.allow) else ():
             rule = next((r for r in policy.deny if r.matches(n, port)), None)
-            verdict = policy.ip_verdict(dst, port)
-            if rule is not None and (verdict is None or verdict.allow):
+            if rule is not None:
                 said = f"; the client named {seen[0]}" if seen is not None and seen[0] != n else ""
                 return Decision(False, f"deny {rule} ({rule.source}){said}"), n, "dns"
         if seen is not None:
@@ -424,7 +424,7 @@ class Gateway:
         seen = name_in(first) if state == "complete" else None
         if verdict is None and state in ("partial", "oversized"):
             # the name decides, and it cannot be read: a client that hides it gets nothing
-            decision, name, source = Decision(False, f"deny {state} TLS ClientHello or HTTP request head: no name to decide on"), None, None
+            decision, name, source = _unreadable(state), None, None
         elif verdict is None:
             decision, name, source = self.decide(dst, port, seen)
         else:
@@ -471,6 +471,11 @@ class Gateway:
 
 
 Recheck = Callable[[bytes, asyncio.StreamReader], Awaitable[bytes | None]]
+
+
+def _unreadable(state: str) -> Decision:
+    """Where the name decides and the client's ClientHello or request head never became whole."""
+    return Decision(False, f"deny {state} TLS ClientHello or HTTP request head: no name to decide on")
 
 
 async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, sniff: dict[str, Any] | None = None,

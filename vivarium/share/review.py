@@ -130,24 +130,28 @@ class Scan:
 # ------------------------------------------------------------ the host tree, never through a symlink
 
 
-def lstat_beneath(root: Path, rel: str) -> os.stat_result | None:
-    """lstat of root/rel, or None when it is missing or any directory above it is not a real directory."""
-    parts = rel.split("/")
+@contextlib.contextmanager
+def _dir_beneath(root: Path, rel: str) -> Iterator[int]:
+    """A descriptor of the directory root/rel, walked one component at a time, never through a symlink."""
     fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
     try:
-        for name in parts[:-1]:
-            try:
-                nxt = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            except OSError:
-                return None
+        for name in rel.split("/") if rel else []:
+            nxt = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
             os.close(fd)
             fd = nxt
-        try:
-            return os.stat(parts[-1], dir_fd=fd, follow_symlinks=False)
-        except OSError:
-            return None
+        yield fd
     finally:
         os.close(fd)
+
+
+def lstat_beneath(root: Path, rel: str) -> os.stat_result | None:
+    """lstat of root/rel, or None when it is missing or any directory above it is not a real directory."""
+    head, _, name = rel.rpartition("/")
+    try:
+        with _dir_beneath(root, head) as fd:
+            return os.stat(name, dir_fd=fd, follow_symlinks=False)
+    except OSError:
+        return None
 
 
 def _walk_below(root: Path, rel: str) -> Iterator[tuple[str, bool]]:
@@ -174,16 +178,9 @@ def _host_sha256(root: Path, rel: str) -> str | None:
 
 @contextlib.contextmanager
 def _open_beneath(root: Path, rel: str) -> Iterator[int]:
-    parts = rel.split("/")
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        for name in parts[:-1]:
-            nxt = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        leaf = os.open(parts[-1], os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
-    finally:
-        os.close(fd)
+    head, _, name = rel.rpartition("/")
+    with _dir_beneath(root, head) as fd:
+        leaf = os.open(name, os.O_RDONLY | os.O_NOFOLLOW, dir_fd=fd)
     try:
         yield leaf
     finally:
@@ -267,19 +264,6 @@ def _readlink_beneath(root: Path, rel: str) -> str | None:
         return None
 
 
-@contextlib.contextmanager
-def _dir_beneath(root: Path, rel: str) -> Iterator[int]:
-    fd = os.open(root, os.O_PATH | os.O_DIRECTORY)
-    try:
-        for name in rel.split("/") if rel else []:
-            nxt = os.open(name, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW, dir_fd=fd)
-            os.close(fd)
-            fd = nxt
-        yield fd
-    finally:
-        os.close(fd)
-
-
 def _deleted(host: Path, rel: str, st: os.stat_result | None) -> list[Change]:
     if st is not None and stat.S_ISDIR(st.st_mode):
         below = [Change(crel, "deleted", "dir" if is_dir else "file") for crel, is_dir in _walk_below(host, rel)]
@@ -303,12 +287,14 @@ def set_id(shares: dict[str, dict[str, Any]]) -> str:
     return hashlib.sha256(json.dumps(shares, sort_keys=True).encode()).hexdigest()[:12]
 
 
+def under(path: str, rels: Sequence[str] | None) -> bool:
+    """Is `path` at or under one of `rels` (whole path components; "." is everything)? Always, when rels is None."""
+    return rels is None or any(r == "." or path == r or path.startswith(r + "/") for r in rels)
+
+
 def select(chosen: Iterable[Change], rels: Sequence[str] | None) -> list[Change]:
-    """The changes at or under `rels` (whole path components; "." is everything); all when rels is None."""
-    out = list(chosen)
-    if rels is None:
-        return out
-    return [c for c in out if any(r == "." or c.path == r or c.path.startswith(r + "/") for r in rels)]
+    """The changes at or under `rels`; all when rels is None."""
+    return [c for c in chosen if under(c.path, rels)]
 
 
 # ------------------------------------------------------------ apply
