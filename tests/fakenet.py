@@ -19,7 +19,10 @@ lan.test → 192.168.77.1, metadata.test → 169.254.169.254.
 
 from __future__ import annotations
 
+import ctypes
+import itertools
 import os
+import select
 import socket
 import subprocess
 import sys
@@ -27,6 +30,10 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TypeVar
+
+T = TypeVar("T")
 
 LAN = ("192.168.77.1", "10.77.0.1", "172.16.77.1", "100.64.77.1")
 METADATA = "169.254.169.254"
@@ -173,12 +180,14 @@ class FakeNet:
 
 
 class LoopbackServer:
-    """A TCP server on this host's loopback: `handle` runs for each connection in its own thread."""
+    """A TCP server on this host's loopback (or at `address` in the namespace at `netns`): `handle` runs for
+    each connection in its own thread."""
 
-    def __init__(self, handle: Callable[[socket.socket], None], backlog: int = 64) -> None:
+    def __init__(self, handle: Callable[[socket.socket], None], backlog: int = 64, address: str = "127.0.0.1",
+                 netns: str | None = None) -> None:  # fmt: skip
         self.handle = handle
-        self.sock = socket.socket()
-        self.sock.bind(("127.0.0.1", 0))
+        self.sock = in_netns(netns, socket.socket) if netns else socket.socket()
+        self.sock.bind((address, 0))
         self.sock.listen(backlog)
         self.port: int = self.sock.getsockname()[1]
         self.hits = 0
@@ -243,3 +252,138 @@ class FakeDNS:
 
     def close(self) -> None:
         self.sock.close()
+
+
+# ------------------------------------------------------------------ namespaces of the tests' own
+
+_CLONE_NEWNET = 0x40000000
+_libc = ctypes.CDLL(None, use_errno=True)
+_serial = itertools.count()
+
+
+def in_netns(path: str, fn: Callable[[], T]) -> T:
+    """fn() run on a thread that entered the network namespace at `path`: the sockets and devices it makes live there."""
+    out: list[T] = []
+    error: list[BaseException] = []
+
+    def enter_and_run() -> None:
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                if _libc.setns(fd, _CLONE_NEWNET) != 0:
+                    raise OSError(ctypes.get_errno(), f"setns {path}")
+            finally:
+                os.close(fd)
+            out.append(fn())
+        except BaseException as e:  # noqa: BLE001 (raised again on the caller's thread)
+            error.append(e)
+
+    t = threading.Thread(target=enter_and_run)
+    t.start()
+    t.join()
+    if error:
+        raise error[0]
+    return out[0]
+
+
+class Hosts:
+    """Made-up hosts at `addresses` in a namespace joined to this host by a veth pair, a /32 route to each."""
+
+    def __init__(self, *addresses: str) -> None:
+        n = f"{os.getpid() % 100000}{next(_serial)}"
+        self.ns, self.veth, self.addresses = f"vvs{n}", f"vvs{n}h", addresses
+        self.path = f"/run/netns/{self.ns}"
+        try:
+            ip("netns", "add", self.ns)
+            ip("link", "add", self.veth, "type", "veth", "peer", "name", "eth0", "netns", self.ns)
+            ip("addr", "add", "10.254.78.1/30", "dev", self.veth)
+            ip("link", "set", self.veth, "up")
+            for cmd in (["addr", "add", "10.254.78.2/30", "dev", "eth0"], ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"],
+                        ["route", "add", "default", "via", "10.254.78.1"]):  # fmt: skip
+                ip("-n", self.ns, *cmd)
+            for a in addresses:
+                ip("-n", self.ns, "addr", "add", f"{a}/32", "dev", "lo")
+                ip("route", "replace", f"{a}/32", "via", "10.254.78.2", "dev", self.veth)
+        except BaseException:
+            self.close()
+            raise
+
+    def server(self, handle: Callable[[socket.socket], None], address: str | None = None, backlog: int = 64) -> LoopbackServer:
+        return LoopbackServer(handle, backlog, address or self.addresses[0], netns=self.path)
+
+    def close(self) -> None:
+        for a in self.addresses:
+            ip("route", "del", f"{a}/32", check=False)
+        ip("link", "del", self.veth, check=False)
+        ip("netns", "del", self.ns, check=False)
+
+
+class Guest:
+    """Stands in for a fenced guest: a namespace whose NIC is joined, frame by frame, to the TAP that a
+    sandbox's network namespace (vivarium.net.netns) hands QEMU, addressed as the guest's is."""
+
+    def __init__(self, directory: Path) -> None:
+        from vivarium.net import netns
+
+        n = f"{os.getpid() % 100000}{next(_serial)}"
+        self.ns = f"vvg{n}"
+        self.path = f"/run/netns/{self.ns}"
+        self.fds: list[int] = []
+        self.stop_r, self.stop_w = os.pipe()
+        ip("netns", "add", self.ns)
+        try:
+            self.fds += netns.take(directory, "tap")
+            self.fds.append(in_netns(self.path, self._tap))
+            for cmd in (["link", "set", "eth0", "address", netns.GUEST_MAC], ["link", "set", "eth0", "up"], ["link", "set", "lo", "up"],
+                        ["addr", "add", f"{netns.GUEST_SIDE}/{netns.PREFIX}", "dev", "eth0"],
+                        ["route", "add", "default", "via", netns.HOST_SIDE]):  # fmt: skip
+                ip("-n", self.ns, *cmd)
+        except BaseException:
+            self.close()
+            raise
+        self.pump = threading.Thread(target=self._pump, daemon=True)
+        self.pump.start()
+
+    @staticmethod
+    def _tap() -> int:
+        import fcntl
+        import struct
+
+        fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+        fcntl.ioctl(fd, 0x400454CA, struct.pack("16sH", b"eth0", 0x0002 | 0x1000))
+        return fd
+
+    def _pump(self) -> None:
+        a, b = self.fds
+        while True:
+            ready, _, _ = select.select([a, b, self.stop_r], [], [])
+            if self.stop_r in ready:
+                return
+            for src in ready:
+                try:
+                    frame = os.read(src, 65536)
+                    os.write(b if src == a else a, frame)
+                except OSError:
+                    pass
+
+    def sock(self, kind: int = socket.SOCK_STREAM) -> socket.socket:
+        return in_netns(self.path, lambda: socket.socket(socket.AF_INET, kind))
+
+    def connect(self, host: str, port: int, timeout: float = 10) -> socket.socket:
+        s = self.sock()
+        s.settimeout(timeout)
+        try:
+            s.connect((host, port))
+        except BaseException:
+            s.close()
+            raise
+        return s
+
+    def close(self) -> None:
+        os.write(self.stop_w, b"x")
+        if getattr(self, "pump", None) is not None:
+            self.pump.join(5)
+        for fd in (*self.fds, self.stop_r, self.stop_w):
+            os.close(fd)
+        self.fds = []
+        ip("netns", "del", self.ns, check=False)

@@ -1,29 +1,33 @@
-"""The egress gateway on the host, driven through its unix socket as the guest's redirector would.
+"""The egress gateway on the host and the sandbox's network namespace, driven as a guest would drive them.
 
-Real processes and sockets on loopback (opened on purpose with allow_cidrs);
-no VM. The VM-level attacks are in tests/integration/test_fence.py.
+Real processes, a real namespace with its TAP (tests/fakenet.Guest stands in for QEMU and the
+guest: a namespace of its own whose NIC is joined to that TAP), made-up hosts in another
+namespace (opened on purpose with allow_cidrs); no VM. The VM-level attacks are in
+tests/integration/test_fence.py.
 """
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
 import socket
 import ssl
 import subprocess
-import sys
 import time
 from collections.abc import Iterator
+from dataclasses import dataclass
 from pathlib import Path
 
 import dns.message
 import dns.rcode
 import pytest
 
-from vivarium.net import control, sniff
+from vivarium.errors import VMError
+from vivarium.net import control, netns, sniff
 
-from .fakenet import FakeDNS, LoopbackServer
+from .fakenet import FakeDNS, Guest, Hosts, LoopbackServer
 
 
 def greet_then_echo(conn: socket.socket) -> None:
@@ -33,27 +37,37 @@ def greet_then_echo(conn: socket.socket) -> None:
         conn.sendall(data)
 
 
+SRV, OTHER_SRV, STRAY = "198.18.77.1", "198.18.77.2", "198.18.77.3"  # made-up hosts; SRV opened with allow_cidrs
+
+
+@dataclass
+class Stage:
+    d: Path
+    dns: FakeDNS
+    echo: LoopbackServer
+    guest: Guest
+    hosts: Hosts
+
+
 @pytest.fixture
-def gw(tmp_path: Path) -> Iterator[tuple[Path, FakeDNS, LoopbackServer]]:
-    dns_server = FakeDNS({"good.test": "127.0.0.1", "lan.test": "192.168.77.1", "other.test": "127.0.0.2"})
-    echo = LoopbackServer(greet_then_echo)
-    control.write_policy(tmp_path, "lan-block", [], ["127.0.0.1/32"], [], dns_server.address)
-    (tmp_path / "qemu.pid").write_text(f"{os.getpid()}\n")
-    control.start(tmp_path, tmp_path / "qemu.pid")
-    try:
-        yield tmp_path, dns_server, echo
-    finally:
-        dns_server.close()
-        control.stop(tmp_path)
-        assert control.pid(tmp_path) is None
-
-
-def tunnel(d: Path, header: dict[str, object]) -> socket.socket:
-    s = socket.socket(socket.AF_UNIX)
-    s.settimeout(10)
-    s.connect(str(d / "gateway.sock"))
-    s.sendall(json.dumps(header).encode() + b"\n")
-    return s
+def gw(tmp_path: Path) -> Iterator[Stage]:
+    with contextlib.ExitStack() as stack:
+        hosts = Hosts(SRV, OTHER_SRV, STRAY)
+        stack.callback(hosts.close)
+        dns_server = FakeDNS({"good.test": SRV, "lan.test": "192.168.77.1", "other.test": OTHER_SRV})
+        stack.callback(dns_server.close)
+        echo = hosts.server(greet_then_echo)
+        stack.callback(echo.close)
+        control.write_policy(tmp_path, "lan-block", [], [f"{SRV}/32"], [], dns_server.address)
+        (tmp_path / "qemu.pid").write_text(f"{os.getpid()}\n")
+        netns.start(tmp_path, tmp_path / "qemu.pid")
+        stack.callback(netns.stop, tmp_path)
+        guest = Guest(tmp_path)
+        stack.callback(guest.close)
+        control.start(tmp_path, tmp_path / "qemu.pid")
+        stack.callback(control.stop, tmp_path)
+        yield Stage(tmp_path, dns_server, echo, guest, hosts)
+    assert control.pid(tmp_path) is None and netns.pid(tmp_path) is None
 
 
 def recv_all(s: socket.socket) -> bytes:
@@ -65,15 +79,13 @@ def recv_all(s: socket.socket) -> bytes:
     return out
 
 
-def ask(d: Path, name: str) -> dns.message.Message:
-    s = tunnel(d, {"t": "dns"})
-    wire = dns.message.make_query(name, "A").to_wire()
-    s.sendall(len(wire).to_bytes(2, "big") + wire)
-    size = int.from_bytes(s.recv(2), "big")
-    data = b""
-    while len(data) < size:
-        data += s.recv(size - len(data))
-    s.close()
+def ask(st: Stage, name: str, server: str = "192.0.2.53") -> dns.message.Message:
+    """A query over UDP to any server at all: the namespace hands it to the gateway's resolver."""
+    with st.guest.sock(socket.SOCK_DGRAM) as s:
+        s.settimeout(10)
+        s.sendto(dns.message.make_query(name, "A").to_wire(), (server, 53))
+        data, peer = s.recvfrom(65535)
+    assert peer == (server, 53)  # the answer comes back as if from the server asked
     return dns.message.from_wire(data)
 
 
@@ -92,68 +104,91 @@ def wait_for(cond: object, timeout: float = 5) -> None:
         time.sleep(0.05)
 
 
-def test_relays_an_allowed_connection_and_logs_it(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
-    d, _, echo = gw
-    s = tunnel(d, {"t": "tcp", "dst": "127.0.0.1", "port": echo.port, "src": "10.0.2.15:4000"})
+def test_relays_an_allowed_connection_and_logs_it(gw: Stage) -> None:
+    s = gw.guest.connect(SRV, gw.echo.port)
     assert s.recv(6) == b"hello\n"
     s.sendall(b"x" * 100000)
     s.shutdown(socket.SHUT_WR)
     assert len(recv_all(s)) == 100000
-    s.close()
-    wait_for(lambda: any(r.get("kind") == "tcp" for r in log(d)))
-    (r,) = [r for r in log(d) if r["kind"] == "tcp"]
-    assert r["decision"] == "allow" and r["rule"] == "allow allow_cidrs 127.0.0.1/32"
-    assert (r["dst"], r["port"], r["sent"], r["received"]) == ("127.0.0.1", echo.port, 100000, 100006)
+    wait_for(lambda: any(r.get("kind") == "tcp" for r in log(gw.d)))
+    (r,) = [r for r in log(gw.d) if r["kind"] == "tcp"]
+    assert r["decision"] == "allow" and r["rule"] == f"allow allow_cidrs {SRV}/32"
+    assert (r["dst"], r["port"], r["sent"], r["received"]) == (SRV, gw.echo.port, 100000, 100006)
+    assert str(r["src"]).startswith(f"{netns.GUEST_SIDE}:")  # where it came from: the kernel's word, as where it went
 
 
-def test_denied_http_gets_a_403_that_says_why(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
-    d, _, _ = gw
-    s = tunnel(d, {"t": "tcp", "dst": "192.168.77.1", "port": 80})
+def test_denied_http_gets_a_403_that_says_why(gw: Stage) -> None:
+    s = gw.guest.connect("192.168.77.1", 80)
     s.sendall(b"GET /secret HTTP/1.1\r\nHost: router.lan\r\n\r\n")
     reply = recv_all(s).decode()
     assert reply.startswith("HTTP/1.1 403 Forbidden")
     assert "router.lan (192.168.77.1:80)" in reply and "deny private 192.168.0.0/16" in reply
-    wait_for(lambda: log(d))
-    (r,) = log(d)
+    wait_for(lambda: log(gw.d))
+    (r,) = log(gw.d)
     assert (r["decision"], r["rule"], r["name"], r["name_from"]) == ("deny", "deny private 192.168.0.0/16", "router.lan", "host")
 
 
-def test_denied_non_http_is_just_closed(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
-    d, _, _ = gw
-    for dst in ("169.254.169.254", "::ffff:10.0.0.1", "fd00::1", "fe80::1", "::1", "100.64.0.1"):
-        s = tunnel(d, {"t": "tcp", "dst": dst, "port": 22})
+def test_denied_non_http_is_just_closed(gw: Stage) -> None:
+    targets = ("169.254.169.254", "10.0.0.1", "100.64.0.1", netns.HOST_SIDE, "240.0.0.1", OTHER_SRV)
+    for dst in targets:
+        s = gw.guest.connect(dst, 22)
         s.sendall(b"SSH-2.0-attacker\r\n")
         assert recv_all(s) == b""
-        s.close()
-    wait_for(lambda: len(log(d)) >= 6)
-    assert [r["decision"] for r in log(d)] == ["deny"] * 6
+    wait_for(lambda: len(log(gw.d)) >= len(targets))
+    assert [(r["dst"], r["decision"]) for r in log(gw.d)] == [(dst, "deny") for dst in targets]
 
 
-def test_dns_port_is_never_relayed(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
-    d, _, _ = gw
-    s = tunnel(d, {"t": "tcp", "dst": "127.0.0.1", "port": 53})
+def test_dns_over_tcp_to_any_server_reaches_the_fence_and_dot_does_not(gw: Stage) -> None:
+    s = gw.guest.connect("192.0.2.53", 53)
+    wire = dns.message.make_query("good.test", "A").to_wire()
+    s.sendall(len(wire).to_bytes(2, "big") + wire)
+    data = recv_all_then(s, 2)
+    reply = dns.message.from_wire(data[2:])
+    assert [str(r) for r in reply.answer[0]] == [SRV]
+    s = gw.guest.connect("192.0.2.53", 853)
     assert recv_all(s) == b""
-    wait_for(lambda: log(d))
-    assert log(d)[0]["rule"] == "deny dns port 53: names resolve through the fence only"
+    wait_for(lambda: any(r["kind"] == "tcp" for r in log(gw.d)))
+    assert [r["rule"] for r in log(gw.d) if r["kind"] == "tcp"] == ["deny dns port 853: names resolve through the fence only"]
 
 
-def test_dns_goes_to_the_upstream_and_is_logged(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
-    d, fake, _ = gw
-    reply = ask(d, "good.test")
-    assert [str(r) for r in reply.answer[0]] == ["127.0.0.1"]
-    assert ask(d, "missing.test").rcode() == dns.rcode.NXDOMAIN
-    assert fake.queries == ["good.test", "missing.test"]
-    records = [r for r in log(d) if r["kind"] == "dns"]
-    assert [(r["name"], r["rcode"], r["answers"]) for r in records] == [("good.test", "NOERROR", ["127.0.0.1"]), ("missing.test", "NXDOMAIN", [])]
+def recv_all_then(s: socket.socket, size_bytes: int) -> bytes:
+    """A length-prefixed reply, read whole; the connection is then closed."""
+    data = b""
+    with s:
+        while len(data) < size_bytes or len(data) < size_bytes + int.from_bytes(data[:size_bytes], "big"):
+            chunk = s.recv(65536)
+            if not chunk:
+                break
+            data += chunk
+    return data
 
 
-def test_a_name_pointing_at_the_lan_is_still_refused(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
-    d, _, _ = gw
-    assert [str(r) for r in ask(d, "lan.test").answer[0]] == ["192.168.77.1"]
-    s = tunnel(d, {"t": "tcp", "dst": "192.168.77.1", "port": 443})
+def test_dns_goes_to_the_upstream_and_is_logged(gw: Stage) -> None:
+    reply = ask(gw, "good.test")
+    assert [str(r) for r in reply.answer[0]] == [SRV]
+    assert ask(gw, "missing.test", server="8.8.8.8").rcode() == dns.rcode.NXDOMAIN
+    assert gw.dns.queries == ["good.test", "missing.test"]
+    records = [r for r in log(gw.d) if r["kind"] == "dns"]
+    assert [(r["name"], r["rcode"], r["answers"]) for r in records] == [("good.test", "NOERROR", [SRV]), ("missing.test", "NXDOMAIN", [])]
+
+
+def test_nothing_else_leaves_the_namespace(gw: Stage) -> None:
+    """UDP but DNS, and packets to the namespace's own address, get nowhere: nothing answers, nothing is logged."""
+    with gw.guest.sock(socket.SOCK_DGRAM) as u:
+        u.settimeout(1.5)
+        for dst in ((SRV, 7777), (netns.HOST_SIDE, netns.DNS_PORT + 1), ("192.168.77.1", 123)):
+            u.sendto(b"hello?", dst)
+            with pytest.raises(OSError):
+                u.recvfrom(100)
+    assert [r for r in log(gw.d) if r["kind"] != "dns"] == []
+
+
+def test_a_name_pointing_at_the_lan_is_still_refused(gw: Stage) -> None:
+    assert [str(r) for r in ask(gw, "lan.test").answer[0]] == ["192.168.77.1"]
+    s = gw.guest.connect("192.168.77.1", 443)
     assert recv_all(s) == b""
-    wait_for(lambda: any(r["kind"] == "tcp" for r in log(d)))
-    (r,) = [r for r in log(d) if r["kind"] == "tcp"]
+    wait_for(lambda: any(r["kind"] == "tcp" for r in log(gw.d)))
+    (r,) = [r for r in log(gw.d) if r["kind"] == "tcp"]
     assert (r["decision"], r["name"], r["name_from"]) == ("deny", "lan.test", "dns")
 
 
@@ -175,28 +210,28 @@ def test_sniff_reads_sni_and_host() -> None:
 
 
 def allow_only_good_test(d: Path) -> None:
-    """Allowlist mode with good.test listed; allow_cidrs lifts the built-in denial of loopback (the name still decides)."""
+    """Allowlist mode with good.test listed; allow_cidrs lifts the built-in denial of the made-up hosts (the name still decides)."""
     upstream = json.loads((d / "policy.json").read_text())["dns_upstream"]
-    control.write_policy(d, "allowlist", [("good.test", "config")], ["127.0.0.0/8"], [], upstream)
+    control.write_policy(d, "allowlist", [("good.test", "config")], ["198.18.77.0/24"], [], upstream)
     control.reload(d)
     time.sleep(0.3)
 
 
-def test_allowlist_sni_and_address_must_agree(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
-    d, _, echo = gw
+def test_allowlist_sni_and_address_must_agree(gw: Stage) -> None:
+    d = gw.d
     allow_only_good_test(d)
-    assert ask(d, "other.test").rcode() == dns.rcode.NXDOMAIN  # not listed: not even resolved
-    assert ask(d, "good.test").rcode() == dns.rcode.NOERROR  # listed: resolved, 127.0.0.1 remembered for it
+    assert ask(gw, "other.test").rcode() == dns.rcode.NXDOMAIN  # not listed: not even resolved
+    assert ask(gw, "good.test").rcode() == dns.rcode.NOERROR  # listed: resolved, SRV remembered for it
 
     def attempt(dst: str, name: str) -> bytes:
-        s = tunnel(d, {"t": "tcp", "dst": dst, "port": echo.port})
+        s = gw.guest.connect(dst, gw.echo.port)
         s.sendall(client_hello(name))
         s.shutdown(socket.SHUT_WR)
         return recv_all(s)
 
-    assert attempt("127.0.0.1", "good.test").startswith(b"hello\n")  # listed name, its own address
-    assert attempt("127.0.0.1", "other.test") == b""  # the allowed address, an unlisted name
-    assert attempt("127.0.0.3", "good.test") == b""  # a listed name, an address it never resolved to
+    assert attempt(SRV, "good.test").startswith(b"hello\n")  # listed name, its own address
+    assert attempt(SRV, "other.test") == b""  # the allowed address, an unlisted name
+    assert attempt(STRAY, "good.test") == b""  # a listed name, an address it never resolved to
     tcp = [r for r in log(d) if r["kind"] == "tcp"]
     assert [(r["decision"], r["name"], r["name_from"]) for r in tcp] == [
         ("allow", "good.test", "sni"),
@@ -204,24 +239,24 @@ def test_allowlist_sni_and_address_must_agree(gw: tuple[Path, FakeDNS, LoopbackS
         ("deny", "good.test", "sni"),
     ]
     assert tcp[1]["rule"] == "deny allowlist: other.test is not listed"
-    assert tcp[2]["rule"] == "deny allowlist: 127.0.0.3 is not an address good.test resolved to"
+    assert tcp[2]["rule"] == f"deny allowlist: {STRAY} is not an address good.test resolved to"
 
 
-def test_live_deny_and_allow(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
-    d, _, _ = gw
+def test_live_deny_and_allow(gw: Stage) -> None:
+    d = gw.d
     assert "denied good.test" in control.change_rule(d, "deny", "good.test")
     time.sleep(0.3)
-    assert ask(d, "good.test").rcode() == dns.rcode.NXDOMAIN
+    assert ask(gw, "good.test").rcode() == dns.rcode.NXDOMAIN
     assert "allowed good.test" in control.change_rule(d, "allow", "good.test")
     time.sleep(0.3)
-    assert ask(d, "good.test").rcode() == dns.rcode.NOERROR
+    assert ask(gw, "good.test").rcode() == dns.rcode.NOERROR
     verdicts = control.check(d, "good.test", 443)
-    assert [(a, n, v.allow) for a, n, v in verdicts] == [("127.0.0.1", "good.test", True)]
+    assert [(a, n, v.allow) for a, n, v in verdicts] == [(SRV, "good.test", True)]
     assert not control.check(d, "10.1.2.3", 443)[0][2].allow
 
 
-def test_a_dead_gateway_is_restarted_and_fails_closed_meanwhile(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
-    d, _, echo = gw
+def test_a_dead_gateway_is_restarted_and_fails_closed_meanwhile(gw: Stage) -> None:
+    d = gw.d
     child = control.child_pid(d)
     assert child is not None
     os.kill(child, signal.SIGKILL)
@@ -229,9 +264,9 @@ def test_a_dead_gateway_is_restarted_and_fails_closed_meanwhile(gw: tuple[Path, 
     new = control.child_pid(d)
     assert new not in (None, child)
 
-    def serves() -> bool:  # the dead child's socket file is still there until the new one binds its own
+    def serves() -> bool:  # until the new child serves, connections wait in the namespace's queue or are refused
         try:
-            with tunnel(d, {"t": "tcp", "dst": "127.0.0.1", "port": echo.port}) as s:
+            with gw.guest.connect(SRV, gw.echo.port, timeout=3) as s:
                 return s.recv(6) == b"hello\n"
         except OSError:
             return False
@@ -240,20 +275,28 @@ def test_a_dead_gateway_is_restarted_and_fails_closed_meanwhile(gw: tuple[Path, 
     assert serves()
 
 
-def test_it_exits_with_qemu(tmp_path: Path) -> None:
+def test_it_and_the_namespace_exit_with_qemu(tmp_path: Path) -> None:
     sleeper = subprocess.Popen(["sleep", "60"])
-    (tmp_path / "qemu.pid").write_text(f"{sleeper.pid}\n")
-    control.write_policy(tmp_path, "offline", [], [], [], "")
-    pid = control.start(tmp_path, tmp_path / "qemu.pid")
-    assert control.pid(tmp_path) == pid
-    sleeper.kill()
-    sleeper.wait()
-    deadline = time.monotonic() + 5
-    while time.monotonic() < deadline and control.pid(tmp_path) is not None:
-        time.sleep(0.05)
+    try:
+        (tmp_path / "qemu.pid").write_text(f"{sleeper.pid}\n")
+        control.write_policy(tmp_path, "offline", [], [], [], "")
+        holder = netns.start(tmp_path, tmp_path / "qemu.pid")
+        pid = control.start(tmp_path, tmp_path / "qemu.pid")
+        assert control.pid(tmp_path) == pid and netns.pid(tmp_path) == holder
+    finally:
+        sleeper.kill()
+        sleeper.wait()
+    wait_for(lambda: control.pid(tmp_path) is None and netns.pid(tmp_path) is None)
+    assert control.pid(tmp_path) is None and netns.pid(tmp_path) is None
+    assert not (tmp_path / "gateway.serving").exists() and not (tmp_path / "netns.sock").exists()
+
+
+def test_without_its_namespace_the_gateway_says_so(tmp_path: Path) -> None:
+    (tmp_path / "qemu.pid").write_text(f"{os.getpid()}\n")
+    control.write_policy(tmp_path, "lan-block", [], [], [], "")
+    with pytest.raises(VMError, match="the egress gateway did not start: the sandbox's network namespace is gone"):
+        control.start(tmp_path, tmp_path / "qemu.pid")
     assert control.pid(tmp_path) is None
-    assert not (tmp_path / "gateway.sock").exists()
-    assert sys.executable
 
 
 def records(hello: bytes, cut: int) -> bytes:
@@ -276,15 +319,15 @@ def test_head_state_needs_the_whole_record() -> None:
     assert sniff.head_state(b"SSH-2.0-x\r\n") == "other" and sniff.head_state(b"\x17\x03\x03\x00\x10") == "other"
 
 
-def test_allowlist_a_split_or_late_client_hello_is_read_whole(gw: tuple[Path, FakeDNS, LoopbackServer]) -> None:
-    d, _, echo = gw
+def test_allowlist_a_split_or_late_client_hello_is_read_whole(gw: Stage) -> None:
+    d = gw.d
     allow_only_good_test(d)
-    assert ask(d, "good.test").rcode() == dns.rcode.NOERROR  # 127.0.0.1 is good.test's, as the gateway knows
+    assert ask(gw, "good.test").rcode() == dns.rcode.NOERROR  # SRV is good.test's, as the gateway knows
     hello = client_hello("other.test")
     since = len([r for r in log(d) if r["kind"] == "tcp"])
 
     def attempt(*parts: tuple[float, bytes]) -> None:
-        s = tunnel(d, {"t": "tcp", "dst": "127.0.0.1", "port": echo.port})
+        s = gw.guest.connect(SRV, gw.echo.port)
         for pause, part in parts:
             time.sleep(pause)
             s.sendall(part)
@@ -310,3 +353,47 @@ def test_a_dying_qemu_is_not_taken_for_the_next_one(tmp_path: Path) -> None:
     assert not _pid_alive(tmp_path / "qemu.pid")  # a zombie (not reaped yet) is not a running QEMU
     proc.wait()
     assert not _pid_alive(tmp_path / "qemu.pid")
+
+
+def test_allowlist_every_request_on_a_keep_alive_connection_is_checked(gw: Stage) -> None:
+    allow_only_good_test(gw.d)
+    assert ask(gw, "good.test").rcode() == dns.rcode.NOERROR
+    good = b"GET / HTTP/1.1\r\nHost: good.test\r\n\r\n"
+    body = b"POST /up HTTP/1.1\r\nHost: good.test\r\nContent-Length: 40\r\n\r\n" + b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n".ljust(40)
+    evil = b"GET / HTTP/1.1\r\nHost: other.test\r\n\r\n"
+    since = len([r for r in log(gw.d) if r["kind"] == "tcp"])
+
+    # pipelined: both in one write
+    s = gw.guest.connect(SRV, gw.echo.port)
+    s.sendall(good + evil)
+    assert recv_all(s) == b"hello\n" + good  # the server never saw the second request
+    # keep-alive: the second request after the first was answered
+    s = gw.guest.connect(SRV, gw.echo.port)
+    s.sendall(good)
+    got = b""
+    while len(got) < len(b"hello\n" + good):
+        got += s.recv(100)
+    assert got == b"hello\n" + good
+    s.sendall(evil)
+    assert recv_all(s) == b""
+    # a request that only looks like one inside another's body is body: it goes on, and so does the next good one
+    s = gw.guest.connect(SRV, gw.echo.port)
+    s.sendall(body + good)
+    s.shutdown(socket.SHUT_WR)
+    assert recv_all(s) == b"hello\n" + body + good
+    # framing a server could read two ways is refused
+    s = gw.guest.connect(SRV, gw.echo.port)
+    s.sendall(b"POST / HTTP/1.1\r\nHost: good.test\r\nContent-Length: 3\r\nTransfer-Encoding: chunked\r\n\r\n0\r\n\r\n" + evil)
+    assert recv_all(s) == b"hello\n"
+
+    wait_for(lambda: len([r for r in log(gw.d) if r["kind"] == "tcp"]) >= since + 4)
+    tcp = [r for r in log(gw.d) if r["kind"] == "tcp"][since:]
+    assert [(r["decision"], r["name"], r["rule"]) for r in tcp] == [
+        ("deny", "other.test", "deny allowlist: other.test is not listed (request 2 on the connection)"),
+        ("deny", "other.test", "deny allowlist: other.test is not listed (request 2 on the connection)"),
+        ("allow", "good.test", "allow good.test (config)"),
+        ("deny", "good.test", "deny HTTP request 1: Transfer-Encoding with Content-Length, or other than chunked"),
+    ]
+    # each connection let through was recorded when it opened, too
+    opens = [r for r in log(gw.d) if r["kind"] == "open"]
+    assert {r["conn"] for r in opens} >= {r["conn"] for r in tcp[:3]}

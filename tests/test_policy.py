@@ -5,8 +5,9 @@ import ipaddress
 import pytest
 
 from vivarium.net.policy import AllowRule, Policy, split_host_port, unwrap
+from vivarium.net.routes import Reach
 
-LAN_BLOCK = Policy.build("lan-block", host_addresses=["203.0.114.9"])
+LAN_BLOCK = Policy.build("lan-block")
 
 
 @pytest.mark.parametrize(
@@ -15,7 +16,7 @@ LAN_BLOCK = Policy.build("lan-block", host_addresses=["203.0.114.9"])
         "127.0.0.1", "10.0.2.2", "10.1.2.3", "172.16.0.1", "172.31.255.254", "192.168.77.1", "100.64.0.1",
         "169.254.169.254", "0.0.0.0", "224.0.0.251", "255.255.255.255", "240.0.0.1", "198.51.100.7",
         "::1", "fd00::1", "fe80::1", "ff02::1", "::ffff:127.0.0.1", "::ffff:192.168.77.1", "::ffff:169.254.169.254",
-        "64:ff9b::a00:1", "2002:c0a8:4d01::1", "::10.0.0.1", "203.0.114.9",
+        "64:ff9b::a00:1", "2002:c0a8:4d01::1", "::10.0.0.1",
     ],
 )  # fmt: skip
 def test_denied_in_lan_block(ip: str) -> None:
@@ -105,14 +106,29 @@ def test_denied_names_in_any_mode() -> None:
     assert p.name_verdict("good.example").allow
 
 
-def test_the_hosts_own_network_is_the_lan() -> None:
-    p = Policy.build("lan-block", host_addresses=["203.0.113.9"], host_networks=["81.2.69.0/24"])
-    assert p.decide("81.2.69.77", 443).rule == "deny the host's network 81.2.69.0/24"
+OWN = Reach("own", "203.0.113.9 is an address of the host's (eth0)")
+LAN = Reach("local", "81.2.69.77 is on the host's network on eth0")
+VPN = Reach("local", "the host routes 81.3.0.1 via 10.8.0.1 on tun0, not its default route")
+
+
+def test_what_the_hosts_routing_says_is_local_is_denied() -> None:
+    p = Policy.build("lan-block")
+    assert p.decide("81.2.69.77", 443, reach=LAN).rule == "deny the host's network: 81.2.69.77 is on the host's network on eth0"
+    assert p.decide("81.3.0.1", 443, reach=VPN).rule.startswith("deny the host's network: the host routes 81.3.0.1 via 10.8.0.1 on tun0")
     assert p.decide("81.2.70.1", 443).allow
-    # an opened range does not open the host itself
-    q = Policy.build("lan-block", allow_cidrs=["203.0.113.0/24"], host_addresses=["203.0.113.9"])
-    assert q.decide("203.0.113.9", 22).rule == "deny the host's own address"
-    assert q.decide("203.0.113.8", 22).allow
+    assert p.decide("81.2.70.1", 443, reach=Reach("none", "the host has no route to 81.2.70.1")).rule == "deny the host has no route to 81.2.70.1"
+    # the routes could not be read: fail closed
+    assert p.decide("81.2.70.1", 443, reach=Reach("unknown", "the host's routes could not be read: EPERM")).rule == (
+        "deny the host's routes could not be read: EPERM: failing closed"
+    )
+    # an opened range opens the LAN or a VPN's routes, not the host itself
+    q = Policy.build("lan-block", allow_cidrs=["203.0.113.0/24", "81.2.69.0/24"])
+    assert q.decide("203.0.113.9", 22, reach=OWN).rule == "deny the host's own address (203.0.113.9 is an address of the host's (eth0))"
+    assert q.decide("203.0.113.8", 22, reach=LAN).allow
+    assert q.decide("81.2.69.77", 22, reach=LAN).allow
+    # loopback only where allow_cidrs opens it on purpose
+    assert not p.decide("127.0.0.1", 8080, reach=Reach("own", "lo")).allow
+    assert Policy.build("lan-block", allow_cidrs=["127.0.0.1/32"]).decide("127.0.0.1", 8080, reach=Reach("own", "lo")).allow
 
 
 def test_allowlist_name_verdict() -> None:
@@ -158,7 +174,7 @@ def test_special_purpose_ranges_address_by_address(ip: str, rule: str) -> None:
 
 @pytest.mark.parametrize("spelling", ["2606:4700:77::1%hov0", "2606:4700:77::1%6", "2606:4700:77::1%0", "2606:4700:77::1"])
 def test_the_hosts_own_address_in_every_scope_spelling(spelling: str) -> None:
-    # even where allow_cidrs opens the range the host's address is in
-    policy = Policy.build("lan-block", allow_cidrs=["2606:4700:77::/48"], host_addresses=["2606:4700:77::1"])
-    assert policy.decide(spelling, 443).rule == "deny the host's own address"
+    # the scope names no other host: the address decided on (and asked of the host's routes) is the same
     assert unwrap(ipaddress.ip_address(spelling)) == ipaddress.ip_address("2606:4700:77::1")
+    policy = Policy.build("lan-block", allow_cidrs=["2606:4700:77::/48"])
+    assert policy.decide(spelling, 443, reach=Reach("own", "x")).rule == "deny the host's own address (x)"

@@ -7,7 +7,7 @@ import pytest
 from vivarium import ssh
 from vivarium.errors import UsageError
 from vivarium.vm import accel
-from vivarium.vm.qemu import MachineSpec, PortForward, qemu_argv
+from vivarium.vm.qemu import FENCE_MAC, MachineSpec, PortForward, qemu_argv
 
 
 def spec(tmp_path: Path, **kw: object) -> MachineSpec:
@@ -40,16 +40,15 @@ def test_qemu_argv(tmp_path: Path) -> None:
 
 
 def test_fenced_network_is_restricted_with_one_way_out(tmp_path: Path) -> None:
-    argv = qemu_argv(spec(tmp_path, gateway=Path("/run/x y/gateway.sock")))
-    (netdev,) = opt(argv, "-netdev")
-    assert netdev == (
-        "user,id=net0,ipv6=off,restrict=on,"
-        "guestfwd=tcp:10.0.2.100:1-cmd:socat STDIO 'UNIX-CONNECT:/run/x y/gateway.sock',"
-        "hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:8080-:80"
-    )
-    # commas in the socket path are doubled for QEMU's option parser
-    assert "UNIX-CONNECT:/a,,b/gateway.sock" in opt(qemu_argv(spec(tmp_path, gateway=Path("/a,b/gateway.sock"))), "-netdev")[0]
-    assert "restrict" not in opt(qemu_argv(spec(tmp_path)), "-netdev")[0]
+    argv = qemu_argv(spec(tmp_path, fence_tap=7))
+    assert opt(argv, "-netdev") == [
+        # user networking only brings the forwarded ports in; the way out is the TAP in the sandbox's namespace
+        "user,id=net0,ipv6=off,restrict=on,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:8080-:80",
+        "tap,id=net1,fd=7,vhost=off",
+    ]
+    assert f"virtio-net-pci,netdev=net1,mac={FENCE_MAC}" in opt(argv, "-device")
+    plain = qemu_argv(spec(tmp_path))
+    assert "restrict" not in opt(plain, "-netdev")[0] and len(opt(plain, "-netdev")) == 1
 
 
 def test_qemu_argv_escapes_commas(tmp_path: Path) -> None:

@@ -33,7 +33,7 @@ def newest_kernel() -> Path | None:
 
 def checks(kernel: Path | None = None) -> list[Check]:
     kernel = kernel or newest_kernel()
-    out = [_program(p) for p in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "ssh", "ssh-keygen", "socat")]
+    out = [_program(p) for p in ("qemu-system-x86_64", "qemu-img", "mmdebstrap", "mke2fs", "ssh", "ssh-keygen", "nft", "unshare")]
     out.append(_program("tmux", required=False))
     try:
         a = accel.choose(kernel)

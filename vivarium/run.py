@@ -32,7 +32,8 @@ PACKAGES: dict[str, str] = {
     "ssh-keygen": "openssh-client",
     "newuidmap": "uidmap",
     "tmux": "tmux",
-    "socat": "socat",
+    "nft": "nftables",
+    "unshare": "util-linux",
     "docker": "docker.io",
 }
 

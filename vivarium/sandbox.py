@@ -37,6 +37,7 @@ from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.image.build import Image, build_image, find_image
 from vivarium.image.recipe import AGENT_DOMAINS, Recipe
 from vivarium.net import control as fence
+from vivarium.net import netns
 from vivarium.net.policy import Decision
 from vivarium.printable import printable
 from vivarium.run import find_program, run
@@ -309,9 +310,15 @@ class Sandbox:
         helpers: list[subprocess.Popen[bytes]] = []
         pid: int | None = None
         ram: int | None = None
+        tap: int | None = None
         self.dir.pidfile.unlink(missing_ok=True)  # a dead QEMU's: the gateway waits for the one started now
         try:
-            gateway = self._launch_gateway(progress, image) if self._fence else None
+            gateway = None
+            if self._fence:
+                progress("start", "making the sandbox's network namespace")
+                netns.start(self.dir.path, self.dir.pidfile)
+                (tap,) = netns.take(self.dir.path, "tap")
+                gateway = self._launch_gateway(progress, image)
             shares = self._start_shares(progress, helpers)
             fw = self._write_fw_cfg(meta["user"], shares)
             if saved is not None:
@@ -322,8 +329,7 @@ class Sandbox:
                 disk=self.dir.disk, swap=self.dir.swap,
                 memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
                 forwards=tuple(forwards), qmp=self.dir.qmp, serial=self.dir.serial, pidfile=self.dir.pidfile,
-                fw_cfg=fw, gateway=fence.socket_path(self.dir.path) if gateway else None,
-                relay=fence.relay_program() if gateway else "socat", control=self.dir.control, ram_fd=ram,
+                fw_cfg=fw, fence_tap=tap, control=self.dir.control, ram_fd=ram,
                 shares=() if template else tuple((sh.tag, sh.socket) for sh in shares),  # a template's are plugged in
                 extra=("-incoming", "defer") if saved else (),
             )  # fmt: skip
@@ -332,9 +338,10 @@ class Sandbox:
                 self.dir.serial.unlink(missing_ok=True)
             progress("kernel", f"starting QEMU ({acc.name})" if saved is None else f"restoring the saved state ({acc.name})")
             pid = machine.start(spec)
-            if ram is not None:
-                os.close(ram)  # QEMU has it open now
-                ram = None
+            for fd in (ram, tap):
+                if fd is not None:
+                    os.close(fd)  # QEMU has it open now
+            ram = tap = None
             meta.update({
                 "running": True, "pid": pid, "started_at": time.time(), "accel": acc.name, "accel_reason": acc.reason,
                 "ssh_port": ssh_port, "memory": c.vm.memory, "cpus": c.vm.cpus,
@@ -360,14 +367,16 @@ class Sandbox:
             if meta.pop("pristine", False):
                 self.dir.write_meta(meta)
         except BaseException:
-            if ram is not None:
-                os.close(ram)
+            for fd in (ram, tap):
+                if fd is not None:
+                    os.close(fd)
             if pid is not None:
                 machine.kill(pid, self.name)
             for helper in helpers:  # a virtiofsd whose QEMU never came would wait for ever
                 helper.kill()
                 helper.wait()
             fence.stop(self.dir.path)
+            netns.stop(self.dir.path)
             meta["running"] = False
             self.dir.write_meta(meta)
             raise
@@ -500,6 +509,7 @@ class Sandbox:
             meta["running"] = False
             self.dir.write_meta(meta)
             fence.stop(self.dir.path)
+            netns.stop(self.dir.path)
             self.dir.qmp.unlink(missing_ok=True)
             self.dir.pidfile.unlink(missing_ok=True)
             return how

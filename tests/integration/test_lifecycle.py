@@ -162,7 +162,7 @@ def test_guest_that_never_gets_ready_times_out_cleanly(box: Sandbox, project: Pa
 
 def test_missing_qemu_is_one_line_with_the_fix(box: Sandbox, project: Path, tmp_path: Path) -> None:
     env = dict(os.environ, PATH=str(tmp_path))  # nothing on PATH
-    for prog in ("ssh-keygen", "qemu-img", "socat"):  # what `up` needs before QEMU
+    for prog in ("ssh-keygen", "qemu-img", "unshare"):  # what `up` needs before QEMU (nft and ip: found in sbin)
         real = subprocess.run(["which", prog], capture_output=True, text=True, check=True).stdout.strip()
         (tmp_path / prog).symlink_to(real)
     r = vv("up", "noqemu", "--auto-ports", cwd=project, check=False, env=env)

@@ -6,7 +6,7 @@ user=$1 uid=$2
 
 # Modes git cannot carry.
 chmod 0440 /etc/sudoers.d/vivarium
-chmod 0755 /usr/local/lib/vivarium/boot-setup /usr/local/lib/vivarium/redirector /usr/local/lib/vivarium/control
+chmod 0755 /usr/local/lib/vivarium/boot-setup /usr/local/lib/vivarium/control
 
 # The agent user: passwordless sudo, in the docker group, uid as on the host.
 useradd --create-home --uid "$uid" --user-group --groups sudo,docker --shell /bin/bash "$user"
@@ -20,8 +20,8 @@ rm -f /etc/ssh/ssh_host_*
 rm -f /var/lib/dbus/machine-id
 
 systemctl enable vivarium-setup.service vivarium-sshd.service vivarium-swap.service \
-    vivarium-fence.service vivarium-redirector.service vivarium-control.service >/dev/null 2>&1
-# The fence's nft rules replace Debian's (empty) nftables.service.
+    vivarium-control.service >/dev/null 2>&1
+# Debian's nftables.service has no rules to load (the fence is the host's).
 systemctl disable nftables.service >/dev/null 2>&1 || true
 # Units that only cost boot time in a disposable VM.
 systemctl mask \

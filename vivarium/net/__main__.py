@@ -1,7 +1,13 @@
-"""`python -m vivarium.net --dir INSTANCE_DIR`: the egress gateway (see gateway.py)."""
+"""`python -m vivarium.net --dir INSTANCE_DIR`: the egress gateway (see gateway.py);
+`python -m vivarium.net netns --dir INSTANCE_DIR ...`: the holder of a sandbox's network namespace (netns.py)."""
 
 import sys
 
-from vivarium.net.gateway import main
+if sys.argv[1:2] == ["netns"]:
+    from vivarium.net import netns
 
-sys.exit(main())
+    sys.exit(netns.main(sys.argv[2:]))
+else:
+    from vivarium.net import gateway
+
+    sys.exit(gateway.main())

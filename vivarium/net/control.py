@@ -1,7 +1,9 @@
 """The host side of one sandbox's fence: start, stop and steer its gateway process.
 
 The gateway reads `policy.json` in the instance directory; live changes
-(`vivarium egress allow|deny`) edit that file and send SIGHUP.
+(`vivarium egress allow|deny`) edit that file and send SIGHUP. It takes the
+guest's connections from the sandbox's network namespace (netns.py), which
+must be made first.
 """
 
 from __future__ import annotations
@@ -24,8 +26,8 @@ import dns.rdatatype
 
 from vivarium.errors import VMError
 from vivarium.net import gateway
-from vivarium.net.policy import AllowRule, Decision, Policy
-from vivarium.run import find_program
+from vivarium.net.policy import AllowRule, Decision, Policy, unwrap
+from vivarium.net.routes import Router
 
 
 def write_policy(directory: Path, mode: str, allow: Iterable[tuple[str, str]], allow_cidrs: Iterable[str],
@@ -96,37 +98,21 @@ def pid(directory: Path) -> int | None:
 def child_pid(directory: Path) -> int | None:
     """The serving process's pid (tests kill it to see the supervisor restart it)."""
     try:
-        value = int((directory / "gateway-child.pid").read_text().strip())
+        value = int((directory / gateway.CHILD_PIDFILE).read_text().strip())
         cmdline = Path(f"/proc/{value}/cmdline").read_bytes()
     except (OSError, ValueError):
         return None
     return value if b"--serve" in cmdline and str(directory).encode() in cmdline.split(b"\0") else None
 
 
-def socket_path(directory: Path) -> Path:
-    """The unix socket QEMU's relay connects to."""
-    return directory / gateway.SOCKET
-
-
-def relay_program() -> str:
-    """socat, which QEMU spawns per guest connection: missing, fail here, not at the first packet."""
-    return find_program("socat")
-
-
 def start(directory: Path, qemu_pidfile: Path) -> int:
-    """Start the gateway (a supervisor and its serving child); return its pid once it listens."""
+    """Start the gateway (a supervisor and its serving child); return its pid once it serves."""
     return wait_started(directory, launch(directory, qemu_pidfile))
 
 
 def launch(directory: Path, qemu_pidfile: Path) -> subprocess.Popen[bytes]:
     """Start the gateway without waiting for it (`wait_started` does): the caller starts QEMU meanwhile."""
-    relay_program()
     stop(directory)
-    sock = socket_path(directory)
-    if "," in str(sock) or len(str(sock)) > 100:
-        raise VMError(f"the sandbox's directory {directory} cannot hold the gateway's socket (a comma, or longer than a unix socket path may be)",
-                      hint="set VIVARIUM_HOME or XDG_STATE_HOME to a shorter, plain path")  # fmt: skip
-    sock.unlink(missing_ok=True)
     err = (directory / "gateway.err").open("ab")
     (directory / gateway.PIDFILE).unlink(missing_ok=True)
     try:
@@ -138,18 +124,28 @@ def launch(directory: Path, qemu_pidfile: Path) -> subprocess.Popen[bytes]:
         err.close()
 
 
+def serving(directory: Path) -> bool:
+    """Does the gateway's serving process take connections now?"""
+    try:
+        value = int((directory / gateway.SERVING).read_text().strip())
+    except (OSError, ValueError):
+        return False
+    return value == child_pid(directory) and _alive(value)
+
+
 def wait_started(directory: Path, proc: subprocess.Popen[bytes]) -> int:
-    """Until the gateway `launch` started listens; its pid."""
-    sock = socket_path(directory)
+    """Until the gateway `launch` started serves; its pid."""
     proc.wait(30)  # it forks and its first half exits at once
     deadline = time.monotonic() + 15
-    while not sock.exists() or pid(directory) is None:
-        if time.monotonic() > deadline or (proc.returncode and not (directory / gateway.PIDFILE).exists()):
+    while not serving(directory) or pid(directory) is None:
+        gone = (directory / gateway.PIDFILE).exists() and pid(directory) is None  # it started, and gave up
+        if time.monotonic() > deadline or gone or (proc.returncode and not (directory / gateway.PIDFILE).exists()):
             value = pid(directory)
             if value is not None:
                 os.kill(value, signal.SIGKILL)
-            tail = (directory / "gateway.err").read_text(errors="replace").strip().splitlines()[-1:]
-            raise VMError(f"the egress gateway did not start: {tail[0] if tail else 'no output'}", hint=f"see {directory / 'gateway.err'}")
+            lines = (directory / "gateway.err").read_text(errors="replace").strip().splitlines()
+            said = ([ln.removeprefix("gateway: ") for ln in lines if ln.startswith("gateway: ")] or lines)[-1:]
+            raise VMError(f"the egress gateway did not start: {said[0] if said else 'no output'}", hint=f"see {directory / 'gateway.err'}")
         time.sleep(0.02)
     value = pid(directory)
     assert value is not None
@@ -171,7 +167,7 @@ def stop(directory: Path) -> None:
         if _alive(value):
             os.kill(value, signal.SIGKILL)
     (directory / gateway.PIDFILE).unlink(missing_ok=True)
-    socket_path(directory).unlink(missing_ok=True)
+    (directory / gateway.SERVING).unlink(missing_ok=True)
 
 
 def _alive(value: int) -> bool:
@@ -215,10 +211,13 @@ def check(directory: Path, host: str, port: int) -> list[tuple[str, str, Decisio
     A name is resolved the way the gateway resolves it, so the answer names the rule."""
     settings = policy_of(directory)
     policy: Policy = settings.policy
+    router = Router()
     try:
-        return [(str(ipaddress.ip_address(host)), "", policy.decide(host, port))]
+        ip = unwrap(ipaddress.ip_address(host))
     except ValueError:
         pass
+    else:
+        return [(str(ip), "", policy.decide(ip, port, reach=router.reach(ip)))]
     verdict = policy.name_verdict(host)
     if not verdict.allow:
         return [("", host, verdict)]
@@ -229,7 +228,7 @@ def check(directory: Path, host: str, port: int) -> list[tuple[str, str, Decisio
         reply = asyncio.run(resolver.answer(query, query.to_wire()))
         ips = gateway.answer_ips(reply)
         for ip in ips:
-            out.append((str(ip), host, policy.decide(ip, port, host, ips)))
+            out.append((str(ip), host, policy.decide(ip, port, host, ips, router.reach(unwrap(ip)))))
     if not out:
         out.append(("", host, Decision(False, f"{host} does not resolve")))
     return out

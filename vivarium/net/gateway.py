@@ -1,16 +1,13 @@
 """The egress gateway: a host process per sandbox that decides and logs every connection.
 
-QEMU runs with `restrict=on`, so the guest's only way out is a `guestfwd` to
-10.0.2.100:1 whose `cmd:` spawns `socat STDIO UNIX-CONNECT:gateway.sock` for
-each connection. Each connection starts with one JSON line from the guest's
-redirector, which nothing trusts:
-
-    {"t": "tcp", "dst": "1.2.3.4", "port": 443, "src": "10.0.2.15:40000"}
-    {"t": "dns"}                      then DNS over TCP framing (RFC 1035 4.2.2)
-
-For TCP the gateway decides on the address (policy.py), and where the name
-matters on the TLS SNI / HTTP Host / the name its own resolver returned that
-address for; then connects, relays and appends one JSON line to the audit log.
+The guest's only way out is its NIC in the sandbox's own network namespace
+(netns.py), which routes nothing: that namespace's kernel hands every TCP
+connection of the guest to this process's listening socket, and every DNS query
+to its resolver. For each connection the gateway reads where the guest meant to
+go from the kernel (SO_ORIGINAL_DST), decides on the address (policy.py) and,
+where the name matters, on the TLS SNI / HTTP Host / the name its own resolver
+returned that address for; then connects from the host, relays and logs it in
+the audit log (a record when it opens, another when it ends).
 
 Run as `python -m vivarium.net.gateway --dir INSTANCE_DIR`: a supervisor that
 restarts the serving child if it dies (egress fails closed meanwhile) and
@@ -28,6 +25,7 @@ import os
 import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import time
@@ -36,7 +34,7 @@ from collections.abc import Awaitable, Callable, Iterable
 from dataclasses import dataclass, replace
 from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import dns.exception
 import dns.flags
@@ -46,13 +44,17 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from vivarium.errors import VMError
+from vivarium.net import netns
 from vivarium.net.policy import AllowRule, Decision, IPAddress, Policy, split_host_port, unwrap
-from vivarium.net.sniff import looks_like_http, name_in, read_head
+from vivarium.net.routes import Router
+from vivarium.net.sniff import Requests, Unframed, looks_like_http, name_in, read_head
 
-SOCKET = "gateway.sock"
+SERVING = "gateway.serving"  # the serving child's pid, once it listens
 POLICY = "policy.json"
 AUDIT = "egress.log"
 PIDFILE = "gateway.pid"  # the supervisor's
+CHILD_PIDFILE = "gateway-child.pid"  # the serving process's
 # How long to wait for a client's first bytes when its name decides (allowlist,
 # denied names); a server-speaks-first protocol is then decided on DNS names.
 PEEK_TIMEOUT = 1.5
@@ -62,8 +64,11 @@ HEADER_LIMIT = 1024
 CHUNK = 256 * 1024
 NAME_TTL = 3600.0
 NAME_CAP = 20000
-# Connections relayed at once; beyond it new ones are closed at once (and logged).
-MAX_ACTIVE = 4096
+# Connections relayed at once; beyond it new ones are closed at once (and logged). (The
+# sandbox's namespace caps them before they get here: netns.MAX_CONNECTIONS.)
+MAX_ACTIVE = 8192
+SO_ORIGINAL_DST = 80
+NO_NAMESPACE = 3  # the serving process's exit status when the sandbox's namespace is gone
 
 
 # ------------------------------------------------------------------ policy file
@@ -79,42 +84,13 @@ class Settings:
     @classmethod
     def load(cls, path: Path) -> Settings:
         data = json.loads(path.read_text())
-        host_addrs, host_nets = host_addresses()
-        policy = Policy.build(
-            data.get("mode", "lan-block"),
-            allow_cidrs=data.get("allow_cidrs", ()),
-            deny_cidrs=data.get("deny_cidrs", ()),
-            host_addresses=host_addrs,
-            host_networks=host_nets,
-        )
+        policy = Policy.build(data.get("mode", "lan-block"), allow_cidrs=data.get("allow_cidrs", ()), deny_cidrs=data.get("deny_cidrs", ()))
 
         # the rules keep who added them (config, an agent, the CLI)
         def rules(verb: str) -> tuple[AllowRule, ...]:
             return tuple(AllowRule.parse(r["rule"], r.get("source", "config")) for r in data.get(verb, ()))
 
         return cls(replace(policy, allow=rules("allow"), deny=rules("deny")), data.get("dns_upstream", ""))
-
-
-def host_addresses() -> tuple[list[str], list[str]]:
-    """The host's own addresses and the networks they are on (its LAN)."""
-    try:
-        out = subprocess.run(["ip", "-j", "addr", "show"], capture_output=True, text=True, timeout=5, check=True).stdout
-        links = json.loads(out)
-    except (OSError, subprocess.SubprocessError, ValueError):
-        return [], []
-    addrs, nets = [], []
-    for link in links:
-        for a in link.get("addr_info", []):
-            local, plen = a.get("local"), a.get("prefixlen")
-            # loopback is denied as a range already (and allow_cidrs may open it on purpose)
-            if not local or ipaddress.ip_address(local).is_loopback:
-                continue
-            addrs.append(local)
-            net = ipaddress.ip_network(f"{local}/{plen}", strict=False)
-            # a point-to-point or host route says nothing about a LAN; a /0 would be everything
-            if 0 < net.prefixlen < net.max_prefixlen:
-                nets.append(str(net))
-    return addrs, nets
 
 
 # ------------------------------------------------------------------ names
@@ -274,6 +250,8 @@ class Gateway:
         self.names = NameMap()
         self.audit = Audit(directory / AUDIT)
         self.active = 0
+        self.serial = 0
+        self.router = Router()
 
     def reload(self) -> None:
         try:
@@ -283,13 +261,20 @@ class Gateway:
             print(f"gateway: policy not reloaded: {e}", file=sys.stderr)
 
     async def serve(self) -> None:
-        # before the socket appears: a reload may come as soon as it does
-        asyncio.get_running_loop().add_signal_handler(signal.SIGHUP, self.reload)
-        path = self.dir / SOCKET
-        path.unlink(missing_ok=True)
-        server = await asyncio.start_unix_server(self._handle, path=str(path), limit=CHUNK)
-        os.chmod(path, 0o600)
-        async with server:
+        loop = asyncio.get_running_loop()
+        # before taking connections: a reload may come as soon as we are serving
+        loop.add_signal_handler(signal.SIGHUP, self.reload)
+        tcp, dns_tcp, dns_udp = (socket.socket(fileno=fd) for fd in netns.take(self.dir, "listen"))
+        for sock in (tcp, dns_tcp, dns_udp):
+            sock.setblocking(False)
+        # DNS first: its own sockets, never behind the TCP connections in a queue
+        await loop.create_datagram_endpoint(lambda: _DNSOverUDP(self), sock=dns_udp)
+        dns_server = await asyncio.start_server(self._dns_tcp, sock=dns_tcp)
+        server = await asyncio.start_server(self._handle, sock=tcp, limit=CHUNK)
+        serving = self.dir / SERVING
+        serving.with_suffix(".tmp").write_text(f"{os.getpid()}\n")
+        serving.with_suffix(".tmp").replace(serving)
+        async with server, dns_server:
             await server.serve_forever()
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
@@ -298,16 +283,13 @@ class Gateway:
             if self.active > MAX_ACTIVE:
                 self.audit.write({"kind": "tcp", "decision": "deny", "rule": f"deny more than {MAX_ACTIVE} connections at once"})
                 return
-            try:
-                line = await asyncio.wait_for(reader.readuntil(b"\n"), 10.0)
-                req = json.loads(line[:HEADER_LIMIT])
-                kind = req.get("t")
-            except (TimeoutError, asyncio.IncompleteReadError, asyncio.LimitOverrunError, ValueError, AttributeError):
+            sock = writer.get_extra_info("socket")
+            peer = writer.get_extra_info("peername") or ("", 0)
+            try:  # where the guest sent it: the namespace's conntrack says, not the guest
+                port, packed = struct.unpack_from("!2xH4s", sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16))
+            except OSError:
                 return
-            if kind == "dns":
-                await self._dns(reader, writer)
-            elif kind == "tcp":
-                await self._tcp(req, reader, writer)
+            await self._tcp(ipaddress.IPv4Address(packed), port, f"{peer[0]}:{peer[1]}", reader, writer)
         except (OSError, asyncio.IncompleteReadError):
             pass
         finally:
@@ -317,6 +299,14 @@ class Gateway:
                 await writer.wait_closed()
 
     # -------------------------------------------------------------- DNS
+
+    async def _dns_tcp(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        try:
+            await self._dns(reader, writer)
+        except OSError:
+            pass
+        finally:
+            writer.close()
 
     async def _dns(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         while True:
@@ -383,9 +373,10 @@ class Gateway:
         """(decision, the name it was made on, where the name came from)."""
         policy = self.settings.policy
         known = self.names.names(dst)
+        reach = self.router.reach(dst)
         # A denied name wins: if the gateway's own resolver gave this address for a denied name, no other
         # name the client shows (SNI, Host) opens it. (An address denied on its own keeps that rule.)
-        verdict = policy.ip_verdict(dst, port) if known and policy.deny else None
+        verdict = policy.ip_verdict(dst, port, reach) if known and policy.deny else None
         for n in known if policy.deny and (verdict is None or verdict.allow) else ():
             rule = next((r for r in policy.deny if r.matches(n, port)), None)
             if rule is not None:
@@ -393,29 +384,23 @@ class Gateway:
                 return Decision(False, f"deny {rule} ({rule.source}){said}"), n, "dns"
         if seen is not None:
             name, source = seen
-            return policy.decide(dst, port, name, self.names.ips(name)), name, source
+            return policy.decide(dst, port, name, self.names.ips(name), reach), name, source
         if not known:
-            return policy.decide(dst, port), None, None
-        decisions = [(policy.decide(dst, port, n, self.names.ips(n)), n) for n in known]
+            return policy.decide(dst, port, reach=reach), None, None
+        decisions = [(policy.decide(dst, port, n, self.names.ips(n), reach), n) for n in known]
         denied = next(((d, n) for d, n in decisions if not d.allow and policy.deny and any(r.matches(n, port) for r in policy.deny)), None)
         if denied is not None:  # an explicitly denied name wins over any other name for the address
             return denied[0], denied[1], "dns"
         d, n = next(((d, n) for d, n in decisions if d.allow), decisions[0])
         return d, n, "dns"
 
-    async def _tcp(self, req: dict[str, Any], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    async def _tcp(self, dst: IPAddress, port: int, src: str, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         started = time.monotonic()
-        record: dict[str, Any] = {"kind": "tcp", "src": str(req.get("src", ""))[:64]}
-        try:
-            dst = unwrap(ipaddress.ip_address(req["dst"]))
-            port = int(req["port"])
-            if not 0 < port < 65536:
-                raise ValueError(port)
-        except (KeyError, ValueError, TypeError):
-            return
-        record.update(dst=str(dst), port=port)
+        dst = unwrap(dst)
+        self.serial += 1
+        record: dict[str, Any] = {"kind": "tcp", "conn": f"{os.getpid()}-{self.serial}", "src": src, "dst": str(dst), "port": port}
         policy = self.settings.policy
-        verdict = policy.ip_verdict(dst, port)
+        verdict = policy.ip_verdict(dst, port, self.router.reach(dst))
         first, state = b"", "silent"
         if verdict is None or not verdict.allow:
             # the name decides, or a denial may owe an HTTP client a 403: read what the client says first,
@@ -449,14 +434,23 @@ class Gateway:
                 error = f"connect: {e.strerror or type(e).__name__}" if isinstance(e, OSError) else "connect: timed out"
                 return
             try:
+                # Where a name decides, every HTTP request on the connection is checked, not just the first.
+                guard = _Requests(self, dst, port, record) if verdict is None else None
+                self.audit.write({"kind": "open", "conn": record["conn"], **{k: record.get(k) for k in OPEN_FIELDS}})
                 if first:
+                    if guard is not None:
+                        first = guard.check(first)
                     up_writer.write(first)
                     sent += len(first)
                 # Decided on the names the gateway resolved because the client said nothing at first: what it
                 # says later is read the same way, and a name that is not allowed ends the connection there.
                 watch = self._recheck(dst, port, record) if verdict is None and state == "silent" else None
+                if guard is not None and not guard.ok:  # refused among the first requests: the server hears no more
+                    up_writer.write_eof()
                 counts = await asyncio.gather(
-                    _pump(reader, up_writer, sniff=None if first or verdict is None else record, watch=watch),
+                    _pump(reader, up_writer, sniff=None if first or verdict is None else record, watch=watch, guard=guard)
+                    if guard is None or guard.ok
+                    else _nothing(),
                     _pump(up_reader, writer),
                 )
                 sent += counts[0]
@@ -473,15 +467,100 @@ class Gateway:
 Recheck = Callable[[bytes, asyncio.StreamReader], Awaitable[bytes | None]]
 
 
+class _DNSOverUDP(asyncio.DatagramProtocol):
+    """The guest's DNS over UDP: each query answered on its own, the reply sent from where the query went
+    (the namespace's conntrack turns it back into the server the guest asked)."""
+
+    def __init__(self, gateway: Gateway) -> None:
+        self.gateway = gateway
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        if len(self.pending) > 1024:  # a guest flooding queries waits for its answers
+            return
+        task = asyncio.ensure_future(self._answer(data, addr))
+        self.pending.add(task)
+        task.add_done_callback(self.pending.discard)
+
+    async def _answer(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        reply = await self.gateway.query(data)
+        if reply is not None and self.transport is not None:
+            self.transport.sendto(_fit_udp(reply), addr)
+
+
+def _fit_udp(reply: dns.message.Message) -> bytes:
+    """A reply as large as the query said it may be over UDP; too large, it is truncated (the client asks over TCP)."""
+    limit = max(512, reply.request_payload) if reply.request_payload else 512
+    try:
+        return reply.to_wire(max_size=limit)
+    except dns.exception.TooBig:
+        for section in (reply.answer, reply.authority, reply.additional):
+            section.clear()
+        reply.flags |= dns.flags.TC
+        return reply.to_wire()
+
+
 def _unreadable(state: str) -> Decision:
     """Where the name decides and the client's ClientHello or request head never became whole."""
     return Decision(False, f"deny {state} TLS ClientHello or HTTP request head: no name to decide on")
 
 
+class _Requests:
+    """Every HTTP request a client sends on one connection, checked before the server sees it (keep-alive and
+    pipelining included). check() returns what may go on; after a refusal (`ok` False) nothing more does."""
+
+    def __init__(self, gateway: Gateway, dst: IPAddress, port: int, record: dict[str, Any]) -> None:
+        self.gateway, self.dst, self.port, self.record = gateway, dst, port, record
+        self.requests: Requests | None = None  # once the client's first bytes show it speaks HTTP
+        self.other = False  # they showed it does not: nothing to check
+        self.ok = True
+        self.count = 0
+
+    def check(self, data: bytes) -> bytes:
+        if self.requests is None:
+            if self.other or not looks_like_http(data):
+                self.other = True
+                return data
+            self.requests = Requests()
+        out = b""
+        try:
+            for kind, piece in self.requests.feed(data):
+                if kind == "head":
+                    self.count += 1
+                    seen = name_in(piece)
+                    decision, name, source = self.gateway.decide(self.dst, self.port, seen)
+                    if not decision.allow:
+                        self._refuse(decision.rule, name, source)
+                        return out
+                out += piece
+        except Unframed as e:
+            self._refuse(f"deny HTTP request {self.count + 1}: {e}", None, None)
+        return out
+
+    def _refuse(self, rule: str, name: str | None, source: str | None) -> None:
+        self.ok = False
+        if self.count > 1:
+            rule = f"{rule} (request {self.count} on the connection)"
+        self.record.update(decision="deny", rule=rule, name=name or self.record.get("name"), name_from=source or self.record.get("name_from"))
+
+
+async def _nothing() -> int:
+    return 0
+
+
+# What the record written when a connection opens holds (the one written when it ends has all of it, and more).
+OPEN_FIELDS = ("src", "dst", "port", "name", "name_from", "decision", "rule")
+
+
 async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, sniff: dict[str, Any] | None = None,
-                watch: Recheck | None = None) -> int:  # fmt: skip
+                watch: Recheck | None = None, guard: _Requests | None = None) -> int:  # fmt: skip
     """Copy until EOF, then pass the EOF on. With `sniff`, fill in the name from the first bytes (for the log).
-    With `watch`, the first bytes go through it first: it returns what to send on, or None to end the connection."""
+    With `watch`, the first bytes go through it first: it returns what to send on, or None to end the connection.
+    With `guard`, every HTTP request is checked: a refused one ends the connection before the server sees it."""
     total = 0
     try:
         while True:
@@ -495,6 +574,13 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, sniff: dic
                     dst.close()
                     return total
                 data = checked
+            if guard is not None:
+                data = guard.check(data)
+                if not guard.ok:  # what came before the refused request goes on, and then the server hears no more
+                    dst.write(data)
+                    total += len(data)
+                    dst.write_eof()
+                    return total
             if sniff is not None:
                 seen = name_in(data)
                 if seen:
@@ -519,7 +605,11 @@ def serve(directory: Path) -> None:
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536), hard))
-    asyncio.run(Gateway(directory).serve())
+    try:
+        asyncio.run(Gateway(directory).serve())
+    except VMError as e:  # the sandbox's namespace is gone: no restart can help
+        print(f"gateway: {e}", file=sys.stderr, flush=True)
+        sys.exit(NO_NAMESPACE)
 
 
 def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
@@ -544,12 +634,15 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
     try:
         while not stopping:
             if child is None or child.poll() is not None:
+                if child is not None and child.returncode == NO_NAMESPACE:
+                    break
                 if child is not None:
                     restarts += 1
                     print(f"gateway: serving process exited ({child.returncode}); restart {restarts}", file=sys.stderr, flush=True)
                     time.sleep(min(2.0, 0.1 * restarts))
+                (directory / SERVING).unlink(missing_ok=True)
                 child = subprocess.Popen([sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--serve"])
-                (directory / "gateway-child.pid").write_text(f"{child.pid}\n")
+                (directory / CHILD_PIDFILE).write_text(f"{child.pid}\n")
             if qemu_pidfile is not None:
                 alive = _pid_alive(qemu_pidfile)
                 qemu_seen = qemu_seen or alive
@@ -563,11 +656,11 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
                 child.wait(5)
             except subprocess.TimeoutExpired:
                 child.kill()
-        # Only while the sandbox is still ours: a gateway started since (its pid in PIDFILE) owns the socket now,
-        # and unlinking it would cut the new one off before it ever served (an `up` right after QEMU died).
+        # Only while the sandbox is still ours: a gateway started since (its pid in PIDFILE) serves now,
+        # and unlinking its mark would make the start that made it wait for ever (an `up` right after QEMU died).
         with contextlib.suppress(OSError, ValueError):
             if int((directory / PIDFILE).read_text().strip()) == os.getpid():
-                (directory / SOCKET).unlink(missing_ok=True)
+                (directory / SERVING).unlink(missing_ok=True)
     return 0
 
 

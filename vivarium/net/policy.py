@@ -2,7 +2,9 @@
 
 Nothing here does I/O. The gateway asks `Policy.decide()` for each connection
 with the IP actually being connected to (so DNS rebinding cannot smuggle a
-private address past a public name) and, where it saw one, the name.
+private address past a public name), how the host's own routing would reach
+it (routes.py: one of its addresses, its LAN or a VPN, or the internet) and,
+where it saw one, the name.
 """
 
 from __future__ import annotations
@@ -10,7 +12,9 @@ from __future__ import annotations
 import fnmatch
 import ipaddress
 from collections.abc import Iterable
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
+
+from vivarium.net.routes import INTERNET, Reach
 
 IPAddress = ipaddress.IPv4Address | ipaddress.IPv6Address
 Network = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -132,9 +136,7 @@ class Policy:
     allow: tuple[AllowRule, ...] = ()
     allow_cidrs: tuple[Network, ...] = ()
     deny_cidrs: tuple[Network, ...] = ()
-    host_addresses: frozenset[IPAddress] = field(default_factory=frozenset)
     deny: tuple[AllowRule, ...] = ()  # names denied on top, in any mode (`vivarium egress deny`)
-    host_networks: tuple[Network, ...] = ()  # the networks the host itself is on: its LAN
 
     @classmethod
     def build(
@@ -143,9 +145,7 @@ class Policy:
         allow: Iterable[str] = (),
         allow_cidrs: Iterable[str] = (),
         deny_cidrs: Iterable[str] = (),
-        host_addresses: Iterable[str] = (),
         deny: Iterable[str] = (),
-        host_networks: Iterable[str] = (),
     ) -> Policy:
         if mode not in MODES:
             raise ValueError(f"unknown network mode {mode!r}")
@@ -154,9 +154,7 @@ class Policy:
             allow=tuple(AllowRule.parse(a) for a in allow),
             allow_cidrs=tuple(ipaddress.ip_network(c, strict=False) for c in allow_cidrs),
             deny_cidrs=tuple(ipaddress.ip_network(c, strict=False) for c in deny_cidrs),
-            host_addresses=frozenset(unwrap(ipaddress.ip_address(a)) for a in host_addresses),
             deny=tuple(AllowRule.parse(d, "deny") for d in deny),
-            host_networks=tuple(ipaddress.ip_network(c, strict=False) for c in host_networks),
         )
 
     def with_allow(self, rule: AllowRule) -> Policy:
@@ -165,8 +163,8 @@ class Policy:
     def without_allow(self, pattern: str) -> Policy:
         return replace(self, allow=tuple(r for r in self.allow if str(r) != pattern and r.pattern != pattern))
 
-    def ip_verdict(self, ip: str | IPAddress, port: int) -> Decision | None:
-        """The decision when the address alone settles it; None when the name matters."""
+    def ip_verdict(self, ip: str | IPAddress, port: int, reach: Reach = INTERNET) -> Decision | None:
+        """The decision when the address alone (and how the host reaches it) settles it; None when the name matters."""
         addr = unwrap(ipaddress.ip_address(ip)) if isinstance(ip, str) else unwrap(ip)
         if self.mode == "offline":
             return Decision(False, "deny offline mode")
@@ -176,26 +174,31 @@ class Policy:
             if addr.version == net.version and addr in net:
                 return Decision(False, f"deny deny_cidrs {net}")
         opened = next((n for n in self.allow_cidrs if addr.version == n.version and addr in n), None)
-        if addr in self.host_addresses:
-            return Decision(False, "deny the host's own address")
+        if reach.kind == "unknown":
+            return Decision(False, f"deny {reach.detail}: failing closed")
+        # The host's own addresses, whatever allow_cidrs says (but loopback, which it may open on purpose).
+        if reach.kind == "own" and not (opened is not None and addr.is_loopback):
+            return Decision(False, f"deny the host's own address ({reach.detail})")
         if opened is None:
             for text, label in ALWAYS_DENIED:
                 net = ipaddress.ip_network(text)
                 if addr.version == net.version and addr in net:
                     return Decision(False, f"deny {label} {net}")
-            for net in self.host_networks:
-                if addr.version == net.version and addr in net:
-                    return Decision(False, f"deny the host's network {net}")
+            if reach.kind == "local":
+                return Decision(False, f"deny the host's network: {reach.detail}")
+        if reach.kind == "none":
+            return Decision(False, f"deny {reach.detail}")
         if self.deny:
             return None
         if self.mode == "lan-block":
             return Decision(True, f"allow allow_cidrs {opened}" if opened else "allow public internet")
         return None  # allowlist: the name decides (allow_cidrs only lifted the built-in denial)
 
-    def decide(self, ip: str | IPAddress, port: int, name: str | None = None, name_ips: Iterable[IPAddress] = ()) -> Decision:
-        """May the sandbox connect to ip:port (reached as `name`, which resolved to `name_ips`)?"""
+    def decide(self, ip: str | IPAddress, port: int, name: str | None = None, name_ips: Iterable[IPAddress] = (),
+               reach: Reach = INTERNET) -> Decision:  # fmt: skip
+        """May the sandbox connect to ip:port (reached as `name`, which resolved to `name_ips`; reached by the host as `reach`)?"""
         addr = unwrap(ipaddress.ip_address(ip)) if isinstance(ip, str) else unwrap(ip)
-        verdict = self.ip_verdict(addr, port)
+        verdict = self.ip_verdict(addr, port, reach)
         if verdict is not None:
             return verdict
         if name:

@@ -167,3 +167,99 @@ def name_in(data: bytes) -> tuple[str, str] | None:
     if host:
         return host, "host"
     return None
+
+
+class Unframed(ValueError):
+    """A request whose end cannot be told for sure (its framing is ambiguous or malformed)."""
+
+
+_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding:[ \t]*([^\r\n]*)", re.IGNORECASE)
+_UPGRADE = re.compile(rb"\r\n(upgrade:|connection:[^\r\n]*upgrade)", re.IGNORECASE)
+
+
+class Requests:
+    """Where each HTTP/1 request starts in a client's stream, so that every request on a keep-alive
+    connection (pipelined or not) is checked before the server sees it, not only the first.
+
+    feed() splits bytes into ("head", a whole request head) and ("data", anything else: bodies, and what
+    follows an Upgrade or CONNECT); a head cut across reads is held back until it is whole. Framing is
+    read as a server must (RFC 9112 6): chunked, else Content-Length, else no body; a request whose end is
+    ambiguous (both, two different lengths, a bad value or chunk) raises Unframed."""
+
+    def __init__(self) -> None:
+        self.buf = b""
+        self.left = 0  # body bytes still to come (Content-Length, or the current chunk and its CRLF)
+        self.chunked = ""  # "", "size", "data", "trailer": where in a chunked body
+        self.opaque = False  # after an Upgrade or CONNECT: not HTTP any more
+        self.maybe_opaque = False  # ... unless the next bytes are a request after all (the server did not switch)
+
+    def feed(self, data: bytes) -> list[tuple[str, bytes]]:
+        out: list[tuple[str, bytes]] = []
+        self.buf += data
+        while self.buf:
+            if self.opaque:
+                out.append(("data", self.buf))
+                self.buf = b""
+            elif self.left:
+                piece, self.buf = self.buf[: self.left], self.buf[self.left :]
+                self.left -= len(piece)
+                out.append(("data", piece))
+                if not self.left and self.chunked == "data":
+                    self.chunked = "size"
+            elif self.chunked in ("size", "trailer"):
+                if not self._chunk_line(out):
+                    break
+            elif self.maybe_opaque and not any(m.startswith(self.buf[:8]) or self.buf.startswith(m) for m in HTTP_METHODS):
+                self.opaque = True
+            else:
+                if not self._head(out):
+                    break
+        return out
+
+    def _head(self, out: list[tuple[str, bytes]]) -> bool:
+        end = self.buf.find(b"\r\n\r\n")
+        if end < 0:
+            if len(self.buf) > HEAD_CAP or (len(self.buf) >= 8 and not looks_like_http(self.buf)):
+                raise Unframed("not an HTTP request, or a request head larger than the cap")
+            return False
+        head, self.buf = self.buf[: end + 4], self.buf[end + 4 :]
+        if not looks_like_http(head):
+            raise Unframed("not an HTTP request")
+        out.append(("head", head))
+        self.maybe_opaque = False
+        te = _TRANSFER_ENCODING.findall(head)
+        cl = {v.strip() for v in _CONTENT_LENGTH.findall(head)}
+        if te:
+            if cl or len(te) > 1 or te[0].strip().lower() != b"chunked":
+                raise Unframed("Transfer-Encoding with Content-Length, or other than chunked")
+            self.chunked = "size"
+        elif cl:
+            if len(cl) > 1 or not next(iter(cl)).isdigit():
+                raise Unframed("Content-Length ambiguous or not a number")
+            self.left = int(next(iter(cl)))
+        if head.startswith(b"CONNECT ") or _UPGRADE.search(head):
+            self.maybe_opaque = True
+        return True
+
+    def _chunk_line(self, out: list[tuple[str, bytes]]) -> bool:
+        end = self.buf.find(b"\r\n")
+        if end < 0:
+            if len(self.buf) > 4096:
+                raise Unframed("a chunk-size or trailer line too long")
+            return False
+        line, self.buf = self.buf[:end], self.buf[end + 2 :]
+        out.append(("data", line + b"\r\n"))
+        if self.chunked == "trailer":
+            if not line:
+                self.chunked = ""  # the request is whole
+            return True
+        size = line.split(b";", 1)[0].strip()
+        if not size or len(size) > 16 or any(c not in b"0123456789abcdefABCDEF" for c in size):
+            raise Unframed("a bad chunk size")
+        n = int(size, 16)
+        if n == 0:
+            self.chunked = "trailer"
+        else:
+            self.chunked, self.left = "data", n + 2  # the chunk and its CRLF
+        return True

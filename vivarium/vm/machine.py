@@ -30,7 +30,7 @@ def start(spec: MachineSpec) -> int:
     if spec.control is not None:
         channel.make(spec.control)
     try:
-        run(qemu_argv(spec), timeout=60, pass_fds=() if spec.ram_fd is None else (spec.ram_fd,))
+        run(qemu_argv(spec), timeout=60, pass_fds=tuple(fd for fd in (spec.ram_fd, spec.fence_tap) if fd is not None))
     except CommandFailed as e:
         lines = [ln.removeprefix("qemu-system-x86_64: ") for ln in e.output.strip().splitlines() if ln.strip()]
         raise VMError(f"QEMU did not start: {lines[-1] if lines else f'exit code {e.returncode}'}",

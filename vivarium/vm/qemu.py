@@ -5,21 +5,19 @@ Nothing here touches the disk or reads the config; tests look at the list.
 
 from __future__ import annotations
 
-import shlex
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
 # The guest's side of QEMU user networking (fixed by slirp's defaults).
 GUEST_IP = "10.0.2.15"
-# Where the guest reaches the host's egress gateway (a guestfwd, not a host).
-GATEWAY_ADDR = "10.0.2.100"
-GATEWAY_PORT = 1
+# The MAC of a fenced guest's outbound NIC (the guest's setup finds it by this).
+FENCE_MAC = "52:54:00:76:69:76"
 HOTPLUG_SLOTS = 4
 # The virtio-serial port of the guest's control agent (guest/rootfs/.../control).
 CONTROL_PORT = "org.vivarium.control"
 # Bump when the device set changes: a saved state only loads into the same devices.
-LAYOUT = 2
+LAYOUT = 3
 
 KERNEL_CMDLINE = (
     "root=/dev/vda rw console=ttyS0 quiet loglevel=3 net.ifnames=0 "
@@ -63,13 +61,13 @@ class MachineSpec:
     pidfile: Path
     fw_cfg: tuple[tuple[str, Path], ...] = ()  # (name under opt/vivarium/, file)
     cmdline: str = KERNEL_CMDLINE
-    # The egress gateway's unix socket. With it, slirp runs restrict=on: no
-    # packet leaves through the host's stack; the one way out is a guestfwd that
-    # spawns a relay to this socket per connection, and only the hostfwd ports
-    # come in. Nothing inside the guest can undo it. None: plain user networking
-    # (only for proving in tests that the fence is what stops an attack).
-    gateway: Path | None = None
-    relay: str = "socat"  # the program QEMU spawns per connection (an absolute path saves a PATH search each time)
+    # The TAP device (an inherited file descriptor) in the sandbox's own network
+    # namespace, where the egress gateway takes every connection (net/netns.py).
+    # With it, the guest's outbound NIC is that TAP and user networking runs
+    # restrict=on: nothing leaves through slirp, only the hostfwd ports come in.
+    # Nothing inside the guest can undo it. None: plain user networking (only
+    # for proving in tests that the fence is what stops an attack).
+    fence_tap: int | None = None
     shares: tuple[tuple[str, Path], ...] = ()  # (tag, virtiofsd socket)
     # The host's end of the control channel: FIFOs CONTROL.in and CONTROL.out
     # (QEMU's pipe chardev: always open, so the guest's agent blocks in read()
@@ -84,11 +82,8 @@ class MachineSpec:
 def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
     """The full qemu-system-x86_64 argv for `spec`."""
     net = ["user", "id=net0"]
-    if spec.gateway is not None:
-        net.append("ipv6=off")  # no v6 in the guest at all: connect() fails at once, nothing waits on a dead path
-        # one `socat` per guest connection (the cmd: form); a chardev would multiplex them all
-        relay = shlex.join([spec.relay, "STDIO", f"UNIX-CONNECT:{spec.gateway}"])
-        net += ["restrict=on", f"guestfwd=tcp:{GATEWAY_ADDR}:{GATEWAY_PORT}-cmd:{_escape(relay)}"]
+    if spec.fence_tap is not None:
+        net += ["ipv6=off", "restrict=on"]  # in: the forwarded ports; out: nothing
     netdev = ",".join([*net, *(f"hostfwd={f.hostfwd()}" for f in spec.forwards)])
     argv = [
         "qemu-system-x86_64",
@@ -110,6 +105,8 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
         "-device", "virtio-blk-pci,drive=swap",
         "-netdev", netdev,
         "-device", "virtio-net-pci,netdev=net0",
+        *(("-netdev", f"tap,id=net1,fd={spec.fence_tap},vhost=off",
+           "-device", f"virtio-net-pci,netdev=net1,mac={FENCE_MAC}") if spec.fence_tap is not None else ()),
         "-object", "rng-random,id=rng0,filename=/dev/urandom",
         "-device", "virtio-rng-pci,rng=rng0",
         # A new generation id at every start, restores included: a guest kernel with the

@@ -38,25 +38,47 @@ setup_identity() {  # DIR: the agent's authorized key, the SSH host key, the hos
 }
 
 setup_network() {
-    # QEMU user networking always has the same addresses, so no DHCP and no
-    # network manager. vivarium's initrd has loaded virtio_net already (and
-    # net.ifnames=0 keeps it eth0); booted another way, wait for the NIC to appear.
-    nic="" tries=0
-    while [ -z "$nic" ] && [ $tries -lt 100 ]; do
+    # Fixed addresses, so no DHCP and no network manager. A fenced sandbox has two
+    # NICs: QEMU user networking (restrict=on: only the host's forwarded ports come
+    # in, SSH among them) and, found by its MAC, the one the host fences: a TAP in
+    # the sandbox's own network namespace, where the host's gateway takes every
+    # connection and DNS query, whatever their address. Without it (unfenced),
+    # user networking is the way out. vivarium's initrd has loaded virtio_net
+    # already (net.ifnames=0 keeps the names ethN); booted another way, wait for the NICs.
+    user="" fenced="" tries=0
+    while [ -z "$user" ] && [ $tries -lt 100 ]; do
         for dev in /sys/class/net/*; do
-            if [ -e "$dev/device" ]; then nic=${dev##*/}; break; fi
+            [ -e "$dev/device" ] || continue
+            read -r mac < "$dev/address"
+            if [ "$mac" = 52:54:00:76:69:76 ]; then fenced=${dev##*/}; else user=${dev##*/}; fi
         done
-        [ -n "$nic" ] || { sleep 0.1; tries=$((tries + 1)); }
+        [ -n "$user" ] || { sleep 0.1; tries=$((tries + 1)); }
     done
-    if [ -n "$nic" ]; then
+    if [ -z "$user" ]; then
+        echo "vivarium: no network interface appeared" > /dev/ttyS0
+        return 0
+    fi
+    if [ -n "$fenced" ]; then
         ip -batch - <<NET
 link set lo up
-link set $nic up
-addr replace 10.0.2.15/24 dev $nic
-route replace default via 10.0.2.2 dev $nic
+link set $user up
+addr replace 10.0.2.15/24 dev $user
+link set $fenced up
+addr replace 10.0.3.15/24 dev $fenced
+route replace default via 10.0.3.1 dev $fenced
 NET
+        # Every DNS query reaches the fence's resolver, whatever server it is sent to.
+        echo "nameserver 10.0.3.1" > /etc/resolv.conf
+        # The guest's containers go out through it too (Docker runs without iptables here).
+        echo 1 > /proc/sys/net/ipv4/ip_forward
     else
-        echo "vivarium: no network interface appeared" > /dev/ttyS0
+        ip -batch - <<NET
+link set lo up
+link set $user up
+addr replace 10.0.2.15/24 dev $user
+route replace default via 10.0.2.2 dev $user
+NET
+        echo "nameserver 10.0.2.3" > /etc/resolv.conf
     fi
 }
 
