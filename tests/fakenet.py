@@ -10,7 +10,8 @@ tests aim at, each with a /32 route from here (nothing else is routed there):
     198.51.100.8                                         a second public host, not opened
 
 On each: HTTP on port 80 (GET /bytes/N streams N bytes), a secret on TCP
-and UDP 7777, and on 198.51.100.7 a DNS server on 53 (UDP and TCP) that
+and UDP 7777, HTTP keep-alive on 8080 (every request answered with its Host), a
+connection held open until the client closes it on 9999, and on 198.51.100.7 a DNS server on 53 (UDP and TCP) that
 answers every A query with 198.51.100.7: the "outside resolver".
 Plus a DNS server on this host's loopback for the gateway (dns_upstream):
 public.test and www.public.test → 198.51.100.7, other.test → 198.51.100.8,
@@ -81,9 +82,33 @@ def tls_sink(conn):
         except OSError:
             pass
 
+def hold(conn):
+    # holds a connection open until the client closes it (a flood's connections)
+    with conn:
+        try:
+            while conn.recv(4096):
+                pass
+        except OSError:
+            pass
+
+def keepalive(conn):
+    # HTTP/1.1 keep-alive: answers every request on the connection with the Host it named
+    with conn:
+        data = b""
+        while True:
+            while b"\r\n\r\n" not in data:
+                chunk = conn.recv(4096)
+                if not chunk:
+                    return
+                data += chunk
+            head, data = data.split(b"\r\n\r\n", 1)
+            host = [l.split(b":", 1)[1].strip() for l in head.split(b"\r\n")[1:] if l.lower().startswith(b"host:")]
+            body = b"host=" + (host[0] if host else b"") + b"\n"
+            conn.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\n\r\n%s" % (len(body), body))
+
 def tcp(port, handler):
     s = socket.socket(); s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-    s.bind(("0.0.0.0", port)); s.listen(1024)
+    s.bind(("0.0.0.0", port)); s.listen(4096)
     while True:
         conn, _ = s.accept()
         threading.Thread(target=handler, args=(conn,), daemon=True).start()
@@ -110,7 +135,9 @@ def dns_tcp(conn):
             q += conn.recv(n - len(q))
         a = answer(q); conn.sendall(len(a).to_bytes(2, "big") + a)
 
-for target, args in ((tcp, (80, http)), (tcp, (443, tls_sink)), (tcp, (7777, secret)), (tcp, (53, dns_tcp)), (udp, (7777, False)), (udp, (53, True))):
+SERVERS = ((tcp, (80, http)), (tcp, (443, tls_sink)), (tcp, (7777, secret)), (tcp, (8080, keepalive)), (tcp, (9999, hold)),
+           (tcp, (53, dns_tcp)), (udp, (7777, False)), (udp, (53, True)))
+for target, args in SERVERS:
     threading.Thread(target=target, args=args, daemon=True).start()
 print("ready", flush=True)
 sys.stdin.read()  # until the test closes our stdin

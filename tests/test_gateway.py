@@ -397,3 +397,19 @@ def test_allowlist_every_request_on_a_keep_alive_connection_is_checked(gw: Stage
     # each connection let through was recorded when it opened, too
     opens = [r for r in log(gw.d) if r["kind"] == "open"]
     assert {r["conn"] for r in opens} >= {r["conn"] for r in tcp[:3]}
+
+
+def test_a_serving_process_never_outlives_its_supervisor(gw: Stage) -> None:
+    supervisor, child = control.pid(gw.d), control.child_pid(gw.d)
+    assert supervisor is not None and child is not None
+    os.kill(supervisor, signal.SIGKILL)
+    wait_for(lambda: not Path(f"/proc/{child}").exists() or Path(f"/proc/{child}/stat").read_text().rpartition(")")[2].split()[0] == "Z")
+    assert control.child_pid(gw.d) is None  # gone (it watched its supervisor's pidfd)
+    assert "the supervisor is gone" in (gw.d / "gateway.err").read_text()
+    with pytest.raises(OSError):  # failing closed meanwhile
+        with gw.guest.connect(SRV, gw.echo.port, timeout=2) as s:
+            if not s.recv(6):
+                raise ConnectionResetError
+    control.start(gw.d, gw.d / "qemu.pid")  # what `vivarium up` does: it serves again
+    with gw.guest.connect(SRV, gw.echo.port) as s:
+        assert s.recv(6) == b"hello\n"

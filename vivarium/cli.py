@@ -12,7 +12,7 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -574,8 +574,15 @@ def cmd_egress(args: argparse.Namespace) -> int:
                 where = " ".join(x for x in (name, f"[{addr}]" if addr else "") if x)
                 out.print(f"{'[green]allow[/]' if d.allow else '[red]deny[/]'} {escape(printable(where))}:{port}  {escape(printable(d.rule))}")
         return 0 if all(d.allow for _, _, d in rows) else 1
-    for record in box.egress_log(follow=args.follow):
+    records: Iterable[dict[str, Any]] = box.egress_log(follow=args.follow)
+    ended: set[object] = set()
+    if not args.follow:  # a connection's "open" record is shown only while (or if) no record of its end follows
+        records = list(records)
+        ended = {r.get("conn") for r in records if r.get("kind") == "tcp" and r.get("conn")}
+    for record in records:
         if args.denied and record.get("decision") != "deny":
+            continue
+        if record.get("kind") == "open" and record.get("conn") in ended:
             continue
         if args.json:
             sys.stdout.write(json.dumps(record) + "\n")
@@ -604,6 +611,8 @@ def _egress_line(r: dict[str, Any]) -> str:
         answers = printable(",".join(str(a) for a in r.get("answers", []))) or f("rcode")
         return f"{when} {verdict:5} dns {f('name')} {f('type')} → {answers}  ({f('rule')})"
     name = f"{f('name')} " if r.get("name") else ""
+    if r.get("kind") == "open":
+        return f"{when} OPEN  tcp {name}{f('dst')}:{f('port')}  ({f('rule')})"
     extra = f" sent {f('sent', '0')} received {f('received', '0')} in {f('duration', '0')}s"
     error = f" {f('error')}" if r.get("error") else ""
     return f"{when} {verdict:5} tcp {name}{f('dst')}:{f('port')}  ({f('rule')}){extra}{error}"

@@ -52,8 +52,17 @@ def checks(kernel: Path | None = None) -> list[Check]:
         )
     )
     out.append(_userns())
+    out.append(_fence())
     out.append(_free_disk())
     return out
+
+
+def _fence() -> Check:
+    """What each sandbox's network namespace needs: a TAP device, and the right to make the namespace."""
+    if not os.path.exists("/dev/net/tun"):
+        return Check("network fence", False, "/dev/net/tun is missing", "load the tun module (modprobe tun)")
+    how = "as root" if os.geteuid() == 0 else "in a user namespace of yours"
+    return Check("network fence", True, f"each sandbox gets a network namespace of its own ({how}) with a TAP device (/dev/net/tun)")
 
 
 def _program(name: str, required: bool = True) -> Check:

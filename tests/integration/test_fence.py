@@ -13,6 +13,7 @@ import json
 import os
 import signal
 import subprocess
+import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -456,3 +457,178 @@ def test_up_brings_back_a_killed_gateway(box: Sandbox, victims: str) -> None:
     assert not _alive(child)  # a serving process left without its supervisor is not left serving
     assert curl(box, "http://public.test/") == (0, f"hello from {PUBLIC}")
     assert f"gateway  up (pid {control.pid(d)})" in vv("status", box.name).stdout
+
+
+# ---------------------------------------------------------------- issue 12: keep-alive, the host's addresses now, floods, records
+
+KEEPALIVE = r"""
+import json, socket, sys
+def ask(s, host):
+    s.sendall(b"GET / HTTP/1.1\r\nHost: %s\r\n\r\n" % host.encode())
+    data = b""
+    try:
+        while not (b"\r\n\r\n" in data and data.endswith(b"\n") and not data.endswith(b"\r\n\r\n")):
+            chunk = s.recv(4096)
+            if not chunk:
+                break
+            data += chunk
+    except OSError as e:
+        return str(e)
+    return data.split(b"\r\n\r\n", 1)[-1].decode(errors="replace").strip() or "closed"
+out = {}
+s = socket.create_connection((sys.argv[1], 8080), timeout=10)
+out["first"] = ask(s, "public.test")
+out["keep-alive second"] = ask(s, "evil.test")
+s.close()
+s = socket.create_connection((sys.argv[1], 8080), timeout=10)
+s.sendall(b"GET / HTTP/1.1\r\nHost: public.test\r\n\r\nGET / HTTP/1.1\r\nHost: evil.test\r\n\r\n")
+data = b""
+try:
+    while chunk := s.recv(4096):
+        data += chunk
+except OSError:
+    pass
+out["pipelined"] = data.decode(errors="replace")
+print(json.dumps(out))
+"""
+
+
+def test_allowlist_every_request_on_a_keep_alive_connection_is_checked(box: Sandbox, net: FakeNet) -> None:
+    set_policy(box, net, "allowlist", ["public.test"])
+    try:
+        assert box.exec(["getent", "hosts", "public.test"]).returncode == 0  # the gateway knows the address as public.test's
+        since = len(list(box.egress_log()))
+        r = box.exec(["python3", "-c", KEEPALIVE, PUBLIC], capture=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        results = json.loads(r.stdout.strip().splitlines()[-1])
+        assert results["first"] == "host=public.test", results
+        assert "host=evil.test" not in results["keep-alive second"] and "host=evil.test" not in results["pipelined"], results
+        assert "host=public.test" in results["pipelined"], results  # the allowed request before it was answered
+        denied = [rec for rec in egress(box, since) if rec["kind"] == "tcp" and rec["port"] == 8080 and rec["decision"] == "deny"]
+        assert [(rec["name"], rec["rule"]) for rec in denied] == [
+            ("evil.test", "deny allowlist: evil.test is not listed (request 2 on the connection)")
+        ] * 2
+    finally:
+        set_policy(box, net, "lan-block")
+
+
+def test_an_address_the_host_gains_after_the_start_is_still_the_hosts(box: Sandbox, net: FakeNet) -> None:
+    # the user opened a range (say, their office's); the host itself joins it later (a VPN comes up)
+    set_policy(box, net, "lan-block", cidrs=(f"{PUBLIC}/32", "203.0.113.0/24"))
+    subprocess.run(["ip", "addr", "add", "203.0.113.77/32", "dev", "lo"], check=True)
+    server = None
+    try:
+        server = LoopbackServer(lambda conn: conn.sendall(b"host-secret\n"), address="203.0.113.77")
+        since = len(list(box.egress_log()))
+        r = box.exec(["python3", "-c", f"import socket; print(socket.create_connection(('203.0.113.77', {server.port}), timeout=10).recv(64))"],
+                     capture=True, timeout=60)  # fmt: skip
+        assert "host-secret" not in r.stdout
+        assert server.hits == 0
+        (rec,) = [rec for rec in egress(box, since) if rec["kind"] == "tcp"]
+        assert rec["decision"] == "deny" and rec["rule"].startswith("deny the host's own address (203.0.113.77 is an address of the host's"), rec
+    finally:
+        if server is not None:
+            server.close()
+        subprocess.run(["ip", "addr", "del", "203.0.113.77/32", "dev", "lo"], check=False)
+        set_policy(box, net, "lan-block")
+
+
+FLOOD = r"""
+import asyncio, json, socket, ssl, sys, time
+N, HOLD = int(sys.argv[2]), float(sys.argv[3])
+
+def client_hello(name):
+    tls = ssl.create_default_context().wrap_bio(ssl.MemoryBIO(), ssl.MemoryBIO(), server_hostname=name)
+    try:
+        tls.do_handshake()
+    except ssl.SSLWantReadError:
+        pass
+    return tls.outgoing.read()
+
+async def main():
+    held, failed = [], []
+    async def one():
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(sys.argv[1], 9999), 60)
+            held.append(w)
+        except (OSError, asyncio.TimeoutError) as e:
+            failed.append(type(e).__name__)
+    flood = [asyncio.ensure_future(one()) for _ in range(N)]
+    await asyncio.sleep(0.2)  # the flood is under way
+    t = time.monotonic()
+    await asyncio.get_running_loop().getaddrinfo("www.public.test", 443, family=socket.AF_INET)
+    dns = time.monotonic() - t
+    t = time.monotonic()
+    r, w = await asyncio.open_connection("public.test", 443)  # a client's HTTPS request (the server answers its hello)
+    w.write(client_hello("public.test"))
+    reply = await asyncio.wait_for(r.read(64), 30)
+    https = time.monotonic() - t
+    w.close()
+    await asyncio.gather(*flood)
+    print(json.dumps({"dns": dns, "https": https, "reply": reply.decode(errors="replace"), "held": len(held), "failed": failed[:5]}), flush=True)
+    await asyncio.sleep(HOLD)  # while the host counts its processes
+    for w in held:
+        w.close()
+
+asyncio.run(main())
+"""
+
+
+def _children(pid: int) -> int:
+    n = 0
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
+                n += 1
+        except (OSError, ValueError, IndexError):
+            pass
+    return n
+
+
+def test_a_flood_of_connections_stalls_neither_dns_nor_other_connections(box: Sandbox) -> None:
+    qemu = box.pid()
+    assert qemu is not None
+    result: dict[str, Any] = {}
+
+    def flood() -> None:
+        r = box.exec(["sh", "-c", 'ulimit -n 4096; exec python3 -c "$0" "$@"', FLOOD, PUBLIC, "1000", "8"], capture=True, timeout=600)
+        result["r"] = r
+
+    worker = threading.Thread(target=flood)
+    worker.start()
+    most = 0
+    while worker.is_alive():  # while the flood is opened and held: QEMU starts no process per connection
+        most = max(most, _children(qemu))
+        time.sleep(0.2)
+    worker.join()
+    r = result["r"]
+    assert r.returncode == 0, r.stderr
+    out = json.loads(r.stdout.strip().splitlines()[-1])
+    assert out["held"] == 1000, out
+    assert out["reply"] == "reached\n", out
+    assert out["dns"] < 2 and out["https"] < 2, out
+    assert most == 0
+    assert control.pid(box.dir.path) is not None and control.child_pid(box.dir.path) is not None
+
+
+def test_a_connection_cut_by_the_gateways_death_left_a_record(box: Sandbox) -> None:
+    since = len(list(box.egress_log()))
+    download = f"setsid curl -s -o /dev/null --limit-rate 2M http://{PUBLIC}/bytes/20000000 </dev/null >/dev/null 2>&1 &"
+    assert box.exec(["sh", "-c", download]).returncode == 0
+    deadline = time.monotonic() + 30
+    opened: list[dict[str, Any]] = []
+    while not opened and time.monotonic() < deadline:
+        opened = [r for r in egress(box, since) if r["kind"] == "open" and r["dst"] == PUBLIC and r["port"] == 80]
+        time.sleep(0.2)
+    assert opened, "no record when the download's connection opened"
+    child = control.child_pid(box.dir.path)
+    assert child is not None
+    os.kill(child, signal.SIGKILL)
+    deadline = time.monotonic() + 10
+    while control.child_pid(box.dir.path) in (None, child) and time.monotonic() < deadline:
+        time.sleep(0.1)
+    conn = opened[0]["conn"]
+    assert not [r for r in egress(box, since) if r["kind"] == "tcp" and r.get("conn") == conn]  # it never ended: the open record is all
+    assert opened[0]["decision"] == "allow" and opened[0]["rule"] == f"allow allow_cidrs {PUBLIC}/32"
+    assert f"OPEN  tcp {PUBLIC}:80" in vv("egress", "log", box.name).stdout
+    box.exec(["sh", "-c", "pkill curl || true"])

@@ -23,11 +23,13 @@ import ipaddress
 import json
 import os
 import resource
+import select
 import signal
 import socket
 import struct
 import subprocess
 import sys
+import threading
 import time
 from collections import OrderedDict
 from collections.abc import Awaitable, Callable, Iterable
@@ -599,8 +601,15 @@ async def _pump(src: asyncio.StreamReader, dst: asyncio.StreamWriter, sniff: dic
 # ------------------------------------------------------------------ processes
 
 
-def serve(directory: Path) -> None:
+def serve(directory: Path, supervisor: int | None = None) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop handles it: a reload must never kill us
+    if supervisor is not None:
+        # Never serve unsupervised: when the supervisor dies (killed), so does this process, at once
+        # (egress fails closed until `vivarium up` starts a gateway again).
+        watch = os.pidfd_open(supervisor)
+        if os.getppid() != supervisor:
+            sys.exit(1)
+        threading.Thread(target=_exit_with, args=(watch,), daemon=True).start()
     # two descriptors per relayed connection: take what the hard limit allows
     _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
     with contextlib.suppress(ValueError, OSError):
@@ -610,6 +619,12 @@ def serve(directory: Path) -> None:
     except VMError as e:  # the sandbox's namespace is gone: no restart can help
         print(f"gateway: {e}", file=sys.stderr, flush=True)
         sys.exit(NO_NAMESPACE)
+
+
+def _exit_with(pidfd: int) -> None:
+    select.select([pidfd], [], [])
+    print("gateway: the supervisor is gone; the serving process stops", file=sys.stderr, flush=True)
+    os._exit(1)
 
 
 def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
@@ -629,7 +644,7 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
     (directory / PIDFILE).write_text(f"{os.getpid()}\n")  # only now: signals are handled
-    qemu_seen = False
+    qemu: int | None = None  # a pidfd: QEMU's exit, without mistaking a later process for it
     restarts = 0
     try:
         while not stopping:
@@ -641,13 +656,14 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
                     print(f"gateway: serving process exited ({child.returncode}); restart {restarts}", file=sys.stderr, flush=True)
                     time.sleep(min(2.0, 0.1 * restarts))
                 (directory / SERVING).unlink(missing_ok=True)
-                child = subprocess.Popen([sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--serve"])
+                child = subprocess.Popen([sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--serve",
+                                          "--supervisor", str(os.getpid())])  # fmt: skip
                 (directory / CHILD_PIDFILE).write_text(f"{child.pid}\n")
-            if qemu_pidfile is not None:
-                alive = _pid_alive(qemu_pidfile)
-                qemu_seen = qemu_seen or alive
-                if qemu_seen and not alive:
-                    break
+            if qemu is None and qemu_pidfile is not None and _pid_alive(qemu_pidfile):
+                with contextlib.suppress(OSError, ValueError):
+                    qemu = os.pidfd_open(int(qemu_pidfile.read_text().strip()))
+            if qemu is not None and select.select([qemu], [], [], 0)[0]:
+                break  # QEMU is gone
             time.sleep(0.1)
     finally:
         if child is not None and child.poll() is None:
@@ -682,9 +698,10 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--dir", type=Path, required=True)
     ap.add_argument("--serve", action="store_true", help="serve (the child); otherwise supervise")
     ap.add_argument("--qemu-pidfile", type=Path)
+    ap.add_argument("--supervisor", type=int, help="(the child) the supervisor's pid: serve only while it lives")
     args = ap.parse_args(argv)
     if args.serve:
-        serve(args.dir)
+        serve(args.dir, args.supervisor)
         return 0
     # Detach: whoever started us (a CLI that exits, or a long-lived program using
     # the Python API) must not have to reap the supervisor.
