@@ -578,20 +578,12 @@ print(json.dumps({"dns": dns, "https": https, "reply": reply.decode(errors="repl
 """
 
 
-def _children(pid: int) -> int:
-    n = 0
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            if int(stat.read_text().rpartition(")")[2].split()[1]) == pid:
-                n += 1
-        except (OSError, ValueError, IndexError):
-            pass
-    return n
+def _processes() -> int:
+    """How many processes this host runs now."""
+    return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit())
 
 
 def test_a_flood_of_connections_stalls_neither_dns_nor_other_connections(box: Sandbox) -> None:
-    qemu = box.pid()
-    assert qemu is not None
     since = len(list(box.egress_log()))
     script = (
         'ulimit -n 4096; python3 -c "$0" "$1" 1000 15 > /tmp/flood.out & '
@@ -603,11 +595,12 @@ def test_a_flood_of_connections_stalls_neither_dns_nor_other_connections(box: Sa
     def flood() -> None:
         result["r"] = box.exec(["sh", "-c", script, FLOOD, PUBLIC, MEANWHILE], capture=True, timeout=600)
 
+    before = _processes()
     worker = threading.Thread(target=flood)
     worker.start()
     most = 0
-    while worker.is_alive():  # while the flood is opened and held: QEMU starts no process per connection
-        most = max(most, _children(qemu))
+    while worker.is_alive():  # while the flood is opened and held: nothing on the host starts a process per connection
+        most = max(most, _processes() - before)
         time.sleep(0.2)
     worker.join()
     r = result["r"]
@@ -618,9 +611,9 @@ def test_a_flood_of_connections_stalls_neither_dns_nor_other_connections(box: Sa
     answered = [rec for rec in egress(box, since) if rec["kind"] == "dns" and rec["name"] == "www.public.test"]
     gateway_part = ", ".join(f"{rec['duration'] * 1000:.1f} ms" for rec in answered)
     print(f"flood of 1000: DNS lookup {meanwhile['dns'] * 1000:.0f} ms (the gateway's part: {gateway_part}), "
-          f"HTTPS request {meanwhile['https'] * 1000:.0f} ms, QEMU's child processes at most {most}")  # fmt: skip
+          f"HTTPS request {meanwhile['https'] * 1000:.0f} ms, the host's processes at most {most} more than before")  # fmt: skip
     assert meanwhile["dns"] < 2 and meanwhile["https"] < 2, meanwhile
-    assert most == 0
+    assert most < 50  # the exec's own ssh and shell, not one per connection
     assert control.pid(box.dir.path) is not None and control.child_pid(box.dir.path) is not None
 
 
