@@ -66,7 +66,12 @@ addr replace 10.0.2.15/24 dev $user
 link set $fenced up
 addr replace 10.0.3.15/24 dev $fenced
 route replace default via 10.0.3.1 dev $fenced
+route replace default via 10.0.2.2 dev $user table 100
+rule add from 10.0.2.15 lookup 100
 NET
+        # Replies on a forwarded connection leave the way it came in: user networking keeps the client's
+        # own address when it is not the host's loopback (a port bound to 0.0.0.0, reached from the LAN).
+        # Only replies: a connection the guest opens from 10.0.2.15 meets restrict=on and goes nowhere.
         # Every DNS query reaches the fence's resolver, whatever server it is sent to.
         echo "nameserver 10.0.3.1" > /etc/resolv.conf
         # The guest's containers go out through it too (Docker runs without iptables here).
