@@ -24,8 +24,8 @@ from vivarium import Sandbox, ssh
 from vivarium import config as cfg
 from vivarium.image.build import build_image, find_image
 from vivarium.image.recipe import Recipe
+from vivarium.ports import free_port
 from vivarium.run import run
-from vivarium.sandbox import free_port
 from vivarium.vm import accel
 
 ROUNDS = 2

@@ -28,7 +28,7 @@ from tests.fakenet import PUBLIC, FakeNet
 from vivarium import Sandbox
 from vivarium import config as cfg
 from vivarium.net import control
-from vivarium.sandbox import free_port
+from vivarium.ports import free_port
 
 SIZE = 200_000_000
 CONNECTIONS = 200

@@ -19,7 +19,7 @@ from pathlib import Path
 from bench.common import report
 from vivarium import Sandbox
 from vivarium import config as cfg
-from vivarium.sandbox import free_port
+from vivarium.ports import free_port
 
 SCRIPT = r"""
 import json, os, subprocess, sys, time

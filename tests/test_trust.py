@@ -23,7 +23,7 @@ def project(tmp_path: Path, text: str = '[vm]\nmemory = "2G"\n') -> Path:
 def test_an_untrusted_file_is_refused_in_one_line(tmp_path: Path) -> None:
     path = project(tmp_path)
     with pytest.raises(ConfigError) as e:
-        cfg.discover(None, tmp_path)
+        trust.discover(None, tmp_path)
     assert e.value.exit_code == 2 and "is not trusted" in e.value.message and "changed" not in e.value.message
     assert f"vivarium config trust {path}" in e.value.hint
 
@@ -31,10 +31,10 @@ def test_an_untrusted_file_is_refused_in_one_line(tmp_path: Path) -> None:
 def test_trusted_content_only(tmp_path: Path) -> None:
     path = project(tmp_path)
     trust.trust(path, path.read_bytes())
-    assert cfg.discover(None, tmp_path).vm.memory == 2 << 30
+    assert trust.discover(None, tmp_path).vm.memory == 2 << 30
     path.write_text('[vm]\nmemory = "3G"\n')  # one byte changed (by the guest, say)
     with pytest.raises(ConfigError, match="changed since you trusted it"):
-        cfg.discover(None, tmp_path)
+        trust.discover(None, tmp_path)
     diff = trust.changes(path, path.read_bytes())
     assert '-memory = "2G"' in diff and '+memory = "3G"' in diff
     assert (trust.store() / "x").parent.stat().st_mode & 0o077 == 0  # the user's own
@@ -42,10 +42,10 @@ def test_trusted_content_only(tmp_path: Path) -> None:
 
 def test_a_file_named_with_config_is_trusted_by_being_named(tmp_path: Path) -> None:
     path = project(tmp_path, "[vm]\ncpus = 1\n")
-    assert cfg.discover(path, Path("/")).vm.cpus == 1
+    assert trust.discover(path, Path("/")).vm.cpus == 1
     empty = tmp_path / "empty"
     empty.mkdir()
-    assert cfg.discover(None, empty).source is None  # no file: the defaults
+    assert trust.discover(None, empty).source is None  # no file: the defaults
 
 
 def test_trust_is_per_path(tmp_path: Path) -> None:
@@ -54,9 +54,9 @@ def test_trust_is_per_path(tmp_path: Path) -> None:
     b.mkdir()
     pa, pb = project(a), project(b)
     trust.trust(pa, pa.read_bytes())
-    assert cfg.discover(None, a).source == pa
+    assert trust.discover(None, a).source == pa
     with pytest.raises(ConfigError):  # the same content elsewhere was not trusted there
-        cfg.discover(None, b)
+        trust.discover(None, b)
     del pb
 
 

@@ -65,7 +65,7 @@ def _overrides(args: argparse.Namespace) -> dict[str, object]:
 
 def load_config(args: argparse.Namespace, *, vm: bool = True) -> cfg.Config:
     """The effective config (a ./vivarium.toml only when trusted); `vm`: this verb sizes a VM, so say what was clamped."""
-    config = cfg.discover(args.config, Path.cwd(), _overrides(args))
+    config = trust.discover(args.config, Path.cwd(), _overrides(args))
     for note in config.notes if vm else ():
         err.print(f"[yellow]note:[/] {escape(note)}")
     return config

@@ -468,22 +468,6 @@ def read_toml(path: Path) -> dict[str, Any]:
     return parse_toml(read_bytes(path), path)
 
 
-def discover(explicit: Path | None, cwd: Path, overrides: Mapping[str, object] | None = None) -> Config:
-    """The settings a command in `cwd` runs with: `explicit` (--config FILE: the user named it,
-    so it is trusted), else ./vivarium.toml, used only when the user trusted its exact content
-    (trust.py): a project directory is often shared with the guest, and root there can write it.
-    The bytes checked are the bytes parsed."""
-    path = find_config(explicit, cwd)
-    if path is None:
-        return load(None, overrides, cwd=cwd)
-    raw = read_bytes(path)
-    if explicit is None:
-        from vivarium import trust  # (trust reads Config)
-
-        trust.require(path, raw)
-    return load_data(parse_toml(raw, path), str(path), path.parent.resolve(), overrides, source=path)
-
-
 def load(
     path: Path | None = None,
     overrides: Mapping[str, object] | None = None,

@@ -11,14 +11,19 @@ from __future__ import annotations
 import base64
 import binascii
 import os
+import pwd
 import re
+import subprocess
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 import yaml
 
-from vivarium.errors import UsageError
+from vivarium import ssh
+from vivarium.errors import InstanceError, UsageError
 from vivarium.printable import printable
+from vivarium.run import find_program, run
 
 API_PORT = 45631
 KIND_CONFIG = "/etc/vivarium/kind.yaml"
@@ -116,3 +121,34 @@ def merge_into_file(path: Path, new: dict[str, Any]) -> None:
 
 def dump(config: dict[str, Any]) -> str:
     return yaml.safe_dump(config, sort_keys=False)
+
+
+class Exec(Protocol):
+    def __call__(self, command: Sequence[str], *, capture: bool = ..., timeout: float | None = ...) -> subprocess.CompletedProcess[str]: ...
+
+
+def kubeconfig(name: str, ports: Sequence[dict[str, Any]], exec_: Exec) -> dict[str, Any]:
+    """The Kind cluster's kubeconfig from the guest, checked and pointed at the host side of the API server's forward."""
+    fwd = next((p for p in ports if p["guest"] == API_PORT), None)
+    if fwd is None:
+        raise UsageError(f"no host port forwards to the Kind API server (guest port {API_PORT})",
+                         hint=f"vivarium port {name} add {API_PORT}:{API_PORT}")  # fmt: skip
+    r = exec_(["sh", "-c", "kind get kubeconfig 2>/dev/null || cat ~/.kube/config"], capture=True, timeout=120)
+    if r.returncode != 0 or not r.stdout.strip():
+        raise InstanceError(f"sandbox {name!r} has no Kind cluster yet",
+                            hint=f"vivarium exec {name} -- kind create cluster --config {KIND_CONFIG}")  # fmt: skip
+    return rewrite(r.stdout, name, fwd["host"], fwd["bind"])
+
+
+def docker_context(name: str, target: ssh.Target) -> str:
+    """A Docker context on the host that reaches the sandbox's daemon over SSH. Returns its name."""
+    docker = find_program("docker")
+    home = Path(pwd.getpwuid(os.getuid()).pw_dir)  # where ssh itself looks, whatever $HOME says
+    conf_dir = home / ".ssh" / "vivarium"
+    conf_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    (conf_dir / f"{name}.conf").write_text(target.config_block())
+    ssh.ensure_include(home / ".ssh" / "config", conf_dir)
+    context = f"vivarium-{name}"
+    subprocess.run([docker, "context", "rm", "-f", context], capture_output=True, check=False)
+    run([docker, "context", "create", context, "--description", f"vivarium sandbox {name}", "--docker", f"host=ssh://{target.alias}"])
+    return context

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 import sys
 import time
+from collections.abc import Callable
 from types import TracebackType
 
+from rich import progress as rich_progress
 from rich.console import Console
-from rich.progress import Progress, SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+from rich.progress import SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
+
+# What long work reports to: progress(phase, detail).
+Progress = Callable[[str, str], None]
+
+
+def quiet(phase: str, detail: str) -> None:
+    """The progress callback that shows nothing (the Python API's default)."""
 
 
 class PhaseDisplay:
@@ -23,12 +32,12 @@ class PhaseDisplay:
         self.live = console.is_terminal
         self.started = time.monotonic()
         self.phase = ""
-        self._progress: Progress | None = None
+        self._progress: rich_progress.Progress | None = None
         self._task: TaskID | None = None
 
     def __enter__(self) -> PhaseDisplay:
         if self.live:
-            self._progress = Progress(
+            self._progress = rich_progress.Progress(
                 SpinnerColumn(),
                 TextColumn("{task.description}"),
                 TimeElapsedColumn(),

@@ -16,20 +16,23 @@ import fcntl
 import hashlib
 import json
 import shutil
+import subprocess
 import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any, Protocol
 
 from vivarium import config as cfg
 from vivarium import state
 from vivarium.errors import InstanceError, VMError
+from vivarium.ports import free_port
 from vivarium.vm import channel
 from vivarium.vm.qemu import LAYOUT
 
 if TYPE_CHECKING:
     from vivarium.image.build import Image
-    from vivarium.sandbox import Progress
+    from vivarium.progress import Progress
 
 # Bump when what a template holds changes shape (files, guest setup); the
 # device layout (qemu.LAYOUT) is part of the key as well.
@@ -102,10 +105,21 @@ def prune() -> list[str]:
     return gone
 
 
-def make(image: Image, c: cfg.Config, accel: str, progress: Progress) -> Template:
-    """Boot a throwaway sandbox of this shape to ready, save it, keep only the saved state."""
-    from vivarium.sandbox import Sandbox, free_port  # the template is made by the machinery it feeds
+class Throwaway(Protocol):
+    """A sandbox made only to become a template (the machinery the template feeds makes it)."""
 
+    dir: state.InstanceDir
+
+    def exists(self) -> bool: ...
+    def up(self, *, progress: Progress, cold: bool) -> object: ...
+    def exec(self, command: Sequence[str], *, capture: bool = ..., timeout: float | None = ...) -> subprocess.CompletedProcess[str]: ...
+    def snapshot_save(self, tag: str) -> object: ...
+    def meta(self) -> dict[str, Any]: ...
+    def destroy(self) -> None: ...
+
+
+def make(image: Image, c: cfg.Config, accel: str, progress: Progress, sandbox: Callable[[str, cfg.Config], Throwaway]) -> Template:
+    """Boot a throwaway sandbox of this shape to ready, save it, keep only the saved state."""
     key = key_of(image, c, accel)
     final = templates_dir() / key
     final.parent.mkdir(parents=True, exist_ok=True)
@@ -115,7 +129,7 @@ def make(image: Image, c: cfg.Config, accel: str, progress: Progress) -> Templat
             return Template(final)
         tc = replace(c, share=(), forward=(cfg.Forward(free_port(), 22),), network=replace(c.network, mode="offline"))  # it never needs out
         name = f"tpl-{key[:12]}"
-        box = Sandbox(name, tc)
+        box = sandbox(name, tc)
         if box.exists():
             box.destroy()
         try:

@@ -15,6 +15,7 @@ from __future__ import annotations
 import difflib
 import hashlib
 import json
+from collections.abc import Mapping
 from pathlib import Path
 
 from vivarium import config as cfg
@@ -99,3 +100,17 @@ def reaching_out(config: cfg.Config) -> list[str]:
     if config.image.mirror:
         out.append(f"builds from the mirror {config.image.mirror}")
     return out
+
+
+def discover(explicit: Path | None, cwd: Path, overrides: Mapping[str, object] | None = None) -> cfg.Config:
+    """The settings a command in `cwd` runs with: `explicit` (--config FILE: the user named it,
+    so it is trusted), else ./vivarium.toml, used only when the user trusted its exact content
+    (trust.py): a project directory is often shared with the guest, and root there can write it.
+    The bytes checked are the bytes parsed."""
+    path = cfg.find_config(explicit, cwd)
+    if path is None:
+        return cfg.load(None, overrides, cwd=cwd)
+    raw = cfg.read_bytes(path)
+    if explicit is None:
+        require(path, raw)
+    return cfg.load_data(cfg.parse_toml(raw, path), str(path), path.parent.resolve(), overrides, source=path)

@@ -19,7 +19,7 @@ import pytest
 
 from vivarium import Sandbox
 from vivarium import config as cfg
-from vivarium.sandbox import free_port
+from vivarium.ports import free_port
 
 from ..fakenet import PUBLIC, FakeNet
 

@@ -24,7 +24,7 @@ import pytest
 from vivarium import Sandbox
 from vivarium import config as cfg
 from vivarium.net import control
-from vivarium.sandbox import free_port
+from vivarium.ports import free_port
 
 from ..fakenet import LAN, METADATA, OTHER, PUBLIC, FakeNet, LoopbackServer
 from .conftest import vv

@@ -21,7 +21,7 @@ import pytest
 import yaml
 
 from vivarium import Sandbox
-from vivarium.sandbox import free_port
+from vivarium.ports import free_port
 
 from ..fakenet import LAN
 from .conftest import PROTECTED, vv

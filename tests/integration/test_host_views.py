@@ -12,7 +12,7 @@ import pytest
 import yaml
 
 from vivarium import Sandbox
-from vivarium.sandbox import free_port
+from vivarium.ports import free_port
 
 from .conftest import vv
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from vivarium import Sandbox
-from vivarium.sandbox import free_port
+from vivarium.ports import free_port
 
 from .conftest import vv, write_config
 

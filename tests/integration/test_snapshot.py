@@ -12,7 +12,7 @@ import pytest
 from vivarium import Sandbox
 from vivarium import config as cfg
 from vivarium.errors import UsageError
-from vivarium.sandbox import free_port
+from vivarium.ports import free_port
 
 from ..fakenet import PUBLIC, FakeNet
 from .conftest import vv, write_config

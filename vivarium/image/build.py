@@ -23,7 +23,7 @@ import time
 import urllib.error
 import urllib.request
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -35,6 +35,7 @@ from vivarium.errors import BuildError, DownloadError, InstanceError
 from vivarium.guest import CUSTOMIZE, EARLY, FINAL_HOSTS, FINAL_RESOLV, ROOTFS
 from vivarium.image.initrd import make_initrd
 from vivarium.image.recipe import Recipe
+from vivarium.progress import Progress, quiet
 from vivarium.run import find_program, run, spawn
 
 log = logging.getLogger("vivarium.build")
@@ -42,11 +43,6 @@ log = logging.getLogger("vivarium.build")
 HOST_CA = Path("/etc/ssl/certs/ca-certificates.crt")
 
 # Report a phase name and a detail line. The CLI draws it; tests collect it.
-Progress = Callable[[str, str], None]
-
-
-def _quiet(phase: str, detail: str) -> None:
-    pass
 
 
 @dataclass(frozen=True)
@@ -109,7 +105,7 @@ def userns_prefix() -> list[str]:
     return ["mmdebstrap", "--unshare-helper"] if rootless() else []
 
 
-def build_image(recipe: Recipe, *, force: bool = False, progress: Progress = _quiet) -> tuple[Image, bool]:
+def build_image(recipe: Recipe, *, force: bool = False, progress: Progress = quiet) -> tuple[Image, bool]:
     """The image for `recipe`, built unless cached. Returns (image, was_built)."""
     key = recipe.key()
     root = state.images_dir()

@@ -1,4 +1,4 @@
-"""`python -m vivarium.net --dir INSTANCE_DIR`: the egress gateway (see gateway.py);
+"""`python -m vivarium.net --dir INSTANCE_DIR`: the egress gateway (see gateway.py, supervisor.py);
 `python -m vivarium.net netns --dir INSTANCE_DIR ...`: the holder of a sandbox's network namespace (netns.py)."""
 
 import sys
@@ -8,6 +8,6 @@ if sys.argv[1:2] == ["netns"]:
 
     sys.exit(netns.main(sys.argv[2:]))
 else:
-    from vivarium.net import gateway
+    from vivarium.net import supervisor
 
-    sys.exit(gateway.main())
+    sys.exit(supervisor.main())

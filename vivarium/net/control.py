@@ -25,6 +25,7 @@ import dns.message
 import dns.rdatatype
 
 from vivarium.errors import VMError
+from vivarium.net import dns as dns_
 from vivarium.net import gateway
 from vivarium.net.policy import AllowRule, Decision, Policy, unwrap
 from vivarium.net.routes import Router
@@ -85,10 +86,10 @@ def policy_of(directory: Path) -> gateway.Settings:
     return gateway.Settings.load(directory / gateway.POLICY)
 
 
-def pid(directory: Path) -> int | None:
+def pid(directory: Path, pidfile: str = gateway.PIDFILE) -> int | None:
     """The supervisor's pid, if it is running (and is ours)."""
     try:
-        value = int((directory / gateway.PIDFILE).read_text().strip())
+        value = int((directory / pidfile).read_text().strip())
         cmdline = Path(f"/proc/{value}/cmdline").read_bytes().split(b"\0")
     except (OSError, ValueError):
         return None
@@ -114,7 +115,6 @@ def launch(directory: Path, qemu_pidfile: Path) -> subprocess.Popen[bytes]:
     """Start the gateway without waiting for it (`wait_started` does): the caller starts QEMU meanwhile."""
     stop(directory)
     err = (directory / "gateway.err").open("ab")
-    (directory / gateway.PIDFILE).unlink(missing_ok=True)
     try:
         return subprocess.Popen(
             [sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--qemu-pidfile", str(qemu_pidfile)],
@@ -153,8 +153,8 @@ def wait_started(directory: Path, proc: subprocess.Popen[bytes]) -> int:
 
 
 def stop(directory: Path) -> None:
-    """Stop the gateway: its supervisor, and a serving process left without one (its supervisor killed)."""
-    value = pid(directory)
+    """Stop the gateway: its supervisor (one just launched too), and a serving process left without one."""
+    value = pid(directory) or pid(directory, gateway.LAUNCHED)
     orphan = child_pid(directory) if value is None else None
     if orphan is not None:
         with contextlib.suppress(ProcessLookupError):
@@ -166,8 +166,8 @@ def stop(directory: Path) -> None:
             time.sleep(0.02)
         if _alive(value):
             os.kill(value, signal.SIGKILL)
-    (directory / gateway.PIDFILE).unlink(missing_ok=True)
-    (directory / gateway.SERVING).unlink(missing_ok=True)
+    for name in (gateway.PIDFILE, gateway.LAUNCHED, gateway.SERVING):
+        (directory / name).unlink(missing_ok=True)
 
 
 def _alive(value: int) -> bool:
@@ -221,12 +221,12 @@ def check(directory: Path, host: str, port: int) -> list[tuple[str, str, Decisio
     verdict = policy.name_verdict(host)
     if not verdict.allow:
         return [("", host, verdict)]
-    resolver = gateway.Resolver(settings.dns_upstream)
+    resolver = dns_.Resolver(settings.dns_upstream)
     out: list[tuple[str, str, Decision]] = []
     for rdtype in (dns.rdatatype.A, dns.rdatatype.AAAA):
         query = dns.message.make_query(host, rdtype)
         reply = asyncio.run(resolver.answer(query, query.to_wire()))
-        ips = gateway.answer_ips(reply)
+        ips = dns_.answer_ips(reply)
         for ip in ips:
             out.append((str(ip), host, policy.decide(ip, port, host, ips, router.reach(unwrap(ip)))))
     if not out:

@@ -1,0 +1,97 @@
+"""A launch that fails part way leaves nothing behind: no namespace holder, no gateway, no socket, and the
+instance marked stopped. Real processes: the namespace and the gateway start for real; QEMU is a stand-in
+on PATH that fails the way a real one does (a message on stderr, exit 1), or dies once it has started."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vivarium import config as cfg
+from vivarium import launch, ports, ssh, state
+from vivarium.errors import VMError
+from vivarium.image.build import Image
+from vivarium.net import control, netns
+
+
+@pytest.fixture
+def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[launch.Launch, dict[str, object]]]:
+    home = Path(tempfile.mkdtemp(prefix="vvl", dir="/tmp"))  # short: unix socket paths live in it
+    monkeypatch.setenv("VIVARIUM_HOME", str(home))
+    monkeypatch.setenv("VIVARIUM_ACCEL", "tcg")
+    d = state.InstanceDir.of("failing")
+    d.path.mkdir(parents=True)
+    ssh.make_keys(d.key, d.host_key, d.known_hosts, "failing")
+    image = Image("k", tmp_path / "image", {"agents": {}})
+    image.path.mkdir()
+    for f in (image.disk, image.kernel, image.initrd):
+        f.write_bytes(b"")
+    c = cfg.load_data({"share": [], "forward": [{"host": ports.free_port(), "guest": 22}]}, "test", tmp_path)
+    meta: dict[str, object] = {"name": "failing", "user": "agent", "disk": 1 << 30}
+    d.write_meta(meta)
+    yield launch.Launch("failing", d, c, image, True, lambda phase, detail: None), meta
+    control.stop(d.path)
+    netns.stop(d.path)
+    for line in processes_of(d):  # what a failing test left: ours, by pid
+        os.kill(int(line.split(":")[0]), signal.SIGKILL)
+    shutil.rmtree(home, ignore_errors=True)
+
+
+def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    (bin_dir / "qemu-system-x86_64").write_text("#!/bin/sh\n" + script)
+    (bin_dir / "qemu-system-x86_64").chmod(0o755)
+    (bin_dir / "qemu-img").symlink_to("/bin/true")
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+
+
+def processes_of(d: state.InstanceDir) -> list[str]:
+    """Every process on this host whose command line names the instance's directory."""
+    out = []
+    for cmdline in Path("/proc").glob("[0-9]*/cmdline"):
+        try:
+            text = cmdline.read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        if str(d.path) in text:
+            out.append(f"{cmdline.parent.name}: {text[:120]}")
+    return out
+
+
+def assert_nothing_left(how: launch.Launch, meta: dict[str, object]) -> None:
+    d = how.dir
+    time.sleep(1)  # a helper that was left running would have written its pid file by now
+    assert processes_of(d) == []
+    assert netns.pid(d.path) is None and control.pid(d.path) is None and control.child_pid(d.path) is None
+    left = sorted(p.name for p in d.path.iterdir() if p.is_socket())
+    assert left == []
+    assert how.dir.read_meta()["running"] is False and meta["running"] is False
+
+
+def test_qemu_refusing_to_start_unwinds_the_namespace_and_the_gateway(
+    box: tuple[launch.Launch, dict[str, object]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    how, meta = box
+    fake_qemu(tmp_path, monkeypatch, 'echo "qemu-system-x86_64: -netdev tap: no such device" >&2; exit 1\n')
+    with pytest.raises(VMError, match="QEMU did not start: -netdev tap: no such device"):
+        launch.start(how, meta, auto_ports=True, timeout=5)
+    assert_nothing_left(how, meta)
+
+
+def test_a_guest_that_never_gets_ready_unwinds_everything(
+    box: tuple[launch.Launch, dict[str, object]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    how, meta = box
+    # "starts", writes its pid file, then is gone: the launch sees QEMU exit while booting
+    fake_qemu(tmp_path, monkeypatch, 'for a; do case "$prev" in -pidfile) echo $$ > "$a";; esac; prev=$a; done\nexit 0\n')
+    with pytest.raises(VMError, match=r"QEMU started but exited at once|QEMU exited while"):
+        launch.start(how, meta, auto_ports=True, timeout=5)
+    assert_nothing_left(how, meta)

@@ -1,0 +1,93 @@
+"""An instance on disk: its directory, its disks (overlays on an image's or a template's), its keys,
+the settings it was made with (frozen), and stopping what runs for it."""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+
+from vivarium import config as cfg
+from vivarium import ssh, state
+from vivarium import template as template_mod
+from vivarium.errors import InstanceError
+from vivarium.image.build import Image
+from vivarium.net import control as fence
+from vivarium.net import netns
+from vivarium.run import run
+from vivarium.vm import machine
+
+FROZEN_VERSION = 1
+
+
+def frozen_config(d: state.InstanceDir) -> cfg.Config | None:
+    """The settings the sandbox was made (or last reset) with, if it has any."""
+    try:
+        data = json.loads(d.frozen.read_text())
+    except FileNotFoundError:
+        return None
+    except ValueError:
+        raise InstanceError(f"the saved settings of sandbox {d.name!r} are damaged ({d.frozen})",
+                            hint=f"`vivarium destroy {d.name}` and make it again") from None  # fmt: skip
+    if not isinstance(data, dict) or data.get("version") != FROZEN_VERSION or not isinstance(data.get("settings"), dict):
+        raise InstanceError(f"the saved settings of sandbox {d.name!r} are of another vivarium version",
+                            hint=f"`vivarium destroy {d.name}` and make it again")  # fmt: skip
+    source = Path(data["source"]) if data.get("source") else None
+    return cfg.load_data(data["settings"], f"sandbox {d.name!r}'s saved settings", Path("/"), source=source)
+
+
+def freeze(d: state.InstanceDir, c: cfg.Config) -> None:
+    data = {"version": FROZEN_VERSION, "source": str(c.source) if c.source else None, "settings": cfg.to_dict(c)}
+    state.write_atomic(d.frozen, json.dumps(data, indent=1) + "\n", 0o600)
+
+
+def create(d: state.InstanceDir, c: cfg.Config, image: Image, tpl: template_mod.Template | None, *, cold: bool = False) -> None:
+    """A new instance: overlay disks on the base (or on a template's), keys. Milliseconds."""
+    d.path.mkdir(parents=True, exist_ok=True)
+    os.chmod(d.path, 0o700)
+    new_disks(d, image, c.vm.disk, c.vm.swap, tpl)
+    ssh.make_keys(d.key, d.host_key, d.known_hosts, f"vivarium-{d.name}")
+    freeze(d, c)
+    d.write_meta({
+        "name": d.name,
+        "created": time.time(),
+        "image": image.key,
+        "build_id": image.build_id,
+        "user": c.vm.user,
+        "template": tpl.path.name if tpl else None,
+        "pristine": True,  # until its first start: then a template's copy has become itself
+        "cold": cold,  # --cold: a reset boots it cold again
+        "disk": c.vm.disk,
+        "swap": c.vm.swap,
+        "running": False,
+    })  # fmt: skip
+
+
+def new_disks(d: state.InstanceDir, image: Image, disk: int, swap: int, tpl: template_mod.Template | None = None) -> None:
+    """Overlays on the image's disk (a fresh swap), or on a template's disks."""
+    for path in (d.disk, d.swap):
+        path.unlink(missing_ok=True)
+    if tpl is not None:
+        for ours, theirs in ((d.disk, tpl.disk), (d.swap, tpl.swap)):
+            run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", theirs, ours])
+        return
+    run(["qemu-img", "create", "-q", "-f", "qcow2", "-F", "qcow2", "-b", image.disk, d.disk, str(disk)])
+    run(["qemu-img", "create", "-q", "-f", "qcow2", d.swap, str(swap)])
+
+
+def stop(d: state.InstanceDir, timeout: float = 30.0) -> str:
+    """Stop its QEMU (politely, then not), its gateway and its network namespace; how it went, in words."""
+    with d.lock():
+        meta = d.read_meta()
+        pid = machine.read_pid(d.pidfile, d.name)
+        how = "was not running"
+        if pid is not None:
+            how = machine.stop(pid, d.name, d.qmp, timeout)
+        meta["running"] = False
+        d.write_meta(meta)
+        fence.stop(d.path)
+        netns.stop(d.path)
+        d.qmp.unlink(missing_ok=True)
+        d.pidfile.unlink(missing_ok=True)
+        return how

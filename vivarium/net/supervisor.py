@@ -1,0 +1,133 @@
+"""The gateway's processes: a supervisor that keeps one serving process alive for as long as
+QEMU runs, and the serving process itself (gateway.Gateway), which never outlives it."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import resource
+import select
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from vivarium.errors import VMError
+from vivarium.net.gateway import CHILD_PIDFILE, LAUNCHED, NO_NAMESPACE, PIDFILE, SERVING, Gateway
+
+
+def serve(directory: Path, supervisor: int | None = None) -> None:
+    signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop handles it: a reload must never kill us
+    if supervisor is not None:
+        # Never serve unsupervised: when the supervisor dies (killed), so does this process, at once
+        # (egress fails closed until `vivarium up` starts a gateway again).
+        watch = os.pidfd_open(supervisor)
+        if os.getppid() != supervisor:
+            sys.exit(1)
+        threading.Thread(target=_exit_with, args=(watch,), daemon=True).start()
+    # two descriptors per relayed connection: take what the hard limit allows
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    with contextlib.suppress(ValueError, OSError):
+        resource.setrlimit(resource.RLIMIT_NOFILE, (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536), hard))
+    try:
+        asyncio.run(Gateway(directory).serve())
+    except VMError as e:  # the sandbox's namespace is gone: no restart can help
+        print(f"gateway: {e}", file=sys.stderr, flush=True)
+        sys.exit(NO_NAMESPACE)
+
+
+def _exit_with(pidfd: int) -> None:
+    select.select([pidfd], [], [])
+    print("gateway: the supervisor is gone; the serving process stops", file=sys.stderr, flush=True)
+    os._exit(1)
+
+
+def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
+    """Keep a serving child alive until told to stop or until QEMU is gone."""
+    child: subprocess.Popen[bytes] | None = None
+    stopping = False
+
+    def stop(signum: int, frame: object) -> None:
+        nonlocal stopping
+        stopping = True
+
+    def reload(signum: int, frame: object) -> None:
+        if child is not None and child.poll() is None:
+            child.send_signal(signal.SIGHUP)
+
+    signal.signal(signal.SIGTERM, stop)
+    signal.signal(signal.SIGINT, stop)
+    signal.signal(signal.SIGHUP, reload)
+    (directory / PIDFILE).write_text(f"{os.getpid()}\n")  # only now: signals are handled
+    qemu: int | None = None  # a pidfd: QEMU's exit, without mistaking a later process for it
+    restarts = 0
+    try:
+        while not stopping:
+            if child is None or child.poll() is not None:
+                if child is not None and child.returncode == NO_NAMESPACE:
+                    break
+                if child is not None:
+                    restarts += 1
+                    print(f"gateway: serving process exited ({child.returncode}); restart {restarts}", file=sys.stderr, flush=True)
+                    time.sleep(min(2.0, 0.1 * restarts))
+                (directory / SERVING).unlink(missing_ok=True)
+                child = subprocess.Popen([sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--serve",
+                                          "--supervisor", str(os.getpid())])  # fmt: skip
+                (directory / CHILD_PIDFILE).write_text(f"{child.pid}\n")
+            if qemu is None and qemu_pidfile is not None and _pid_alive(qemu_pidfile):
+                with contextlib.suppress(OSError, ValueError):
+                    qemu = os.pidfd_open(int(qemu_pidfile.read_text().strip()))
+            if qemu is not None and select.select([qemu], [], [], 0)[0]:
+                break  # QEMU is gone
+            time.sleep(0.1)
+    finally:
+        if child is not None and child.poll() is None:
+            child.terminate()
+            try:
+                child.wait(5)
+            except subprocess.TimeoutExpired:
+                child.kill()
+        # Only while the sandbox is still ours: a gateway started since (its pid in PIDFILE) serves now,
+        # and unlinking its mark would make the start that made it wait for ever (an `up` right after QEMU died).
+        with contextlib.suppress(OSError, ValueError):
+            if int((directory / PIDFILE).read_text().strip()) == os.getpid():
+                (directory / SERVING).unlink(missing_ok=True)
+    return 0
+
+
+def _pid_alive(pidfile: Path) -> bool:
+    """Is the process in `pidfile` running? One that is exiting or a zombie is not: a QEMU killed with a
+    large guest takes a while to die, and a gateway started for the next QEMU must not see it as its own
+    (it would exit the moment that one was gone, before the new QEMU wrote its pid)."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        stat = Path(f"/proc/{pid}/stat").read_text()
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return bool(cmdline) and stat.rpartition(")")[2].split()[0] not in ("Z", "X")
+
+
+def main(argv: list[str] | None = None) -> int:
+    ap = argparse.ArgumentParser(prog="vivarium-gateway")
+    ap.add_argument("--dir", type=Path, required=True)
+    ap.add_argument("--serve", action="store_true", help="serve (the child); otherwise supervise")
+    ap.add_argument("--qemu-pidfile", type=Path)
+    ap.add_argument("--supervisor", type=int, help="(the child) the supervisor's pid: serve only while it lives")
+    args = ap.parse_args(argv)
+    if args.serve:
+        serve(args.dir, args.supervisor)
+        return 0
+    # Detach: whoever started us (a CLI that exits, or a long-lived program using
+    # the Python API) must not have to reap the supervisor.
+    child = os.fork()
+    if child:
+        # Named before this half exits, so that a start that fails at once can stop the supervisor
+        # even before it has written its own pid file (and it would otherwise wait for a QEMU for ever).
+        (args.dir / LAUNCHED).write_text(f"{child}\n")
+        os._exit(0)
+    return supervise(args.dir, args.qemu_pidfile)

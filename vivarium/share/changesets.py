@@ -1,0 +1,134 @@
+"""Review mode's change sets on the host: what `diff` showed, recorded under an id; what `apply` takes.
+
+The guest's files are read through GuestFiles (the sandbox gives one that reads over SSH);
+everything the guest says is checked by review.py before anything on the host is touched.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+from vivarium import state
+from vivarium.errors import InstanceError, UsageError
+from vivarium.printable import printable
+from vivarium.share import review
+
+
+class GuestFiles(Protocol):
+    def scan(self, share: dict[str, Any]) -> object:
+        """The guest's (untrusted) account of what changed in a review share."""
+
+    def fetch(self, share: dict[str, Any], rel: str) -> bytes:
+        """A changed file's content, as the guest has it now."""
+
+
+def review_shares(name: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
+    shares = [sh for sh in meta.get("shares", []) if sh.get("mode") == "review"]
+    if not shares:
+        raise UsageError(f"sandbox {name!r} has no share in review mode", hint='set mode = "review" on a [[share]] in vivarium.toml')
+    return shares
+
+
+def diff(d: state.InstanceDir, files: GuestFiles, shares: Sequence[dict[str, Any]], *, patch: bool = False) -> list[dict[str, Any]]:
+    """What the guest changed in each review share: [{share, guest, id, changes: [...], skipped: [...], patch?}].
+
+    The change set is recorded under its id: `apply` takes exactly it (the last one, or the one named)."""
+    out = []
+    record: dict[str, dict[str, Any]] = {}
+    for share in shares:
+        host = Path(share["host"])
+        found = review.changes(host, files.scan(share))
+        changes = [c.to_dict() for c in found.changes]
+        record[share["host"]] = {"tag": share["tag"], "changes": changes, "skipped": found.skipped}
+        item: dict[str, Any] = {"share": share["host"], "guest": share["guest"], "changes": changes, "skipped": found.skipped}
+        if patch:
+            text = []
+            for c in found.changes:
+                if c.what != "file":
+                    continue
+                old = review.read_host(host, c.path) if c.kind != "added" else None
+                new = files.fetch(share, c.path) if c.kind != "deleted" else None
+                text.append(review.unified(printable(c.path), old, new))
+            item["patch"] = "".join(text)
+        out.append(item)
+    set_id = review.set_id(record)
+    where = d.path / "reviewed"
+    where.mkdir(mode=0o700, exist_ok=True)
+    state.write_atomic(where / f"{set_id}.json", json.dumps({"id": set_id, "shares": record}), 0o600)
+    state.write_atomic(where / "last", set_id + "\n", 0o600)
+    for item in out:
+        item["id"] = set_id
+    return out
+
+
+def reviewed(d: state.InstanceDir, set_id: str | None) -> dict[str, Any]:
+    where = d.path / "reviewed"
+    if set_id is None:
+        try:
+            set_id = (where / "last").read_text().strip()
+        except FileNotFoundError:
+            raise UsageError(f"nothing of sandbox {d.name!r} was reviewed yet: apply takes the changes a diff showed",
+                             hint=f"vivarium diff {d.name}") from None  # fmt: skip
+    if not re.fullmatch(r"[0-9a-f]{12}", set_id) or not (where / f"{set_id}.json").exists():
+        raise UsageError(f"sandbox {d.name!r} has no reviewed change set {set_id!r}", hint=f"vivarium diff {d.name}")
+    data: dict[str, Any] = json.loads((where / f"{set_id}.json").read_text())
+    return data
+
+
+def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[dict[str, Any]], paths: Sequence[str] = (),
+          set_id: str | None = None) -> list[tuple[str, review.ApplyResult, list[dict[str, str]]]]:  # fmt: skip
+    """Copy the reviewed changes (all, or those at or under `paths`) to the host: exactly what `diff` showed
+    (the last one, or `set_id`), or nothing when the guest changed any of it since. Host-changed paths are left alone.
+    Returns (share, result, skipped) per share."""
+    record = reviewed(d, set_id)
+    wanted = [os.path.normpath(os.path.abspath(p)) for p in paths]
+    plans = []
+    for share in shares:
+        host = Path(share["host"])
+        rec = record["shares"].get(share["host"])
+        if rec is None:
+            continue
+        rels: list[str] | None = None
+        if wanted:
+            rels = [os.path.relpath(w, host) for w in wanted if w == str(host) or w.startswith(str(host).rstrip("/") + "/")]
+            if not rels:
+                continue
+        chosen = review.select((review.Change.from_dict(c) for c in rec["changes"]), rels)
+        skipped = [s for s in rec["skipped"] if review.under(s["path"], rels)]
+        plans.append((share, host, chosen, skipped))
+    # The guest as it is now must still hold what was reviewed, byte for byte: fetch and check all before writing any.
+    fetched: dict[str, dict[str, bytes]] = {}  # share → path → content
+    moved: list[str] = []
+    for share, host, chosen, _ in plans:
+        content = fetched.setdefault(share["host"], {})
+        if not chosen:
+            continue
+        now = {c.path: c for c in review.changes(host, files.scan(share)).changes}
+        for c in chosen:
+            if now.get(c.path) not in (c, None):
+                moved.append(f"{host}/{c.path}")
+            elif c.what == "file" and c.kind != "deleted":
+                content[c.path] = files.fetch(share, c.path)
+                if hashlib.sha256(content[c.path]).hexdigest() != c.sha256:
+                    moved.append(f"{host}/{c.path}")
+    if moved:
+        raise InstanceError(f"sandbox {d.name!r} changed {', '.join(printable(m) for m in moved[:5])}"
+                            f"{' and more' if len(moved) > 5 else ''} since the diff you reviewed; nothing was applied",
+                            hint=f"`vivarium diff {d.name}` again, then apply what it shows")  # fmt: skip
+    results = []
+    for share, host, chosen, skipped in plans:
+        snap_path = d.path / f"review-{share['tag']}.json"
+        snap = review.load_snapshot(snap_path)
+        st = host.stat()
+        owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
+        with d.lock():
+            result = review.apply(host, chosen, snap, fetched[share["host"]], owner)
+            review.save_snapshot(snap_path, snap)
+        results.append((share["host"], result, skipped))
+    return results
