@@ -13,6 +13,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -92,182 +93,6 @@ def sandbox_for(args: argparse.Namespace) -> Sandbox:
         err.print(f"[yellow]note:[/] sandbox {args.name!r} keeps the settings it was made with; {escape(str(what))} differ "
                   f"(`vivarium destroy {args.name}` and `up` again to take them)")  # fmt: skip
     return box
-
-
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="vivarium", description="Disposable, network-fenced Debian VMs for AI coding agents.")
-    p.add_argument("--config", type=Path, metavar="FILE", help="settings file (default: ./vivarium.toml)")
-    p.add_argument("--debug", action="store_true", help="log every command run; tracebacks on errors")
-    verbs = p.add_subparsers(dest="verb", metavar="VERB", required=True)
-
-    b = verbs.add_parser("build", help="build the guest image (cached by its recipe)")
-    b.add_argument("--force", action="store_true", help="rebuild even if the image is cached")
-    _add_setting_flags(b)
-    b.set_defaults(func=cmd_build)
-
-    c = verbs.add_parser("config", help="show the effective settings; trust a project's vivarium.toml")
-    csub = c.add_subparsers(dest="config_verb", metavar="show|trust", required=True)
-    cs = csub.add_parser("show", help="print the effective settings")
-    cs.add_argument("--json", action="store_true")
-    _add_setting_flags(cs)
-    cs.set_defaults(func=cmd_config_show)
-    ct = csub.add_parser("trust", help="trust this vivarium.toml as it is now (a changed file must be trusted again)")
-    ct.add_argument("file", nargs="?", type=Path, metavar="FILE", help="default: ./vivarium.toml")
-    ct.add_argument("--show", action="store_true", help="only show what changed since the trusted version, and what it reaches")
-    ct.set_defaults(func=cmd_config_trust)
-
-    d = verbs.add_parser("doctor", help="check what this host has and what is missing")
-    d.add_argument("--json", action="store_true")
-    d.set_defaults(func=cmd_doctor)
-
-    _sandbox_verbs(verbs)
-    return p
-
-
-def _name(p: argparse.ArgumentParser, optional: bool = True) -> None:
-    if optional:
-        p.add_argument("name", nargs="?", default="default", help="sandbox name (default: default)")
-    else:
-        p.add_argument("name", help="sandbox name")
-
-
-def _sandbox_verbs(verbs: Any) -> None:
-    u = verbs.add_parser("up", help="build if needed, create if needed, boot, wait for SSH")
-    _name(u)
-    u.add_argument("--auto-ports", action="store_true", help="pick free host ports where the configured ones are busy")
-    u.add_argument("--cold", action="store_true", help="boot a new sandbox instead of restoring the ready template")
-    u.add_argument("--timeout", type=float, metavar="SECONDS", help="how long to wait for SSH (default 180 with KVM, 600 with TCG)")
-    _add_setting_flags(u)
-    u.set_defaults(func=cmd_up)
-
-    s = verbs.add_parser("ssh", help="open a shell (or run CMD) in the sandbox over SSH", usage="vivarium ssh [NAME] [-- CMD...]")
-    _name(s)
-    s.set_defaults(func=cmd_ssh, command=[])
-
-    e = verbs.add_parser(
-        "exec",
-        help="run CMD in the sandbox, in this directory where a share holds it; exits with its exit code",
-        usage="vivarium exec [NAME] -- CMD...",
-    )
-    _name(e)
-    e.set_defaults(func=cmd_exec, command=[])
-
-    sc = verbs.add_parser("ssh-config", help="print a Host block for ~/.ssh/config")
-    _name(sc)
-    sc.set_defaults(func=cmd_ssh_config)
-
-    ls = verbs.add_parser("ls", help="list sandboxes")
-    ls.add_argument("--json", action="store_true")
-    ls.set_defaults(func=cmd_ls)
-
-    st = verbs.add_parser("status", help="state, pid, accelerator, ports, image, uptime")
-    _name(st)
-    st.add_argument("--json", action="store_true")
-    st.set_defaults(func=cmd_status)
-
-    lg = verbs.add_parser("logs", help="the serial console log")
-    _name(lg)
-    lg.add_argument("-f", "--follow", action="store_true")
-    lg.set_defaults(func=cmd_logs)
-
-    sp = verbs.add_parser("stop", help="power off (ACPI), kill after a timeout")
-    _name(sp)
-    sp.add_argument("--timeout", type=float, default=30.0, metavar="SECONDS")
-    sp.set_defaults(func=cmd_stop)
-
-    d = verbs.add_parser("destroy", help="stop and delete the sandbox and its disk")
-    _name(d)
-    d.set_defaults(func=cmd_destroy)
-
-    r = verbs.add_parser("reset", help="back to clean: a new copy of the ready template (or of the image); restarts it if it ran")
-    _name(r)
-    r.add_argument("--timeout", type=float, metavar="SECONDS")
-    r.set_defaults(func=cmd_reset)
-
-    rn = verbs.add_parser(
-        "run",
-        help="run CMD (an agent) in a tmux session in the sandbox; up first if needed",
-        usage="vivarium run [NAME] [--env VAR]... [-d] [--session S] -- CMD...",
-    )
-    _name(rn)
-    rn.add_argument("--env", action="append", default=[], metavar="VAR", help="copy this host variable into CMD's environment only")
-    rn.add_argument("-d", "--detach", action="store_true", help="leave it running in the background")
-    rn.add_argument("--session", help="session name (default: the command's name)")
-    _add_setting_flags(rn)
-    rn.set_defaults(func=cmd_run, command=[])
-
-    at = verbs.add_parser("attach", help="reattach to a session started by `run`")
-    _name(at, optional=False)
-    at.add_argument("session", nargs="?")
-    at.set_defaults(func=cmd_attach)
-
-    se = verbs.add_parser("sessions", help="list the sandbox's sessions")
-    _name(se)
-    se.add_argument("--json", action="store_true")
-    se.set_defaults(func=cmd_sessions)
-
-    pt = verbs.add_parser("port", help="add, remove or list forwarded ports at runtime")
-    _name(pt, optional=False)
-    psub = pt.add_subparsers(dest="port_verb", metavar="add|rm|ls", required=True)
-    pa = psub.add_parser("add", help="forward HOST:GUEST (bound to 127.0.0.1 unless --bind)")
-    pa.add_argument("spec", metavar="HOST:GUEST")
-    pa.add_argument("--bind", default="127.0.0.1")
-    pr = psub.add_parser("rm", help="remove the forward on host port HOST")
-    pr.add_argument("host", type=int, metavar="HOST")
-    pl = psub.add_parser("ls", help="list forwards")
-    pl.add_argument("--json", action="store_true")
-    pt.set_defaults(func=cmd_port)
-
-    df = verbs.add_parser("diff", help="what the sandbox changed in its review-mode shares")
-    _name(df)
-    df.add_argument("--patch", action="store_true", help="a unified diff of text files")
-    df.add_argument("--json", action="store_true")
-    df.set_defaults(func=cmd_diff)
-
-    ap = verbs.add_parser("apply", help="copy the changes the last `diff` showed (review-mode shares) to the host")
-    _name(ap, optional=False)
-    ap.add_argument("paths", nargs="*", metavar="PATH", help="only changes at or under these host paths (default: all)")
-    ap.add_argument("--id", metavar="ID", help="the change set a diff printed (default: the last diff)")
-    ap.set_defaults(func=cmd_apply)
-
-    sn = verbs.add_parser("snapshot", help="save and restore a running sandbox's memory and disks")
-    _name(sn, optional=False)
-    ssub = sn.add_subparsers(dest="snapshot_verb", metavar="save|restore|ls|rm", required=True)
-    ss = ssub.add_parser("save", help="save it as TAG (default: a timestamp); it keeps running")
-    ss.add_argument("tag", nargs="?")
-    sr = ssub.add_parser("restore", help="go back to TAG: memory and disks, where it left off")
-    sr.add_argument("tag")
-    sl = ssub.add_parser("ls", help="list snapshots")
-    sl.add_argument("--json", action="store_true")
-    sd = ssub.add_parser("rm", help="delete snapshot TAG")
-    sd.add_argument("tag")
-    sn.set_defaults(func=cmd_snapshot)
-
-    kc = verbs.add_parser("kubeconfig", help="a kubeconfig for the sandbox's Kind cluster, through the forwarded API port")
-    _name(kc)
-    kc.add_argument("--merge", action="store_true", help="merge it into ~/.kube/config as context vivarium-NAME")
-    kc.set_defaults(func=cmd_kubeconfig)
-
-    dc = verbs.add_parser("docker-context", help="a Docker context on this host for the sandbox's daemon (over SSH)")
-    _name(dc)
-    dc.set_defaults(func=cmd_docker_context)
-
-    eg = verbs.add_parser("egress", help="the network fence: its log, live allow/deny, what a destination would meet")
-    esub = eg.add_subparsers(dest="egress_verb", metavar="log|allow|deny|check", required=True)
-    el = esub.add_parser("log", help="every connection and DNS query the sandbox made, with the decision and its rule")
-    _name(el, optional=False)
-    el.add_argument("--json", action="store_true", help="the raw JSON lines")
-    el.add_argument("-f", "--follow", action="store_true", help="keep printing new entries")
-    el.add_argument("--denied", action="store_true", help="only denials")
-    for verb, what in (("allow", "allow a domain now (allowlist mode), no reboot"), ("deny", "deny a domain now, in any mode")):
-        ea = esub.add_parser(verb, help=what)
-        _name(ea, optional=False)
-        ea.add_argument("domain", metavar="DOMAIN", help='e.g. pypi.org, "*.github.com", example.com:443')
-    ec = esub.add_parser("check", help="what a connection to HOST[:PORT] would meet, and which rule decides")
-    _name(ec, optional=False)
-    ec.add_argument("target", metavar="HOST[:PORT]")
-    ec.add_argument("--json", action="store_true")
-    eg.set_defaults(func=cmd_egress)
 
 
 # --------------------------------------------------------------- verbs
@@ -691,6 +516,131 @@ def cmd_doctor(args: argparse.Namespace) -> int:
 
 def _interrupt(signum: int, frame: object) -> None:
     raise KeyboardInterrupt
+
+
+# ------------------------------------------------------------ the verbs, as a table
+
+
+@dataclass(frozen=True)
+class Arg:
+    flags: tuple[str, ...]
+    options: dict[str, Any]
+
+
+def arg(*flags: str, **options: Any) -> Arg:
+    return Arg(flags, options)
+
+
+@dataclass(frozen=True)
+class Verb:
+    """A verb (or a verb's sub-verb): its arguments, what runs it, and its sub-verbs, if any."""
+
+    name: str
+    help: str
+    args: tuple[Arg, ...] = ()
+    run: Handler | None = None
+    settings: bool = False  # it takes a flag per setting (config.SETTINGS)
+    usage: str | None = None
+    takes_command: bool = False  # CMD... after `--`
+    sub: tuple[Verb, ...] = ()
+    sub_dest: str = ""
+
+
+NAME = arg("name", nargs="?", default="default", help="sandbox name (default: default)")
+NAMED = arg("name", help="sandbox name")
+JSON = arg("--json", action="store_true")
+TIMEOUT = arg("--timeout", type=float, metavar="SECONDS")
+
+VERBS: tuple[Verb, ...] = (
+    Verb("build", "build the guest image (cached by its recipe)",
+         (arg("--force", action="store_true", help="rebuild even if the image is cached"),), cmd_build, settings=True),
+    Verb("config", "show the effective settings; trust a project's vivarium.toml", sub_dest="config_verb", sub=(
+        Verb("show", "print the effective settings", (JSON,), cmd_config_show, settings=True),
+        Verb("trust", "trust this vivarium.toml as it is now (a changed file must be trusted again)",
+             (arg("file", nargs="?", type=Path, metavar="FILE", help="default: ./vivarium.toml"),
+              arg("--show", action="store_true", help="only show what changed since the trusted version, and what it reaches")),
+             cmd_config_trust),
+    )),
+    Verb("doctor", "check what this host has and what is missing", (JSON,), cmd_doctor),
+    Verb("up", "build if needed, create if needed, boot, wait for SSH", (
+        NAME,
+        arg("--auto-ports", action="store_true", help="pick free host ports where the configured ones are busy"),
+        arg("--cold", action="store_true", help="boot a new sandbox instead of restoring the ready template"),
+        arg("--timeout", type=float, metavar="SECONDS", help="how long to wait for SSH (default 180 with KVM, 600 with TCG)"),
+    ), cmd_up, settings=True),
+    Verb("ssh", "open a shell (or run CMD) in the sandbox over SSH", (NAME,), cmd_ssh,
+         usage="vivarium ssh [NAME] [-- CMD...]", takes_command=True),
+    Verb("exec", "run CMD in the sandbox, in this directory where a share holds it; exits with its exit code", (NAME,), cmd_exec,
+         usage="vivarium exec [NAME] -- CMD...", takes_command=True),
+    Verb("ssh-config", "print a Host block for ~/.ssh/config", (NAME,), cmd_ssh_config),
+    Verb("ls", "list sandboxes", (JSON,), cmd_ls),
+    Verb("status", "state, pid, accelerator, ports, image, uptime", (NAME, JSON), cmd_status),
+    Verb("logs", "the serial console log", (NAME, arg("-f", "--follow", action="store_true")), cmd_logs),
+    Verb("stop", "power off (ACPI), kill after a timeout", (NAME, arg("--timeout", type=float, default=30.0, metavar="SECONDS")), cmd_stop),
+    Verb("destroy", "stop and delete the sandbox and its disk", (NAME,), cmd_destroy),
+    Verb("reset", "back to clean: a new copy of the ready template (or of the image); restarts it if it ran", (NAME, TIMEOUT), cmd_reset),
+    Verb("run", "run CMD (an agent) in a tmux session in the sandbox; up first if needed", (
+        NAME,
+        arg("--env", action="append", default=[], metavar="VAR", help="copy this host variable into CMD's environment only"),
+        arg("-d", "--detach", action="store_true", help="leave it running in the background"),
+        arg("--session", help="session name (default: the command's name)"),
+    ), cmd_run, settings=True, usage="vivarium run [NAME] [--env VAR]... [-d] [--session S] -- CMD...", takes_command=True),
+    Verb("attach", "reattach to a session started by `run`", (NAMED, arg("session", nargs="?")), cmd_attach),
+    Verb("sessions", "list the sandbox's sessions", (NAME, JSON), cmd_sessions),
+    Verb("port", "add, remove or list forwarded ports at runtime", (NAMED,), cmd_port, sub_dest="port_verb", sub=(
+        Verb("add", "forward HOST:GUEST (bound to 127.0.0.1 unless --bind)", (arg("spec", metavar="HOST:GUEST"), arg("--bind", default="127.0.0.1"))),
+        Verb("rm", "remove the forward on host port HOST", (arg("host", type=int, metavar="HOST"),)),
+        Verb("ls", "list forwards", (JSON,)),
+    )),
+    Verb("diff", "what the sandbox changed in its review-mode shares",
+         (NAME, arg("--patch", action="store_true", help="a unified diff of text files"), JSON), cmd_diff),
+    Verb("apply", "copy the changes the last `diff` showed (review-mode shares) to the host", (
+        NAMED,
+        arg("paths", nargs="*", metavar="PATH", help="only changes at or under these host paths (default: all)"),
+        arg("--id", metavar="ID", help="the change set a diff printed (default: the last diff)"),
+    ), cmd_apply),
+    Verb("snapshot", "save and restore a running sandbox's memory and disks", (NAMED,), cmd_snapshot, sub_dest="snapshot_verb", sub=(
+        Verb("save", "save it as TAG (default: a timestamp); it keeps running", (arg("tag", nargs="?"),)),
+        Verb("restore", "go back to TAG: memory and disks, where it left off", (arg("tag"),)),
+        Verb("ls", "list snapshots", (JSON,)),
+        Verb("rm", "delete snapshot TAG", (arg("tag"),)),
+    )),
+    Verb("kubeconfig", "a kubeconfig for the sandbox's Kind cluster, through the forwarded API port",
+         (NAME, arg("--merge", action="store_true", help="merge it into ~/.kube/config as context vivarium-NAME")), cmd_kubeconfig),
+    Verb("docker-context", "a Docker context on this host for the sandbox's daemon (over SSH)", (NAME,), cmd_docker_context),
+    Verb("egress", "the network fence: its log, live allow/deny, what a destination would meet", (), cmd_egress, sub_dest="egress_verb", sub=(
+        Verb("log", "every connection and DNS query the sandbox made, with the decision and its rule", (
+            NAMED,
+            arg("--json", action="store_true", help="the raw JSON lines"),
+            arg("-f", "--follow", action="store_true", help="keep printing new entries"),
+            arg("--denied", action="store_true", help="only denials"),
+        )),
+        *(Verb(verb, what, (NAMED, arg("domain", metavar="DOMAIN", help='e.g. pypi.org, "*.github.com", example.com:443')))
+          for verb, what in (("allow", "allow a domain now (allowlist mode), no reboot"), ("deny", "deny a domain now, in any mode"))),
+        Verb("check", "what a connection to HOST[:PORT] would meet, and which rule decides", (NAMED, arg("target", metavar="HOST[:PORT]"), JSON)),
+    )),
+)  # fmt: skip
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="vivarium", description="Disposable, network-fenced Debian VMs for AI coding agents.")
+    p.add_argument("--config", type=Path, metavar="FILE", help="settings file (default: ./vivarium.toml)")
+    p.add_argument("--debug", action="store_true", help="log every command run; tracebacks on errors")
+    _add_verbs(p.add_subparsers(dest="verb", metavar="VERB", required=True), VERBS)
+    return p
+
+
+def _add_verbs(subparsers: Any, verbs: Sequence[Verb]) -> None:
+    for v in verbs:
+        p = subparsers.add_parser(v.name, help=v.help, **({"usage": v.usage} if v.usage else {}))
+        for a in v.args:
+            p.add_argument(*a.flags, **a.options)
+        if v.settings:
+            _add_setting_flags(p)
+        if v.sub:
+            _add_verbs(p.add_subparsers(dest=v.sub_dest, metavar="|".join(s.name for s in v.sub), required=True), v.sub)
+        if v.run is not None:
+            p.set_defaults(func=v.run, **({"command": []} if v.takes_command else {}))
 
 
 def main(argv: Sequence[str] | None = None) -> int:
