@@ -12,15 +12,18 @@ import os
 import shlex
 import signal
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
-from qemu.qmp import QMPClient
+from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
 from vivarium.errors import CommandFailed, VMError
 from vivarium.run import run
 from vivarium.vm import channel
 from vivarium.vm.qemu import MachineSpec, qemu_argv
+
+T = TypeVar("T")
 
 
 def start(spec: MachineSpec) -> int:
@@ -60,23 +63,33 @@ def is_ours(pid: int, name: str) -> bool:
     return not zombie and f"vivarium-{name},".encode() in cmdline
 
 
-def qmp(sock: Path, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
-    """Run one QMP command and return its result."""
+def session(sock: Path, what: str, body: Callable[[QMPClient], Awaitable[T]], timeout: float = 10.0) -> T:
+    """One QMP connection for a whole operation (`body`), within `timeout`. QEMU's own reason for a refusal
+    is kept ("QEMU refused migrate-incoming: ..."); a QEMU that cannot be reached says so."""
 
-    async def go() -> Any:
+    async def go() -> T:
         client = QMPClient("vivarium")
-        await asyncio.wait_for(client.connect(str(sock)), timeout)
+        await asyncio.wait_for(client.connect(str(sock)), min(timeout, 10.0))
         try:
-            return await asyncio.wait_for(client.execute(command, arguments or {}), timeout)
+            return await asyncio.wait_for(body(client), timeout)
         finally:
             await client.disconnect()
 
     try:
         return asyncio.run(go())
-    except (TimeoutError, OSError) as e:
+    except ExecuteError as e:
+        raise VMError(f"QEMU refused {e.sent.get('execute', what)}: {e.error.error.desc}") from None
+    except TimeoutError:
+        raise VMError(f"QEMU did not finish {what} within {timeout:.0f}s") from None
+    except (ConnectError, OSError) as e:
         raise VMError(f"cannot talk to QEMU over {sock}: {e}") from None
-    except Exception as e:  # noqa: BLE001 - qemu.qmp raises its own tree; report it as one line
-        raise VMError(f"QEMU refused {command}: {e}") from None
+    except QMPError as e:
+        raise VMError(f"QEMU's monitor failed during {what}: {e}") from None
+
+
+def qmp(sock: Path, command: str, arguments: dict[str, Any] | None = None, timeout: float = 10.0) -> Any:
+    """Run one QMP command and return its result."""
+    return session(sock, command, lambda client: client.execute(command, arguments or {}), timeout)
 
 
 def hmp(sock: Path, line: str) -> str:
@@ -85,51 +98,86 @@ def hmp(sock: Path, line: str) -> str:
     return str(result or "").strip()
 
 
-def _ignore_shared(sock: Path, on: bool) -> None:
-    """x-ignore-shared: the migration stream leaves out the guest's RAM (shared memory), only device state goes."""
-    qmp(sock, "migrate-set-capabilities", {"capabilities": [{"capability": "x-ignore-shared", "state": on}]})
+async def _migration_capabilities(client: QMPClient, without_ram: bool) -> None:
+    """`events`: QEMU says how a migration went (MIGRATION events) instead of being asked over and over;
+    x-ignore-shared: the stream leaves out the guest's RAM (shared memory), only device state goes."""
+    await client.execute("migrate-set-capabilities", {"capabilities": [
+        {"capability": "events", "state": True}, {"capability": "x-ignore-shared", "state": without_ram}]})  # fmt: skip
 
 
 def save_memory(sock: Path, path: Path, timeout: float = 600.0, *, without_ram: bool = False) -> None:
     """Migrate the running guest's state into a file. The guest is left paused (postmigrate).
 
     `without_ram`: device state only; the caller reads the RAM out of QEMU's memfd."""
-    _ignore_shared(sock, without_ram)
-    qmp(sock, "migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        info = qmp(sock, "query-migrate")
-        status = info.get("status")
-        if status == "completed":
-            return
-        if status in ("failed", "cancelled"):
-            raise VMError(f"saving the guest's memory failed: {info.get('error-desc', status)}")
-        time.sleep(0.05)
-    with contextlib.suppress(VMError):
-        qmp(sock, "migrate_cancel")
-    raise VMError(f"saving the guest's memory took more than {timeout:.0f}s")
+
+    async def body(client: QMPClient) -> None:
+        await _migration_capabilities(client, without_ram)
+        events = EventListener(("MIGRATION", "SHUTDOWN"))
+        with client.listen(events):
+            await client.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+            status = await _migration_end(client, events)
+        if status != "completed":
+            info = await client.execute("query-migrate")
+            reason = info.get("error-desc") if isinstance(info, dict) else None
+            raise VMError(f"saving the guest's memory failed: {reason or status}")
+
+    try:
+        session(sock, "saving the guest's memory", body, timeout)
+    except VMError:
+        with contextlib.suppress(VMError):
+            qmp(sock, "migrate_cancel")
+        raise
+
+
+async def _next(client: QMPClient, events: EventListener) -> Any:
+    """The next event; each second without one, a query that fails at once if QEMU has gone away."""
+    while True:
+        try:
+            return await asyncio.wait_for(events.get(), 1.0)
+        except TimeoutError:
+            await client.execute("query-status")
+
+
+async def _migration_end(client: QMPClient, events: EventListener) -> str:
+    """The status a migration ended in: completed, failed, cancelled (or shutdown: QEMU went away)."""
+    while True:
+        event = await _next(client, events)
+        if event["event"] == "SHUTDOWN":
+            return "shutdown"
+        status = str(_data(event).get("status", ""))
+        if status in ("completed", "failed", "cancelled"):
+            return status
+
+
+def _data(event: Any) -> dict[str, Any]:
+    data = event.get("data")
+    return data if isinstance(data, dict) else {}
 
 
 def load(sock: Path, path: Path, *, without_ram: bool = False, timeout: float = 300.0) -> None:
     """Load a saved state into a QEMU started with `-incoming defer`; return once the guest runs.
 
     `without_ram`: the state holds device state only; the RAM is already in the memory backend's file."""
-    _ignore_shared(sock, without_ram)
-    qmp(sock, "migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
-    wait_running(sock, timeout)
 
+    async def body(client: QMPClient) -> None:
+        await _migration_capabilities(client, without_ram)
+        events = EventListener(("MIGRATION", "RESUME", "SHUTDOWN"))
+        with client.listen(events):
+            await client.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
+            while True:
+                status = await client.execute("query-status")
+                if isinstance(status, dict) and status.get("status") == "running":
+                    return
+                event = await _next(client, events)
+                if event["event"] == "RESUME":
+                    return
+                said = str(_data(event).get("status", "")) if event["event"] == "MIGRATION" else "shutdown"
+                if said in ("failed", "cancelled", "shutdown"):
+                    info = await client.execute("query-migrate")
+                    reason = info.get("error-desc") if isinstance(info, dict) else None
+                    raise VMError(f"the saved state did not load: {reason or said}")
 
-def wait_running(sock: Path, timeout: float = 300.0) -> None:
-    """Until an incoming migration (a restore) has finished and the guest runs."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        status = qmp(sock, "query-status").get("status")
-        if status == "running":
-            return
-        if status not in ("inmigrate", "prelaunch", "restore-vm", "paused"):
-            raise VMError(f"the saved state did not load (QEMU says {status})")
-        time.sleep(0.05)
-    raise VMError(f"loading the saved state took more than {timeout:.0f}s")
+    session(sock, "loading the saved state", body, timeout)
 
 
 def qemu_version(sock: Path) -> str:
