@@ -162,3 +162,35 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     with os.fdopen(fd, "w") as f:
         f.write(text)
     os.replace(tmp, path)
+
+
+def started(pid: int) -> int | None:
+    """When process `pid` started (clock ticks since boot), or None if it is not running (a zombie is not).
+    With the pid, who a process is: a pid reused by another process has another start time."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+    if not fields or fields[0] in ("Z", "X"):
+        return None
+    return int(fields[19])  # field 22 of stat, counted after the command name's ")"
+
+
+def write_pid(path: Path, pid: int | None = None) -> None:
+    """A pid file naming the process by its pid and its start time."""
+    pid = os.getpid() if pid is None else pid
+    write_atomic(path, f"{pid} {started(pid)}\n")
+
+
+def read_pid(path: Path) -> int | None:
+    """The pid in a pid file written by write_pid, if that very process still runs."""
+    try:
+        pid, start = (int(x) for x in path.read_text().split())
+    except (OSError, ValueError):
+        return None
+    return pid if started(pid) == start else None
+
+
+def names_me(path: Path) -> bool:
+    """Does this pid file name this process?"""
+    return read_pid(path) == os.getpid()

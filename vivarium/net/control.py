@@ -24,6 +24,7 @@ from typing import Any
 import dns.message
 import dns.rdatatype
 
+from vivarium import state
 from vivarium.errors import VMError
 from vivarium.net import dns as dns_
 from vivarium.net import gateway
@@ -87,23 +88,13 @@ def policy_of(directory: Path) -> gateway.Settings:
 
 
 def pid(directory: Path, pidfile: str = gateway.PIDFILE) -> int | None:
-    """The supervisor's pid, if it is running (and is ours)."""
-    try:
-        value = int((directory / pidfile).read_text().strip())
-        cmdline = Path(f"/proc/{value}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        return None
-    return value if b"vivarium.net" in cmdline and str(directory).encode() in cmdline else None
+    """The supervisor's pid, if it is running (the process its pid file names, by pid and start time)."""
+    return state.read_pid(directory / pidfile)
 
 
 def child_pid(directory: Path) -> int | None:
     """The serving process's pid (tests kill it to see the supervisor restart it)."""
-    try:
-        value = int((directory / gateway.CHILD_PIDFILE).read_text().strip())
-        cmdline = Path(f"/proc/{value}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return None
-    return value if b"--serve" in cmdline and str(directory).encode() in cmdline.split(b"\0") else None
+    return state.read_pid(directory / gateway.CHILD_PIDFILE)
 
 
 def start(directory: Path, qemu_pidfile: Path) -> int:
@@ -126,11 +117,8 @@ def launch(directory: Path, qemu_pidfile: Path) -> subprocess.Popen[bytes]:
 
 def serving(directory: Path) -> bool:
     """Does the gateway's serving process take connections now?"""
-    try:
-        value = int((directory / gateway.SERVING).read_text().strip())
-    except (OSError, ValueError):
-        return False
-    return value == child_pid(directory) and _alive(value)
+    value = state.read_pid(directory / gateway.SERVING)
+    return value is not None and value == child_pid(directory)
 
 
 def wait_started(directory: Path, proc: subprocess.Popen[bytes]) -> int:

@@ -41,6 +41,7 @@ import dns.rdataclass
 import dns.rdatatype
 import dns.rrset
 
+from vivarium import state
 from vivarium.net import dns as dns_
 from vivarium.net import netns, relay
 from vivarium.net.policy import AllowRule, Decision, IPAddress, Policy, unwrap
@@ -165,9 +166,7 @@ class Gateway:
         await loop.create_datagram_endpoint(lambda: dns_.OverUDP(self.query), sock=dns_udp)
         dns_server = await asyncio.start_server(self._dns_tcp, sock=dns_tcp)
         server = await asyncio.start_server(self._handle, sock=tcp, limit=CHUNK)
-        serving = self.dir / SERVING
-        serving.with_suffix(".tmp").write_text(f"{os.getpid()}\n")
-        serving.with_suffix(".tmp").replace(serving)
+        state.write_pid(self.dir / SERVING)
         async with server, dns_server:
             await server.serve_forever()
 

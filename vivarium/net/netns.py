@@ -38,6 +38,7 @@ import sys
 import time
 from pathlib import Path
 
+from vivarium import state
 from vivarium.errors import VMError
 from vivarium.run import find_program
 
@@ -122,13 +123,8 @@ def start(directory: Path, qemu_pidfile: Path) -> int:
 
 
 def pid(directory: Path) -> int | None:
-    """The holder's pid, if it is running (and is this sandbox's)."""
-    try:
-        value = int((directory / PIDFILE).read_text().strip())
-        cmdline = Path(f"/proc/{value}/cmdline").read_bytes().split(b"\0")
-    except (OSError, ValueError):
-        return None
-    return value if cmdline[1:4] == [b"-m", b"vivarium.net", b"netns"] and str(directory).encode() in cmdline else None
+    """The holder's pid, if it is running (the process its pid file names, by pid and start time)."""
+    return state.read_pid(directory / PIDFILE)
 
 
 def take(directory: Path, what: str) -> list[int]:
@@ -210,7 +206,7 @@ def hold(directory: Path, qemu_pidfile: Path) -> int:
     server.bind(str(path))
     os.chmod(path, 0o600)
     server.listen(16)
-    (directory / PIDFILE).write_text(f"{os.getpid()}\n")
+    state.write_pid(directory / PIDFILE)
     seen, started = False, time.monotonic()
     try:
         while not stopping:
@@ -224,10 +220,9 @@ def hold(directory: Path, qemu_pidfile: Path) -> int:
             if (seen and not alive) or (not seen and time.monotonic() - started > 600):
                 break
     finally:
-        with contextlib.suppress(OSError, ValueError):
-            if int((directory / PIDFILE).read_text().strip()) == os.getpid():
-                path.unlink(missing_ok=True)
-                (directory / PIDFILE).unlink(missing_ok=True)
+        if state.names_me(directory / PIDFILE):
+            path.unlink(missing_ok=True)
+            (directory / PIDFILE).unlink(missing_ok=True)
     return 0
 
 

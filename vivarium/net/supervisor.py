@@ -16,6 +16,7 @@ import threading
 import time
 from pathlib import Path
 
+from vivarium import state
 from vivarium.errors import VMError
 from vivarium.net.gateway import CHILD_PIDFILE, LAUNCHED, NO_NAMESPACE, PIDFILE, SERVING, Gateway
 
@@ -62,7 +63,7 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
-    (directory / PIDFILE).write_text(f"{os.getpid()}\n")  # only now: signals are handled
+    state.write_pid(directory / PIDFILE)  # only now: signals are handled
     qemu: int | None = None  # a pidfd: QEMU's exit, without mistaking a later process for it
     restarts = 0
     try:
@@ -77,7 +78,7 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
                 (directory / SERVING).unlink(missing_ok=True)
                 child = subprocess.Popen([sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--serve",
                                           "--supervisor", str(os.getpid())])  # fmt: skip
-                (directory / CHILD_PIDFILE).write_text(f"{child.pid}\n")
+                state.write_pid(directory / CHILD_PIDFILE, child.pid)
             if qemu is None and qemu_pidfile is not None and _pid_alive(qemu_pidfile):
                 with contextlib.suppress(OSError, ValueError):
                     qemu = os.pidfd_open(int(qemu_pidfile.read_text().strip()))
@@ -93,9 +94,8 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
                 child.kill()
         # Only while the sandbox is still ours: a gateway started since (its pid in PIDFILE) serves now,
         # and unlinking its mark would make the start that made it wait for ever (an `up` right after QEMU died).
-        with contextlib.suppress(OSError, ValueError):
-            if int((directory / PIDFILE).read_text().strip()) == os.getpid():
-                (directory / SERVING).unlink(missing_ok=True)
+        if state.names_me(directory / PIDFILE):
+            (directory / SERVING).unlink(missing_ok=True)
     return 0
 
 
@@ -128,6 +128,6 @@ def main(argv: list[str] | None = None) -> int:
     if child:
         # Named before this half exits, so that a start that fails at once can stop the supervisor
         # even before it has written its own pid file (and it would otherwise wait for a QEMU for ever).
-        (args.dir / LAUNCHED).write_text(f"{child}\n")
+        state.write_pid(args.dir / LAUNCHED, child)
         os._exit(0)
     return supervise(args.dir, args.qemu_pidfile)
