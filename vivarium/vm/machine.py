@@ -73,7 +73,10 @@ def session(sock: Path, what: str, body: Callable[[QMPClient], Awaitable[T]], ti
         try:
             return await asyncio.wait_for(body(client), timeout)
         finally:
-            await client.disconnect()
+            # What went wrong in the connection's own tasks comes out here again (an EOF after `quit`):
+            # the operation's outcome is already decided above.
+            with contextlib.suppress(EOFError, OSError, QMPError):
+                await client.disconnect()
 
     try:
         return asyncio.run(go())
@@ -81,6 +84,8 @@ def session(sock: Path, what: str, body: Callable[[QMPClient], Awaitable[T]], ti
         raise VMError(f"QEMU refused {e.sent.get('execute', what)}: {e.error.error.desc}") from None
     except TimeoutError:
         raise VMError(f"QEMU did not finish {what} within {timeout:.0f}s") from None
+    except EOFError:
+        raise VMError(f"QEMU closed its monitor during {what} (it exited?)") from None
     except (ConnectError, OSError) as e:
         raise VMError(f"cannot talk to QEMU over {sock}: {e}") from None
     except QMPError as e:
