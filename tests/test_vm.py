@@ -1,12 +1,16 @@
 from __future__ import annotations
 
+import contextlib
+import os
+import signal
+import subprocess
 from pathlib import Path
 
 import pytest
 
 from vivarium import ssh
-from vivarium.errors import UsageError
-from vivarium.vm import accel
+from vivarium.errors import UsageError, VMError
+from vivarium.vm import accel, machine
 from vivarium.vm.qemu import FENCE_MAC, MachineSpec, PortForward, qemu_argv
 
 
@@ -128,3 +132,21 @@ def test_qemu_argv_control_channel_and_ram_from_a_descriptor(tmp_path: Path) -> 
     devices = opt(argv, "-device")
     assert "virtio-serial-pci,id=vser0" in devices
     assert "virtserialport,bus=vser0.0,chardev=control,name=org.vivarium.control" in devices
+
+
+def test_qmp_keeps_qemus_reason_and_a_quit_is_not_an_error(tmp_path: Path) -> None:
+    """Against a real QEMU with no machine at all: a refused command says QEMU's own words; `quit` returns."""
+    sock, pidfile = tmp_path / "qmp.sock", tmp_path / "qemu.pid"
+    subprocess.run(["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none",
+                    "-qmp", f"unix:{sock},server=on,wait=off", "-pidfile", str(pidfile), "-daemonize"], check=True)  # fmt: skip
+    pid = int(pidfile.read_text())
+    try:
+        assert machine.qmp(sock, "query-status")["status"] == "running"
+        with pytest.raises(VMError, match="QEMU refused no-such-command: The command no-such-command has not been found"):
+            machine.qmp(sock, "no-such-command")
+        assert machine.qmp(sock, "quit") == {}
+        with pytest.raises(VMError, match="cannot talk to QEMU"):
+            machine.qmp(sock, "query-status", timeout=2)
+    finally:
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, signal.SIGKILL)
