@@ -1,6 +1,7 @@
 """vivarium: disposable, network-fenced Debian VMs for AI coding agents."""
 
-from vivarium.sandbox import Sandbox, Status
+from vivarium.instance import Status
+from vivarium.sandbox import Sandbox
 
 __all__ = ["Sandbox", "Status"]
 

@@ -6,7 +6,10 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
 from pathlib import Path
+from typing import Any
 
 from vivarium import config as cfg
 from vivarium import ssh, state
@@ -19,6 +22,56 @@ from vivarium.run import run
 from vivarium.vm import machine
 
 FROZEN_VERSION = 1
+
+
+@dataclass(frozen=True)
+class Status:
+    name: str
+    state: str  # running | stopped | crashed
+    pid: int | None
+    accel: str
+    ports: list[dict[str, Any]]
+    image: str
+    uptime: float | None
+    ssh_port: int | None
+    user: str
+    memory: str
+    cpus: int
+    path: str
+    shares: list[dict[str, Any]]
+    agents: dict[str, str]
+    network: str  # the fence's mode, or "unfenced"
+    gateway: int | None  # the egress gateway's pid while running
+
+    def to_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def status(d: state.InstanceDir, agents: Callable[[str], dict[str, str]]) -> Status:
+    """What the instance is doing now, as `status` shows it."""
+    meta = d.read_meta()
+    pid = machine.read_pid(d.pidfile, d.name)
+    # Recorded as running but no QEMU of ours: it died under us.
+    st = "running" if pid else ("crashed" if meta.get("running") else "stopped")
+    started = meta.get("started_at")
+    return Status(
+        name=d.name,
+        state=st,
+        pid=pid,
+        accel=meta.get("accel", ""),
+        ports=meta.get("ports", []),
+        image=meta.get("image", ""),
+        uptime=round(time.time() - started, 1) if pid and started else None,
+        ssh_port=meta.get("ssh_port"),
+        user=meta.get("user", ""),
+        memory=cfg.format_size(meta.get("memory", 0)),
+        cpus=meta.get("cpus", 0),
+        path=str(d.path),
+        shares=meta.get("shares", []) if pid else [],
+        agents=agents(meta.get("image", "")),
+        network=meta.get("network", ""),
+        gateway=fence.pid(d.path) if pid else None,
+    )
 
 
 def frozen_config(d: state.InstanceDir) -> cfg.Config | None:

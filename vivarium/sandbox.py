@@ -12,22 +12,20 @@ layer over this class.
 
 from __future__ import annotations
 
-import json
 import logging
 import shutil
 import subprocess
-import time
 from collections.abc import Iterator, Sequence
-from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
 from vivarium import config as cfg
 from vivarium import instance, kube, launch, ports, provision, sessions, snapshots, ssh, state, trust
 from vivarium import template as template_mod
-from vivarium.errors import InstanceError, UsageError, VMError
+from vivarium.errors import InstanceError, UsageError
 from vivarium.image.build import Image, build_image, find_image
 from vivarium.image.recipe import Recipe
+from vivarium.instance import Status
 from vivarium.net import control as fence
 from vivarium.net.policy import Decision
 from vivarium.progress import Progress, quiet
@@ -36,29 +34,6 @@ from vivarium.vm import accel as accel_mod
 from vivarium.vm import machine
 
 log = logging.getLogger("vivarium.sandbox")
-
-
-@dataclass(frozen=True)
-class Status:
-    name: str
-    state: str  # running | stopped | crashed
-    pid: int | None
-    accel: str
-    ports: list[dict[str, Any]]
-    image: str
-    uptime: float | None
-    ssh_port: int | None
-    user: str
-    memory: str
-    cpus: int
-    path: str
-    shares: list[dict[str, Any]]
-    agents: dict[str, str]
-    network: str  # the fence's mode, or "unfenced"
-    gateway: int | None  # the egress gateway's pid while running
-
-    def to_dict(self) -> dict[str, Any]:
-        return asdict(self)
 
 
 class Sandbox:
@@ -101,29 +76,7 @@ class Sandbox:
         return machine.read_pid(self.dir.pidfile, self.name)
 
     def status(self) -> Status:
-        meta = self.meta()
-        pid = self.pid()
-        # Recorded as running but no QEMU of ours: it died under us.
-        st = "running" if pid else ("crashed" if meta.get("running") else "stopped")
-        started = meta.get("started_at")
-        return Status(
-            name=self.name,
-            state=st,
-            pid=pid,
-            accel=meta.get("accel", ""),
-            ports=meta.get("ports", []),
-            image=meta.get("image", ""),
-            uptime=round(time.time() - started, 1) if pid and started else None,
-            ssh_port=meta.get("ssh_port"),
-            user=meta.get("user", ""),
-            memory=cfg.format_size(meta.get("memory", 0)),
-            cpus=meta.get("cpus", 0),
-            path=str(self.dir.path),
-            shares=meta.get("shares", []) if pid else [],
-            agents=_image_agents(meta.get("image", "")),
-            network=meta.get("network", ""),
-            gateway=fence.pid(self.dir.path) if pid else None,
-        )
+        return instance.status(self.dir, _image_agents)
 
     def target(self) -> ssh.Target:
         meta = self.meta()
@@ -216,13 +169,13 @@ class Sandbox:
         """What the guest changed in each review share: [{share, guest, id, changes: [...], skipped: [...], patch?}].
 
         The change set is recorded under its id: `apply` takes exactly it (the last one, or the one named)."""
-        return changesets.diff(self.dir, _GuestFiles(self), self._review_shares(), patch=patch)
+        return changesets.diff(self.dir, changesets.SSHFiles(self.exec, self.target), self._review_shares(), patch=patch)
 
     def apply(self, paths: Sequence[str] = (), *, set_id: str | None = None) -> list[tuple[str, review.ApplyResult, list[dict[str, str]]]]:
         """Copy the reviewed changes (all, or those at or under `paths`) to the host: exactly what `diff` showed
         (the last one, or `set_id`), or nothing when the guest changed any of it since. Host-changed paths are left alone.
         Returns (share, result, skipped) per share."""
-        return changesets.apply(self.dir, _GuestFiles(self), self._review_shares(), paths, set_id)
+        return changesets.apply(self.dir, changesets.SSHFiles(self.exec, self.target), self._review_shares(), paths, set_id)
 
     # ----------------------------------------------------------- snapshots
 
@@ -263,36 +216,17 @@ class Sandbox:
 
     # ------------------------------------------------------------ egress
 
-    def _fenced(self) -> None:
-        if not self.exists():
-            raise InstanceError(f"no sandbox named {self.name!r}", hint="see `vivarium ls`")
-        if not (self.dir.path / "policy.json").exists():
-            raise InstanceError(f"sandbox {self.name!r} has no network fence yet", hint=f"start it with `vivarium up {self.name}`")
-
     def egress_change(self, verb: str, domain: str) -> str:
         """Allow or deny a domain for this sandbox, live and kept across restarts."""
-        self._fenced()
-        cfg.check_domain(domain, f"egress {verb}")
-        with self.dir.lock():
-            what = fence.change_rule(self.dir.path, verb, domain)
-        if self.pid() is not None and fence.pid(self.dir.path) is None:
-            raise VMError(
-                f"sandbox {self.name!r} has no running gateway; {what} from its next start",
-                hint=f"vivarium stop {self.name} && vivarium up {self.name}",
-            )
-        return what
+        return fence.change(self.dir, verb, domain, running=self.pid() is not None)
 
     def set_network_mode(self, mode: str) -> None:
         """Switch the running sandbox's fence to lan-block, allowlist or offline, live (until its next start)."""
-        self._fenced()
-        if mode not in ("lan-block", "allowlist", "offline"):
-            raise UsageError(f"unknown network mode {mode!r}", hint="lan-block, allowlist or offline")
-        with self.dir.lock():
-            fence.set_mode(self.dir.path, mode)
+        fence.change_mode(self.dir, mode)
 
     def egress_check(self, host: str, port: int) -> list[tuple[str, str, Decision]]:
         """What a connection to host:port would meet: (address, name, Decision) per address."""
-        self._fenced()
+        fence.fenced(self.dir)
         return fence.check(self.dir.path, host, port)
 
     def egress_log(self, *, follow: bool = False) -> Iterator[dict[str, Any]]:
@@ -363,31 +297,6 @@ class Sandbox:
 
     def port_rm(self, host: int) -> None:
         ports.remove(self.dir, host)
-
-
-class _GuestFiles:
-    """A review share's changed files, read from the running guest over SSH (as root: the overlay's upper layer)."""
-
-    def __init__(self, box: Sandbox) -> None:
-        self.box = box
-
-    def scan(self, share: dict[str, Any]) -> object:
-        """The guest's own account of its changes: untrusted, checked by review.changes()."""
-        r = self.box.exec(["sudo", "python3", "-c", review.SCAN, review.UPPER.format(tag=share["tag"])], capture=True, timeout=600)
-        if r.returncode != 0:
-            raise VMError(f"cannot read the changes to {share['host']} in the sandbox: {r.stderr.strip()[-200:]}")
-        try:
-            entries: object = json.loads(r.stdout)
-        except ValueError:
-            raise VMError(f"the sandbox's account of its changes to {share['host']} is not JSON") from None
-        return entries
-
-    def fetch(self, share: dict[str, Any], rel: str) -> bytes:
-        argv = self.box.target().argv(["sudo", "cat", "--", f"{review.UPPER.format(tag=share['tag'])}/{rel}"], tty=False)
-        r = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=600, check=False)
-        if r.returncode != 0:
-            raise VMError(f"cannot read {rel} from the sandbox: {r.stderr.decode(errors='replace').strip()[-200:]}")
-        return r.stdout
 
 
 def _image_agents(key: str) -> dict[str, str]:

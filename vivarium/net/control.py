@@ -24,8 +24,9 @@ from typing import Any
 import dns.message
 import dns.rdatatype
 
+from vivarium import config as cfg
 from vivarium import state
-from vivarium.errors import VMError
+from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.net import dns as dns_
 from vivarium.net import gateway
 from vivarium.net.policy import AllowRule, Decision, Policy, unwrap
@@ -220,3 +221,32 @@ def check(directory: Path, host: str, port: int) -> list[tuple[str, str, Decisio
     if not out:
         out.append(("", host, Decision(False, f"{host} does not resolve")))
     return out
+
+
+def fenced(d: state.InstanceDir) -> None:
+    """The sandbox exists and has a fence (it started once)."""
+    if not d.exists():
+        raise InstanceError(f"no sandbox named {d.name!r}", hint="see `vivarium ls`")
+    if not (d.path / gateway.POLICY).exists():
+        raise InstanceError(f"sandbox {d.name!r} has no network fence yet", hint=f"start it with `vivarium up {d.name}`")
+
+
+def change(d: state.InstanceDir, verb: str, domain: str, *, running: bool) -> str:
+    """Allow or deny a domain for a sandbox, live and kept across restarts. What changed, in words."""
+    fenced(d)
+    cfg.check_domain(domain, f"egress {verb}")
+    with d.lock():
+        what = change_rule(d.path, verb, domain)
+    if running and pid(d.path) is None:
+        raise VMError(f"sandbox {d.name!r} has no running gateway; {what} from its next start",
+                      hint=f"`vivarium up {d.name}` starts it again")  # fmt: skip
+    return what
+
+
+def change_mode(d: state.InstanceDir, mode: str) -> None:
+    """Switch a running sandbox's fence to lan-block, allowlist or offline, live (until its next start)."""
+    fenced(d)
+    if mode not in ("lan-block", "allowlist", "offline"):
+        raise UsageError(f"unknown network mode {mode!r}", hint="lan-block, allowlist or offline")
+    with d.lock():
+        set_mode(d.path, mode)

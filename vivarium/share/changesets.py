@@ -10,12 +10,13 @@ import hashlib
 import json
 import os
 import re
-from collections.abc import Sequence
+import subprocess
+from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from vivarium import state
-from vivarium.errors import InstanceError, UsageError
+from vivarium import ssh, state
+from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.printable import printable
 from vivarium.share import review
 
@@ -26,6 +27,31 @@ class GuestFiles(Protocol):
 
     def fetch(self, share: dict[str, Any], rel: str) -> bytes:
         """A changed file's content, as the guest has it now."""
+
+
+class SSHFiles:
+    """A review share's changed files, read from the running guest over SSH (as root: the overlay's upper layer)."""
+
+    def __init__(self, exec_: Callable[..., subprocess.CompletedProcess[str]], target: Callable[[], ssh.Target]) -> None:
+        self.exec, self.target = exec_, target
+
+    def scan(self, share: dict[str, Any]) -> object:
+        """The guest's own account of its changes: untrusted, checked by review.changes()."""
+        r = self.exec(["sudo", "python3", "-c", review.SCAN, review.UPPER.format(tag=share["tag"])], capture=True, timeout=600)
+        if r.returncode != 0:
+            raise VMError(f"cannot read the changes to {share['host']} in the sandbox: {r.stderr.strip()[-200:]}")
+        try:
+            entries: object = json.loads(r.stdout)
+        except ValueError:
+            raise VMError(f"the sandbox's account of its changes to {share['host']} is not JSON") from None
+        return entries
+
+    def fetch(self, share: dict[str, Any], rel: str) -> bytes:
+        argv = self.target().argv(["sudo", "cat", "--", f"{review.UPPER.format(tag=share['tag'])}/{rel}"], tty=False)
+        r = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=600, check=False)
+        if r.returncode != 0:
+            raise VMError(f"cannot read {rel} from the sandbox: {r.stderr.decode(errors='replace').strip()[-200:]}")
+        return r.stdout
 
 
 def review_shares(name: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
