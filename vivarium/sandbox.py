@@ -22,7 +22,7 @@ from typing import Any
 from vivarium import config as cfg
 from vivarium import instance, kube, launch, ports, provision, sessions, snapshots, ssh, state, trust
 from vivarium import template as template_mod
-from vivarium.errors import InstanceError, UsageError
+from vivarium.errors import InstanceError
 from vivarium.image.build import Image, build_image, find_image
 from vivarium.image.recipe import Recipe
 from vivarium.instance import Status
@@ -116,9 +116,6 @@ class Sandbox:
         """Boot (or resume the state saved in directory `saved`; or, with `template`, become a copy of it) and wait for SSH."""
         how = launch.Launch(self.name, self.dir, self.config, image, self._fence, progress)
         launch.start(how, meta, auto_ports=auto_ports, timeout=timeout, saved=saved, template=template)
-
-    def _serial_tail(self, n: int) -> str:
-        return launch.serial_tail(self.dir, n)
 
     def stop(self, timeout: float = 30.0) -> str:
         return instance.stop(self.dir, timeout)
@@ -237,32 +234,12 @@ class Sandbox:
 
     # -------------------------------------------------------------- exec
 
-    def exec(
-        self,
-        command: Sequence[str],
-        *,
-        capture: bool = False,
-        input: str | None = None,
-        timeout: float | None = None,
-        cwd: str | None = None,
-    ) -> subprocess.CompletedProcess[str]:
+    def exec(self, command: Sequence[str], *, capture: bool = False, input: str | None = None, timeout: float | None = None,
+             cwd: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
         """Run a command in the guest as the agent user. Its exit code is returned as is.
 
         In the guest directory `cwd` if given and there, else in the agent's home."""
-        if not command:
-            raise UsageError("exec needs a command", hint="vivarium exec NAME -- CMD...")
-        if cwd is not None:
-            command = ["sh", "-c", 'cd -- "$0" 2>/dev/null || cd; exec "$@"', cwd, *command]
-        argv = self.target().argv(command, tty=False)
-        return subprocess.run(
-            argv,
-            input=input,
-            stdin=None if input is not None else subprocess.DEVNULL,
-            capture_output=capture,
-            text=True,
-            timeout=timeout,
-            check=False,
-        )
+        return ssh.execute(self.target(), command, capture=capture, input=input, timeout=timeout, cwd=cwd)
 
     # ---------------------------------------------------------- sessions
 

@@ -15,6 +15,7 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vivarium.errors import UsageError
 from vivarium.run import find_program, run
 
 # The key exchange for a connection that never leaves this host (127.0.0.1 to
@@ -105,6 +106,21 @@ class Target:
             "  PermitLocalCommand no",
             "",
         ])  # fmt: skip
+
+
+def execute(
+    target: Target, command: Sequence[str], *, capture: bool = False, input: str | None = None, timeout: float | None = None, cwd: str | None = None
+) -> subprocess.CompletedProcess[str]:
+    """Run a command over SSH as the target's user; its exit code is returned as is. In the guest directory
+    `cwd` if given and there, else in the user's home."""
+    if not command:
+        raise UsageError("exec needs a command", hint="vivarium exec NAME -- CMD...")
+    if cwd is not None:
+        command = ["sh", "-c", 'cd -- "$0" 2>/dev/null || cd; exec "$@"', cwd, *command]
+    return subprocess.run(
+        target.argv(command, tty=False), input=input, stdin=None if input is not None else subprocess.DEVNULL,
+        capture_output=capture, text=True, timeout=timeout, check=False,
+    )  # fmt: skip
 
 
 def banner(host: str, port: int, timeout: float = 3.0) -> bool:
