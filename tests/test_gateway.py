@@ -343,7 +343,7 @@ def test_allowlist_a_split_or_late_client_hello_is_read_whole(gw: Stage) -> None
 
 
 def test_a_dying_qemu_is_not_taken_for_the_next_one(tmp_path: Path) -> None:
-    from vivarium.net.supervisor import _pid_alive
+    from vivarium.state import pid_running as _pid_alive
 
     proc = subprocess.Popen(["sleep", "60"])
     (tmp_path / "qemu.pid").write_text(f"{proc.pid}\n")

@@ -176,6 +176,17 @@ def started(pid: int) -> int | None:
     return int(fields[19])  # field 22 of stat, counted after the command name's ")"
 
 
+def pid_running(pidfile: Path) -> bool:
+    """Is the process a plain pid file names (QEMU's own) running? One that is exiting or a zombie is not: a QEMU
+    killed with a large guest takes a while to die, and what watches for the next QEMU must not take it for that one."""
+    try:
+        pid = int(pidfile.read_text().strip())
+        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
+    except (OSError, ValueError):
+        return False
+    return bool(cmdline) and started(pid) is not None
+
+
 def write_pid(path: Path, pid: int | None = None) -> None:
     """A pid file naming the process by its pid and its start time."""
     pid = os.getpid() if pid is None else pid

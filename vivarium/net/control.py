@@ -151,21 +151,12 @@ def stop(directory: Path) -> None:
     if value is not None:
         os.kill(value, signal.SIGTERM)
         deadline = time.monotonic() + 5
-        while _alive(value) and time.monotonic() < deadline:
+        while state.started(value) is not None and time.monotonic() < deadline:
             time.sleep(0.02)
-        if _alive(value):
+        if state.started(value) is not None:
             os.kill(value, signal.SIGKILL)
     for name in (gateway.PIDFILE, gateway.LAUNCHED, gateway.SERVING):
         (directory / name).unlink(missing_ok=True)
-
-
-def _alive(value: int) -> bool:
-    try:
-        os.kill(value, 0)
-        # a zombie child of ours counts as gone
-        return Path(f"/proc/{value}/stat").read_text().split(") ", 1)[1][:1] != "Z"
-    except OSError:
-        return False
 
 
 def reload(directory: Path) -> bool:

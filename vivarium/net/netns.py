@@ -214,7 +214,7 @@ def hold(directory: Path, qemu_pidfile: Path) -> int:
                 ready, _, _ = select.select([server], [], [], 0.2)
                 if ready:
                     _answer(server, tap, listeners)
-            alive = _running(qemu_pidfile)
+            alive = state.pid_running(qemu_pidfile)
             seen = seen or alive
             # QEMU is gone, or never came (its launcher died before starting it)
             if (seen and not alive) or (not seen and time.monotonic() - started > 600):
@@ -236,15 +236,6 @@ def _answer(server: socket.socket, tap: int, listeners: list[int]) -> None:
             conn.sendmsg([b"k"], [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds))] if fds else [])
         except OSError:
             pass
-
-
-def _running(pidfile: Path) -> bool:
-    try:
-        value = int(pidfile.read_text().strip())
-        stat = Path(f"/proc/{value}/stat").read_text()
-    except (OSError, ValueError):
-        return False
-    return stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def main(argv: list[str] | None = None) -> int:

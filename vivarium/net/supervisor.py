@@ -79,7 +79,7 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
                 child = subprocess.Popen([sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--serve",
                                           "--supervisor", str(os.getpid())])  # fmt: skip
                 state.write_pid(directory / CHILD_PIDFILE, child.pid)
-            if qemu is None and qemu_pidfile is not None and _pid_alive(qemu_pidfile):
+            if qemu is None and qemu_pidfile is not None and state.pid_running(qemu_pidfile):
                 with contextlib.suppress(OSError, ValueError):
                     qemu = os.pidfd_open(int(qemu_pidfile.read_text().strip()))
             if qemu is not None and select.select([qemu], [], [], 0)[0]:
@@ -97,19 +97,6 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
         if state.names_me(directory / PIDFILE):
             (directory / SERVING).unlink(missing_ok=True)
     return 0
-
-
-def _pid_alive(pidfile: Path) -> bool:
-    """Is the process in `pidfile` running? One that is exiting or a zombie is not: a QEMU killed with a
-    large guest takes a while to die, and a gateway started for the next QEMU must not see it as its own
-    (it would exit the moment that one was gone, before the new QEMU wrote its pid)."""
-    try:
-        pid = int(pidfile.read_text().strip())
-        stat = Path(f"/proc/{pid}/stat").read_text()
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-    except (OSError, ValueError):
-        return False
-    return bool(cmdline) and stat.rpartition(")")[2].split()[0] not in ("Z", "X")
 
 
 def main(argv: list[str] | None = None) -> int:
