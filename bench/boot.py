@@ -85,9 +85,9 @@ def main() -> None:
             pid = box.pid()
             assert pid is not None
             overhead, guest_rss = rss_beyond_guest_ram(pid, conf.vm.memory)
-            meta = box.meta()
+            key = box.record().instance.image
             box.stop()
-            image = find_image(meta["image"])
+            image = find_image(key)
             assert image is not None
             box.reset()  # a fresh disk: the untuned boot also starts from first boot
             # Untuned: Debian's own initrd (initramfs-tools), not vivarium's minimal one.

@@ -52,7 +52,8 @@ def main() -> int:
         shared = write_config(d / "shared", share=True)
         prime = Sandbox("bench-warm-prime", config)  # makes the template if there is none (not timed)
         prime.up()
-        tpl = prime.meta()["template"]
+        tpl = prime.record().instance.template
+        assert tpl is not None, "a fenced sandbox of the default shape starts from a template"
         prime.destroy()
         colds: list[float] = []
         warms: list[float] = []

@@ -347,6 +347,7 @@ def test_a_dying_qemu_is_not_taken_for_the_next_one(tmp_path: Path) -> None:
 
     proc = subprocess.Popen(["sleep", "60"])
     (tmp_path / "qemu.pid").write_text(f"{proc.pid}\n")
+    wait_for(lambda: _pid_alive(tmp_path / "qemu.pid"))  # once spawned: a child between fork and exec has no cmdline yet
     assert _pid_alive(tmp_path / "qemu.pid")
     proc.kill()
     wait_for(lambda: Path(f"/proc/{proc.pid}/stat").read_text().rpartition(")")[2].split()[0] == "Z")

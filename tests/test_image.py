@@ -15,6 +15,8 @@ from vivarium.errors import DownloadError
 from vivarium.image import build, initrd
 from vivarium.image.recipe import BASE_PACKAGES, Recipe, _debian_uris, host_mirror
 
+from . import records
+
 HOST = cfg.Host(cpus=4, memory=8 << 30, user="alice", uid=1234)
 
 
@@ -229,7 +231,6 @@ def test_initrd_is_a_cpio_the_tools_can_read(tmp_path: Path) -> None:
 
 
 def test_prune_keeps_used_recent_and_current(tmp_path: Path) -> None:
-    import json
     import os
     import time
 
@@ -243,11 +244,11 @@ def test_prune_keeps_used_recent_and_current(tmp_path: Path) -> None:
         os.utime(root / key, (now - 100 + i, now - 100 + i))
     inst = state.InstanceDir.of("box")
     inst.path.mkdir(parents=True)
-    inst.write_meta({"image": "used"})
+    inst.write(records.made("box", image="used"))
     removed = build.prune_images(keep={"old1"})
     assert sorted(removed) == ["old2"]
     assert sorted(p.name for p in root.iterdir()) == ["new1", "new2", "old1", "used"]
-    assert json.loads(inst.meta.read_text())["image"] == "used"
+    assert inst.read().instance.image == "used"
 
 
 def test_npm_failure_is_one_line_naming_the_package() -> None:

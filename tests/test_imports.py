@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent / "vivarium"
 
 # Lowest first. A module may import modules of its own layer or of layers below it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "printable", "progress", "run", "guest", "image"),
+    ("errors", "printable", "progress", "run", "guest", "image", "record"),
     ("state", "net.routes", "net.policy", "config", "trust"),
     ("vm.accel", "vm.channel", "vm.machine", "vm.memory", "vm.qemu", "net.sniff", "net.dns",
      "net.relay", "image.recipe", "image.initrd", "share.confine", "share.review", "ssh", "kube"),

@@ -15,14 +15,16 @@ from pathlib import Path
 import pytest
 
 from vivarium import config as cfg
-from vivarium import launch, ports, ssh, state
+from vivarium import launch, ports, record, ssh, state
 from vivarium.errors import VMError
 from vivarium.image.build import Image
 from vivarium.net import control, netns
 
+from . import records
+
 
 @pytest.fixture
-def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[launch.Launch, dict[str, object]]]:
+def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[launch.Launch, record.Record]]:
     home = Path(tempfile.mkdtemp(prefix="vvl", dir="/tmp"))  # short: unix socket paths live in it
     monkeypatch.setenv("VIVARIUM_HOME", str(home))
     monkeypatch.setenv("VIVARIUM_ACCEL", "tcg")
@@ -34,9 +36,9 @@ def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[launc
     for f in (image.disk, image.kernel, image.initrd):
         f.write_bytes(b"")
     c = cfg.load_data({"share": [], "forward": [{"host": ports.free_port(), "guest": 22}]}, "test", tmp_path)
-    meta: dict[str, object] = {"name": "failing", "user": "agent", "disk": 1 << 30}
-    d.write_meta(meta)
-    yield launch.Launch("failing", d, c, image, True, lambda phase, detail: None), meta
+    rec = records.made("failing")
+    d.write(rec)
+    yield launch.Launch("failing", d, c, image, True, lambda phase, detail: None), rec
     control.stop(d.path)
     netns.stop(d.path)
     for line in processes_of(d):  # what a failing test left: ours, by pid
@@ -66,32 +68,33 @@ def processes_of(d: state.InstanceDir) -> list[str]:
     return out
 
 
-def assert_nothing_left(how: launch.Launch, meta: dict[str, object]) -> None:
+def assert_nothing_left(how: launch.Launch) -> None:
     d = how.dir
     time.sleep(1)  # a helper that was left running would have written its pid file by now
     assert processes_of(d) == []
     assert netns.pid(d.path) is None and control.pid(d.path) is None and control.child_pid(d.path) is None
     left = sorted(p.name for p in d.path.iterdir() if p.is_socket())
     assert left == []
-    assert how.dir.read_meta()["running"] is False and meta["running"] is False
+    run = how.dir.read().run
+    assert run is None or run.running is False
 
 
 def test_qemu_refusing_to_start_unwinds_the_namespace_and_the_gateway(
-    box: tuple[launch.Launch, dict[str, object]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    box: tuple[launch.Launch, record.Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    how, meta = box
+    how, rec = box
     fake_qemu(tmp_path, monkeypatch, 'echo "qemu-system-x86_64: -netdev tap: no such device" >&2; exit 1\n')
     with pytest.raises(VMError, match="QEMU did not start: -netdev tap: no such device"):
-        launch.start(how, meta, auto_ports=True, timeout=5)
-    assert_nothing_left(how, meta)
+        launch.start(how, rec, auto_ports=True, timeout=5)
+    assert_nothing_left(how)
 
 
 def test_a_guest_that_never_gets_ready_unwinds_everything(
-    box: tuple[launch.Launch, dict[str, object]], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    box: tuple[launch.Launch, record.Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    how, meta = box
+    how, rec = box
     # "starts", writes its pid file, then is gone: the launch sees QEMU exit while booting
     fake_qemu(tmp_path, monkeypatch, 'for a; do case "$prev" in -pidfile) echo $$ > "$a";; esac; prev=$a; done\nexit 0\n')
     with pytest.raises(VMError, match=r"QEMU started but exited at once|QEMU exited while"):
-        launch.start(how, meta, auto_ports=True, timeout=5)
-    assert_nothing_left(how, meta)
+        launch.start(how, rec, auto_ports=True, timeout=5)
+    assert_nothing_left(how)

@@ -12,6 +12,8 @@ import pytest
 from vivarium import config as cfg
 from vivarium import template
 
+from . import records
+
 
 class FakeImage:
     def __init__(self, build_id: str) -> None:
@@ -42,7 +44,7 @@ def test_prune_keeps_only_templates_whose_image_is_cached(tmp_path: Path, monkey
         (d / "meta.json").write_text(json.dumps({"build_id": build_id, "version": version}))
     inst = tmp_path / "state" / "instances" / "copy"  # a sandbox still on an old template keeps it
     inst.mkdir(parents=True)
-    (inst / "instance.json").write_text(json.dumps({"template": "t-old"}))
+    (inst / "instance.json").write_text(records.made("copy", template="t-old").to_json())
     assert template.prune() == ["t-gone"]
     (inst / "instance.json").unlink()
     assert template.prune() == ["t-old"]

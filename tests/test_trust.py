@@ -12,6 +12,8 @@ from vivarium import config as cfg
 from vivarium.errors import ConfigError
 from vivarium.sandbox import Sandbox
 
+from . import records
+
 HOST = cfg.Host(cpus=8, memory=32 << 30, user="alice", uid=1234)
 
 
@@ -88,7 +90,7 @@ def test_a_sandbox_keeps_the_settings_it_was_made_with(tmp_path: Path, monkeypat
     box = Sandbox("frozen", made)
     box.dir.path.mkdir(parents=True)
     box._freeze()
-    box.dir.write_meta({"name": "frozen"})
+    box.dir.write(records.made("frozen"))
     # later, somewhere the guest wrote a config the user even trusted by mistake: the sandbox keeps its own
     elsewhere = tmp_path / "b"
     elsewhere.mkdir()

@@ -105,7 +105,8 @@ def _command(args: argparse.Namespace) -> list[str]:
 def cmd_up(args: argparse.Namespace) -> int:
     box = sandbox_for(args)
     if box.exists() and box.pid() is not None:
-        had_gateway = box.status().gateway is not None or box.meta().get("network") == "unfenced"
+        before = box.status()
+        had_gateway = before.gateway is not None or before.network == "unfenced"
         box.up()  # brings back a gateway that was killed from outside: egress has been failing closed
         err.print(f"sandbox {args.name!r} is already running" + ("" if had_gateway else "; its egress gateway was down and is restarted"))
         _print_connect(box)
@@ -116,8 +117,8 @@ def cmd_up(args: argparse.Namespace) -> int:
     with PhaseDisplay(f"up {args.name}", err) as show:
         status = box.up(progress=show, auto_ports=args.auto_ports, timeout=args.timeout, cold=args.cold)
         took = show.elapsed()
-    meta = box.meta()
-    err.print(f"sandbox {args.name!r} is up in {took:.1f}s ({status.accel}: {escape(meta.get('accel_reason', ''))})")
+    run = box.record().run
+    err.print(f"sandbox {args.name!r} is up in {took:.1f}s ({status.accel}: {escape(run.accel_reason if run else '')})")
     _print_connect(box)
     return 0
 
@@ -229,7 +230,7 @@ def cmd_status(args: argparse.Namespace) -> int:
 
 def cmd_logs(args: argparse.Namespace) -> int:
     box = Sandbox(args.name)
-    box.meta()
+    box.record()  # one line if there is no such sandbox
     path = box.dir.serial
     if not path.exists():
         err.print("no console log yet")

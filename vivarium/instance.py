@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Any
 
 from vivarium import config as cfg
-from vivarium import ssh, state
+from vivarium import record, ssh, state
 from vivarium import template as template_mod
 from vivarium.errors import InstanceError
 from vivarium.image.build import Image
@@ -49,27 +49,27 @@ class Status:
 
 def status(d: state.InstanceDir, agents: Callable[[str], dict[str, str]]) -> Status:
     """What the instance is doing now, as `status` shows it."""
-    meta = d.read_meta()
+    rec = d.read()
+    made, run = rec.instance, rec.run
     pid = machine.read_pid(d.pidfile, d.name)
     # Recorded as running but no QEMU of ours: it died under us.
-    st = "running" if pid else ("crashed" if meta.get("running") else "stopped")
-    started = meta.get("started_at")
+    st = "running" if pid else ("crashed" if run and run.running else "stopped")
     return Status(
         name=d.name,
         state=st,
         pid=pid,
-        accel=meta.get("accel", ""),
-        ports=meta.get("ports", []),
-        image=meta.get("image", ""),
-        uptime=round(time.time() - started, 1) if pid and started else None,
-        ssh_port=meta.get("ssh_port"),
-        user=meta.get("user", ""),
-        memory=cfg.format_size(meta.get("memory", 0)),
-        cpus=meta.get("cpus", 0),
+        accel=run.accel if run else "",
+        ports=[asdict(p) for p in run.ports] if run else [],
+        image=made.image,
+        uptime=round(time.time() - run.started_at, 1) if pid and run else None,
+        ssh_port=run.ssh_port if run else None,
+        user=made.user,
+        memory=cfg.format_size(run.memory if run else 0),
+        cpus=run.cpus if run else 0,
         path=str(d.path),
-        shares=meta.get("shares", []) if pid else [],
-        agents=agents(meta.get("image", "")),
-        network=meta.get("network", ""),
+        shares=[asdict(sh) for sh in run.shares] if pid and run else [],
+        agents=agents(made.image),
+        network=run.network if run else "",
         gateway=fence.pid(d.path) if pid else None,
     )
 
@@ -102,19 +102,11 @@ def create(d: state.InstanceDir, c: cfg.Config, image: Image, tpl: template_mod.
     new_disks(d, image, c.vm.disk, c.vm.swap, tpl)
     ssh.make_keys(d.key, d.host_key, d.known_hosts, f"vivarium-{d.name}")
     freeze(d, c)
-    d.write_meta({
-        "name": d.name,
-        "created": time.time(),
-        "image": image.key,
-        "build_id": image.build_id,
-        "user": c.vm.user,
-        "template": tpl.path.name if tpl else None,
-        "pristine": True,  # until its first start: then a template's copy has become itself
-        "cold": cold,  # --cold: a reset boots it cold again
-        "disk": c.vm.disk,
-        "swap": c.vm.swap,
-        "running": False,
-    })  # fmt: skip
+    made = record.Instance(
+        name=d.name, created=time.time(), image=image.key, build_id=image.build_id, user=c.vm.user,
+        template=tpl.path.name if tpl else None, pristine=True, cold=cold, disk=c.vm.disk, swap=c.vm.swap,
+    )  # fmt: skip
+    d.write(record.Record(made))
 
 
 def new_disks(d: state.InstanceDir, image: Image, disk: int, swap: int, tpl: template_mod.Template | None = None) -> None:
@@ -132,13 +124,12 @@ def new_disks(d: state.InstanceDir, image: Image, disk: int, swap: int, tpl: tem
 def stop(d: state.InstanceDir, timeout: float = 30.0) -> str:
     """Stop its QEMU (politely, then not), its gateway and its network namespace; how it went, in words."""
     with d.lock():
-        meta = d.read_meta()
+        rec = d.read()
         pid = machine.read_pid(d.pidfile, d.name)
         how = "was not running"
         if pid is not None:
             how = machine.stop(pid, d.name, d.qmp, timeout)
-        meta["running"] = False
-        d.write_meta(meta)
+        d.write(rec.stopped())
         fence.stop(d.path)
         netns.stop(d.path)
         d.qmp.unlink(missing_ok=True)

@@ -23,6 +23,7 @@ import yaml
 from vivarium import ssh
 from vivarium.errors import InstanceError, UsageError
 from vivarium.printable import printable
+from vivarium.record import Forward
 from vivarium.run import find_program, run
 
 API_PORT = 45631
@@ -127,9 +128,9 @@ class Exec(Protocol):
     def __call__(self, command: Sequence[str], *, capture: bool = ..., timeout: float | None = ...) -> subprocess.CompletedProcess[str]: ...
 
 
-def kubeconfig(name: str, ports: Sequence[dict[str, Any]], exec_: Exec) -> dict[str, Any]:
+def kubeconfig(name: str, ports: Sequence[Forward], exec_: Exec) -> dict[str, Any]:
     """The Kind cluster's kubeconfig from the guest, checked and pointed at the host side of the API server's forward."""
-    fwd = next((p for p in ports if p["guest"] == API_PORT), None)
+    fwd = next((p for p in ports if p.guest == API_PORT), None)
     if fwd is None:
         raise UsageError(f"no host port forwards to the Kind API server (guest port {API_PORT})",
                          hint=f"vivarium port {name} add {API_PORT}:{API_PORT}")  # fmt: skip
@@ -137,7 +138,7 @@ def kubeconfig(name: str, ports: Sequence[dict[str, Any]], exec_: Exec) -> dict[
     if r.returncode != 0 or not r.stdout.strip():
         raise InstanceError(f"sandbox {name!r} has no Kind cluster yet",
                             hint=f"vivarium exec {name} -- kind create cluster --config {KIND_CONFIG}")  # fmt: skip
-    return rewrite(r.stdout, name, fwd["host"], fwd["bind"])
+    return rewrite(r.stdout, name, fwd.host, fwd.bind)
 
 
 def docker_context(name: str, target: ssh.Target) -> str:

@@ -9,6 +9,7 @@ marks the instance stopped. Only once the guest answers SSH is the stack let go 
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import logging
 import os
 import secrets
@@ -17,10 +18,9 @@ import time
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 from vivarium import config as cfg
-from vivarium import ports, ssh, state
+from vivarium import ports, record, ssh, state
 from vivarium import template as template_mod
 from vivarium.errors import VMError
 from vivarium.image.build import Image
@@ -57,7 +57,7 @@ class Launch:
     progress: Progress
 
 
-def start(how: Launch, meta: dict[str, Any], *, auto_ports: bool, timeout: float | None,
+def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float | None,
           saved: Path | None = None, template: template_mod.Template | None = None) -> None:  # fmt: skip
     """Boot (or resume the state saved in directory `saved`; or, with `template`, become a copy of it) and wait for SSH."""
     c, d, progress = how.config, how.dir, how.progress
@@ -72,8 +72,7 @@ def start(how: Launch, meta: dict[str, Any], *, auto_ports: bool, timeout: float
 
         @started.callback
         def stopped() -> None:
-            meta["running"] = False
-            d.write_meta(meta)
+            d.write(d.read().stopped())
 
         tap = gateway = None
         if how.fenced:
@@ -85,7 +84,7 @@ def start(how: Launch, meta: dict[str, Any], *, auto_ports: bool, timeout: float
             gateway = _launch_gateway(how)
             started.callback(_stop_gateway, d.path, gateway)
         shares = _start_shares(how, started)
-        fw = _write_fw_cfg(how, meta["user"], shares)
+        fw = _write_fw_cfg(how, rec.instance.user, shares)
         ram = None
         if saved is not None:
             progress("kernel", "loading the saved memory")
@@ -100,21 +99,20 @@ def start(how: Launch, meta: dict[str, Any], *, auto_ports: bool, timeout: float
             extra=("-incoming", "defer") if saved else (),
         )  # fmt: skip
         if saved is None:
-            _resize_disk(d, c.vm.disk, meta)
+            rec = _resize_disk(d, c.vm.disk, rec)
             d.serial.unlink(missing_ok=True)
         progress("kernel", f"starting QEMU ({acc.name})" if saved is None else f"restoring the saved state ({acc.name})")
         pid = machine.start(spec)
         started.callback(machine.kill, pid, how.name)
         fds.close()  # QEMU has them open now
-        meta.update({
-            "running": True, "pid": pid, "started_at": time.time(), "accel": acc.name, "accel_reason": acc.reason,
-            "ssh_port": ssh_port, "memory": c.vm.memory, "cpus": c.vm.cpus,
-            "network": c.network.mode if how.fenced else "unfenced",
-            "ports": [{"host": f.host, "guest": f.guest, "bind": f.bind} for f in forwards],
-            "shares": [{"host": str(sh.source), "guest": str(sh.guest), "mode": sh.mode, "via": "virtiofs", "tag": sh.tag}
-                       for sh in shares],
-        })  # fmt: skip
-        d.write_meta(meta)
+        rec = dataclasses.replace(rec, run=record.Run(
+            running=True, pid=pid, started_at=time.time(), accel=acc.name, accel_reason=acc.reason,
+            ssh_port=ssh_port, memory=c.vm.memory, cpus=c.vm.cpus,
+            network=c.network.mode if how.fenced else "unfenced",
+            ports=tuple(record.Forward(f.host, f.guest, f.bind) for f in forwards),
+            shares=tuple(record.Shared(str(sh.source), str(sh.guest), sh.mode, "virtiofs", sh.tag) for sh in shares),
+        ))  # fmt: skip
+        d.write(rec)
         if saved is not None:
             machine.load(d.qmp, saved / "state", without_ram=True)
         limit = timeout or (180.0 if acc.name == "kvm" else 600.0)
@@ -126,9 +124,9 @@ def start(how: Launch, meta: dict[str, Any], *, auto_ports: bool, timeout: float
             # Waited for only now, its start overlapping the restore: a connection the guest
             # made before it listened waited in the namespace (the fence fails closed), never let out.
             fence.wait_started(d.path, gateway)
-        _wait_ready(how, pid, ssh_port, meta["user"], limit, restored=saved is not None)
-        if meta.pop("pristine", False):
-            d.write_meta(meta)
+        _wait_ready(how, pid, ssh_port, rec.instance.user, limit, restored=saved is not None)
+        if rec.instance.pristine:  # a template's copy has become itself
+            d.write(dataclasses.replace(rec, instance=dataclasses.replace(rec.instance, pristine=False)))
         started.pop_all()  # it runs: keep everything
 
 
@@ -175,10 +173,13 @@ def _become(how: Launch, shares: Sequence[virtiofs.ShareSpec], fw: Sequence[tupl
                       hint=f"`vivarium destroy {how.name}` and `vivarium up --cold {how.name}`") from None  # fmt: skip
 
 
-def _resize_disk(d: state.InstanceDir, disk: int, meta: dict[str, Any]) -> None:
-    if disk > meta.get("disk", 0):
-        run(["qemu-img", "resize", "-q", d.disk, str(disk)])
-        meta["disk"] = disk
+def _resize_disk(d: state.InstanceDir, disk: int, rec: record.Record) -> record.Record:
+    if disk <= rec.instance.disk:
+        return rec
+    run(["qemu-img", "resize", "-q", d.disk, str(disk)])
+    rec = dataclasses.replace(rec, instance=dataclasses.replace(rec.instance, disk=disk))
+    d.write(rec)
+    return rec
 
 
 def _start_shares(how: Launch, started: contextlib.ExitStack) -> list[virtiofs.ShareSpec]:

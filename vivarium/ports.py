@@ -5,9 +5,10 @@ from __future__ import annotations
 import contextlib
 import socket
 from collections.abc import Sequence
+from dataclasses import replace
 
 from vivarium import config as cfg
-from vivarium import state
+from vivarium import record, state
 from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.vm import machine
 from vivarium.vm.qemu import PortForward
@@ -39,7 +40,8 @@ def port_holder(port: int, exclude: str = "") -> str | None:
         if d.name == exclude:
             continue
         with contextlib.suppress(Exception):
-            if machine.read_pid(d.pidfile, d.name) is not None and any(p["host"] == port for p in d.read_meta().get("ports", [])):
+            run = d.read().run
+            if run and machine.read_pid(d.pidfile, d.name) is not None and any(p.host == port for p in run.ports):
                 return d.name
     return None
 
@@ -67,8 +69,8 @@ def choose(forwards: Sequence[cfg.Forward], name: str, *, auto_ports: bool) -> l
 def add(d: state.InstanceDir, host: int, guest: int, bind: str = "127.0.0.1") -> None:
     """Forward host `bind:host` to guest port `guest` in the running sandbox, now."""
     with d.lock():
-        meta = d.read_meta()
-        if machine.read_pid(d.pidfile, d.name) is None:
+        rec = d.read()
+        if rec.run is None or machine.read_pid(d.pidfile, d.name) is None:
             raise InstanceError(f"sandbox {d.name!r} is not running")
         if not port_free(bind, host):
             holder = port_holder(host)
@@ -76,20 +78,19 @@ def add(d: state.InstanceDir, host: int, guest: int, bind: str = "127.0.0.1") ->
         reply = machine.hmp(d.qmp, f"hostfwd_add net0 tcp:{bind}:{host}-:{guest}")
         if reply:
             raise VMError(f"QEMU refused the forward: {reply}")
-        meta["ports"].append({"host": host, "guest": guest, "bind": bind})
-        d.write_meta(meta)
+        d.write(replace(rec, run=replace(rec.run, ports=(*rec.run.ports, record.Forward(host, guest, bind)))))
 
 
 def remove(d: state.InstanceDir, host: int) -> None:
     with d.lock():
-        meta = d.read_meta()
-        match = [p for p in meta.get("ports", []) if p["host"] == host]
-        if not match:
+        rec = d.read()
+        run = rec.run
+        match = [p for p in run.ports if p.host == host] if run else []
+        if run is None or not match:
             raise UsageError(f"sandbox {d.name!r} forwards no host port {host}", hint=f"see `vivarium port {d.name} ls`")
-        if match[0]["guest"] == SSH_PORT and match[0]["host"] == meta.get("ssh_port"):
+        if match[0].guest == SSH_PORT and match[0].host == run.ssh_port:
             raise UsageError(f"port {host} carries vivarium's own SSH connection; it stays")
-        reply = machine.hmp(d.qmp, f"hostfwd_remove net0 tcp:{match[0]['bind']}:{host}")
+        reply = machine.hmp(d.qmp, f"hostfwd_remove net0 tcp:{match[0].bind}:{host}")
         if reply and "removed" not in reply:
             raise VMError(f"QEMU refused to remove the forward: {reply}")
-        meta["ports"] = [p for p in meta["ports"] if p["host"] != host]
-        d.write_meta(meta)
+        d.write(replace(rec, run=replace(run, ports=tuple(p for p in run.ports if p.host != host))))

@@ -4,10 +4,9 @@ made once), and mending a running sandbox whose gateway was killed."""
 from __future__ import annotations
 
 from collections.abc import Callable
-from typing import Any
 
 from vivarium import config as cfg
-from vivarium import state
+from vivarium import record, state
 from vivarium import template as template_mod
 from vivarium.errors import InstanceError
 from vivarium.image.build import Image, build_image, find_image
@@ -21,7 +20,7 @@ from vivarium.vm.qemu import HOTPLUG_SLOTS
 def image_of(d: state.InstanceDir, c: cfg.Config, progress: Progress) -> Image:
     """An existing sandbox's own image (which must still be cached); for a new one, the image of its settings, built if need be."""
     if d.exists():
-        key = d.read_meta()["image"]
+        key = d.read().instance.image
         image = find_image(key)
         if image is None:
             raise InstanceError(
@@ -33,8 +32,8 @@ def image_of(d: state.InstanceDir, c: cfg.Config, progress: Progress) -> Image:
     return image
 
 
-def check_image(d: state.InstanceDir, meta: dict[str, Any], image: Image) -> None:
-    if meta["build_id"] != image.build_id:
+def check_image(d: state.InstanceDir, made: record.Instance, image: Image) -> None:
+    if made.build_id != image.build_id:
         raise InstanceError(
             f"sandbox {d.name!r} was made from an image that has since been rebuilt",
             hint=f"`vivarium reset {d.name}` starts it afresh from the new image",
@@ -51,19 +50,19 @@ def template_for(c: cfg.Config, image: Image, fenced: bool, progress: Progress,
     return template_mod.find(image, c, acc.name) or template_mod.make(image, c, acc.name, progress, sandbox)
 
 
-def unstarted_template(d: state.InstanceDir, meta: dict[str, Any]) -> template_mod.Template | None:
+def unstarted_template(d: state.InstanceDir, made: record.Instance) -> template_mod.Template | None:
     """The template whose disks this sandbox's overlays were made on, while it has not yet started from it."""
-    if not meta.get("template") or not meta.get("pristine"):
+    if not made.template or not made.pristine:
         return None
-    tpl = template_mod.get(meta["template"])
+    tpl = template_mod.get(made.template)
     if tpl is None:
         raise InstanceError(f"the template sandbox {d.name!r} was to start from is gone from the cache",
                             hint=f"`vivarium reset {d.name}` starts it afresh")  # fmt: skip
     return tpl
 
 
-def mend(d: state.InstanceDir, meta: dict[str, Any], progress: Progress) -> None:
+def mend(d: state.InstanceDir, run: record.Run | None, progress: Progress) -> None:
     """A running sandbox whose gateway is gone (killed from outside) has been failing closed: bring it back."""
-    if meta.get("network") != "unfenced" and fence.pid(d.path) is None:
+    if run is not None and run.network != "unfenced" and fence.pid(d.path) is None:
         progress("start", "restarting the egress gateway")
         fence.start(d.path, d.pidfile)

@@ -16,6 +16,7 @@ import logging
 import shutil
 import subprocess
 from collections.abc import Iterator, Sequence
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -29,6 +30,7 @@ from vivarium.instance import Status
 from vivarium.net import control as fence
 from vivarium.net.policy import Decision
 from vivarium.progress import Progress, quiet
+from vivarium.record import Record, Run, Shared
 from vivarium.share import changesets, review
 from vivarium.vm import accel as accel_mod
 from vivarium.vm import machine
@@ -69,8 +71,16 @@ class Sandbox:
     def exists(self) -> bool:
         return self.dir.exists()
 
-    def meta(self) -> dict[str, Any]:
-        return self.dir.read_meta()
+    def record(self) -> Record:
+        """What the instance is (`.instance`) and what its latest start did (`.run`)."""
+        return self.dir.read()
+
+    def _run(self) -> Run:
+        """The running sandbox's start record."""
+        run = self.record().run
+        if run is None or self.pid() is None:
+            raise InstanceError(f"sandbox {self.name!r} is not running", hint=f"start it with `vivarium up {self.name}`")
+        return run
 
     def pid(self) -> int | None:
         return machine.read_pid(self.dir.pidfile, self.name)
@@ -79,14 +89,11 @@ class Sandbox:
         return instance.status(self.dir, _image_agents)
 
     def target(self) -> ssh.Target:
-        meta = self.meta()
-        if self.pid() is None:
-            raise InstanceError(f"sandbox {self.name!r} is not running", hint=f"start it with `vivarium up {self.name}`")
-        return self.target_at(meta["ssh_port"], meta["user"])
+        return self.target_at(self._run().ssh_port)
 
     def target_at(self, port: int, user: str | None = None) -> ssh.Target:
         """This instance's SSH identity (its key, its pinned host key) at a given host port."""
-        return launch.target(self.dir, port, user or self.meta()["user"])
+        return launch.target(self.dir, port, user or self.record().instance.user)
 
     # ---------------------------------------------------------- lifecycle
 
@@ -98,7 +105,7 @@ class Sandbox:
         given = self._config is not None
         with self.dir.lock():
             if self.exists() and self.pid() is not None:
-                provision.mend(self.dir, self.meta(), progress)
+                provision.mend(self.dir, self.record().run, progress)
                 return self.status()
             image = provision.image_of(self.dir, self.config, progress)
             if not self.exists():
@@ -106,16 +113,17 @@ class Sandbox:
                 instance.create(self.dir, self.config, image, tpl, cold=cold)
             elif given:
                 self._freeze()
-            meta = self.meta()
-            provision.check_image(self.dir, meta, image)
-            self._start(meta, image, progress, auto_ports=auto_ports, timeout=timeout, template=provision.unstarted_template(self.dir, meta))
+            rec = self.record()
+            provision.check_image(self.dir, rec.instance, image)
+            tpl = provision.unstarted_template(self.dir, rec.instance)
+            self._start(rec, image, progress, auto_ports=auto_ports, timeout=timeout, template=tpl)
         return self.status()
 
-    def _start(self, meta: dict[str, Any], image: Image, progress: Progress, *, auto_ports: bool, timeout: float | None,
+    def _start(self, rec: Record, image: Image, progress: Progress, *, auto_ports: bool, timeout: float | None,
                saved: Path | None = None, template: template_mod.Template | None = None) -> None:  # fmt: skip
         """Boot (or resume the state saved in directory `saved`; or, with `template`, become a copy of it) and wait for SSH."""
         how = launch.Launch(self.name, self.dir, self.config, image, self._fence, progress)
-        launch.start(how, meta, auto_ports=auto_ports, timeout=timeout, saved=saved, template=template)
+        launch.start(how, rec, auto_ports=auto_ports, timeout=timeout, saved=saved, template=template)
 
     def stop(self, timeout: float = 30.0) -> str:
         return instance.stop(self.dir, timeout)
@@ -134,33 +142,31 @@ class Sandbox:
         if was_running:
             self.stop()
         with self.dir.lock():
-            meta = self.meta()
+            rec = self.record()
             self._freeze()
-            image = find_image(meta["image"])
+            image = find_image(rec.instance.image)
             # Settings given to this Sandbox (or a missing image) decide the image; otherwise keep its own.
             if image is None or given:
                 recipe = Recipe.from_config(self.config)
-                if image is None or recipe.key() != meta["image"]:
+                if image is None or recipe.key() != rec.instance.image:
                     image, _ = build_image(recipe, progress=progress)
-            tpl = None if meta.get("cold") else provision.template_for(self.config, image, self._fence, progress, Sandbox)
-            instance.new_disks(self.dir, image, meta["disk"], meta["swap"], tpl)
+            made = rec.instance
+            tpl = None if made.cold else provision.template_for(self.config, image, self._fence, progress, Sandbox)
+            instance.new_disks(self.dir, image, made.disk, made.swap, tpl)
             for snap in self.dir.path.glob("review-*.json"):  # the overlays went with the disk
                 snap.unlink()
-            meta.update({"image": image.key, "build_id": image.build_id, "running": False,
-                         "template": tpl.path.name if tpl else None, "pristine": True})  # fmt: skip
+            made = replace(made, image=image.key, build_id=image.build_id, template=tpl.path.name if tpl else None, pristine=True)
             if tpl is not None:
-                meta.update({"disk": self.config.vm.disk, "swap": self.config.vm.swap})
-            self.dir.write_meta(meta)
+                made = replace(made, disk=self.config.vm.disk, swap=self.config.vm.swap)
+            self.dir.write(replace(rec, instance=made).stopped())
         if was_running:
             self.up(progress=progress, timeout=timeout)
         return was_running
 
     # ------------------------------------------------------------ review
 
-    def _review_shares(self) -> list[dict[str, Any]]:
-        if self.pid() is None:
-            raise InstanceError(f"sandbox {self.name!r} is not running", hint=f"start it with `vivarium up {self.name}`: its changes are on its disk")
-        return changesets.review_shares(self.name, self.meta())
+    def _review_shares(self) -> list[Shared]:
+        return changesets.review_shares(self.name, self._run().shares)
 
     def diff(self, *, patch: bool = False) -> list[dict[str, Any]]:
         """What the guest changed in each review share: [{share, guest, id, changes: [...], skipped: [...], patch?}].
@@ -191,9 +197,8 @@ class Sandbox:
         if self.pid() is not None:
             self.stop(timeout=0)
         with self.dir.lock():
-            meta = self.meta()
             snapshots.put_back_disks(self.dir, path)
-            self._start(meta, image, progress, auto_ports=False, timeout=None, saved=path)
+            self._start(self.record(), image, progress, auto_ports=False, timeout=None, saved=path)
         return self.status()
 
     def snapshot_rm(self, tag: str) -> None:
@@ -203,9 +208,7 @@ class Sandbox:
 
     def kubeconfig(self) -> dict[str, Any]:
         """The sandbox's Kind cluster's kubeconfig, pointed at the host side of the API server's forward."""
-        if self.pid() is None:
-            raise InstanceError(f"sandbox {self.name!r} is not running", hint=f"start it with `vivarium up {self.name}`")
-        return kube.kubeconfig(self.name, self.meta().get("ports", []), self.exec)
+        return kube.kubeconfig(self.name, self._run().ports, self.exec)
 
     def docker_context(self) -> str:
         """A Docker context on the host that reaches the sandbox's daemon over SSH. Returns its name."""
@@ -246,11 +249,15 @@ class Sandbox:
     def guest_dir(self, host_dir: Path) -> str:
         """Where `host_dir` is in the guest, if a share holds it (at the same path unless the share
         says otherwise); else workdir()."""
-        return sessions.guest_dir(self.meta().get("shares") or [], host_dir)
+        return sessions.guest_dir(self._shares(), host_dir)
 
     def workdir(self) -> str:
         """Where agents start: the guest path of the first share, else the agent's home."""
-        return sessions.workdir(self.meta().get("shares") or [])
+        return sessions.workdir(self._shares())
+
+    def _shares(self) -> tuple[Shared, ...]:
+        run = self.record().run
+        return run.shares if run else ()
 
     def start_session(self, command: Sequence[str], *, session: str, env_names: Sequence[str] = ()) -> None:
         """Start `command` as the agent user in a detached tmux session, in workdir().

@@ -13,24 +13,25 @@ from typing import Any, Protocol
 
 from vivarium import ssh
 from vivarium.errors import InstanceError, UsageError
+from vivarium.record import Shared
 
 
 class Exec(Protocol):
     def __call__(self, command: Sequence[str], *, capture: bool = ..., input: str | None = ...) -> subprocess.CompletedProcess[str]: ...
 
 
-def guest_dir(shares: Sequence[dict[str, Any]], host_dir: Path) -> str:
+def guest_dir(shares: Sequence[Shared], host_dir: Path) -> str:
     """Where `host_dir` is in the guest, if a share holds it (at the same path unless the share says otherwise)."""
     here = host_dir.resolve()
     for share in shares:
         with contextlib.suppress(ValueError):
-            return str(Path(share["guest"]) / here.relative_to(share["host"]))
+            return str(Path(share.guest) / here.relative_to(share.host))
     return workdir(shares)
 
 
-def workdir(shares: Sequence[dict[str, Any]]) -> str:
+def workdir(shares: Sequence[Shared]) -> str:
     """Where agents start: the guest path of the first share, else the agent's home."""
-    return str(shares[0]["guest"]) if shares else "~"
+    return shares[0].guest if shares else "~"
 
 
 def start(exec_: Exec, work: str, command: Sequence[str], *, session: str, env_names: Sequence[str] = ()) -> None:

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vivarium import config as cfg
-from vivarium import state
+from vivarium import record, state
 from vivarium.errors import InstanceError, UsageError
 from vivarium.run import run
 from vivarium.vm import machine, memory
@@ -48,8 +48,8 @@ def save(d: state.InstanceDir, tag: str) -> dict[str, Any]:
         pid = machine.read_pid(d.pidfile, d.name)
         if pid is None:
             raise InstanceError(f"sandbox {d.name!r} is not running", hint="a snapshot saves a running sandbox's memory")
-        meta = d.read_meta()
-        if meta.get("shares"):
+        rec = d.read()
+        if rec.run is not None and rec.run.shares:
             raise UsageError(
                 f"sandbox {d.name!r} has shared directories, and QEMU's virtiofs device cannot be saved",
                 hint='snapshot a sandbox without shares (share = [] in vivarium.toml)',
@@ -60,7 +60,7 @@ def save(d: state.InstanceDir, tag: str) -> dict[str, Any]:
         shutil.rmtree(tmp, ignore_errors=True)
         tmp.mkdir(parents=True)
         try:
-            data = {"tag": tag, **save_state(d, tmp, pid, meta)}
+            data = {"tag": tag, **save_state(d, tmp, pid, rec)}
             (tmp / "meta.json").write_text(json.dumps(data, indent=1))
             tmp.rename(path)
         except BaseException:
@@ -69,19 +69,22 @@ def save(d: state.InstanceDir, tag: str) -> dict[str, Any]:
     return info(path)
 
 
-def save_state(d: state.InstanceDir, dest: Path, pid: int, meta: dict[str, Any]) -> dict[str, Any]:
+def save_state(d: state.InstanceDir, dest: Path, pid: int, rec: record.Record) -> dict[str, Any]:
     """The running guest's device state, RAM and disks into `dest`, all of one instant; it runs on after."""
+    now = rec.run
+    if now is None:
+        raise InstanceError(f"sandbox {d.name!r} has no record of its start", hint=f"`vivarium stop {d.name}` and `vivarium up {d.name}`")
     started = time.monotonic()
     machine.save_memory(d.qmp, dest / "state", without_ram=True)
     try:  # paused, its disks flushed: RAM and disks as they are now
-        ram = memory.save_sparse(memory.qemu_ram_fd(pid, meta["memory"] >> 20 << 20), dest / "ram")
+        ram = memory.save_sparse(memory.qemu_ram_fd(pid, now.memory >> 20 << 20), dest / "ram")
         for disk in (d.disk, d.swap):
             run(["cp", "--reflink=auto", "--sparse=always", disk, dest / disk.name])
     finally:
         machine.qmp(d.qmp, "cont")
     return {
         "created": time.time(), "seconds": round(time.monotonic() - started, 2), "ram_data": ram,
-        "memory": meta["memory"], "cpus": meta["cpus"], "accel": meta["accel"], "build_id": meta["build_id"],
+        "memory": now.memory, "cpus": now.cpus, "accel": now.accel, "build_id": rec.instance.build_id,
         "qemu": machine.qemu_version(d.qmp), "layout": LAYOUT,
     }  # fmt: skip
 

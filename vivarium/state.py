@@ -8,15 +8,14 @@ from __future__ import annotations
 
 import errno
 import fcntl
-import json
 import os
 import re
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
+from vivarium import record
 from vivarium.errors import InstanceError, UsageError
 
 NAME_RE = re.compile(r"[a-z0-9][a-z0-9-]{0,30}")
@@ -122,15 +121,18 @@ class InstanceDir:
     def exists(self) -> bool:
         return bool(self.meta.exists())
 
-    def read_meta(self) -> dict[str, Any]:
+    def read(self) -> record.Record:
+        """What the instance is and what its latest start did."""
         try:
-            data: dict[str, Any] = json.loads(self.meta.read_text())
+            return record.from_json(self.meta.read_text())
         except FileNotFoundError:
             raise InstanceError(f"no sandbox named {self.name!r}", hint="see `vivarium ls`, or create it with `vivarium up`") from None
-        return data
+        except record.Damaged as e:
+            raise InstanceError(f"the record of sandbox {self.name!r} ({self.meta}) cannot be read: {e}",
+                                hint=f"`vivarium destroy {self.name}` and make it again") from None  # fmt: skip
 
-    def write_meta(self, data: dict[str, Any]) -> None:
-        write_atomic(self.meta, json.dumps(data, indent=2) + "\n")
+    def write(self, rec: record.Record) -> None:
+        write_atomic(self.meta, rec.to_json())
 
     @contextmanager
     def lock(self, *, wait: bool = True) -> Iterator[None]:

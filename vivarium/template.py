@@ -21,7 +21,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Protocol
+from typing import TYPE_CHECKING, Protocol
 
 from vivarium import config as cfg
 from vivarium import state
@@ -82,8 +82,8 @@ def prune() -> list[str]:
     used = set()
     for inst in state.list_instances():
         try:
-            used.add(inst.read_meta().get("template"))
-        except (OSError, ValueError, InstanceError):
+            used.add(inst.read().instance.template)
+        except (OSError, InstanceError):
             continue
     live = set()
     if state.images_dir().is_dir():
@@ -114,7 +114,6 @@ class Throwaway(Protocol):
     def up(self, *, progress: Progress, cold: bool) -> object: ...
     def exec(self, command: Sequence[str], *, capture: bool = ..., timeout: float | None = ...) -> subprocess.CompletedProcess[str]: ...
     def snapshot_save(self, tag: str) -> object: ...
-    def meta(self) -> dict[str, Any]: ...
     def destroy(self) -> None: ...
 
 
@@ -148,7 +147,7 @@ def make(image: Image, c: cfg.Config, accel: str, progress: Progress, sandbox: C
             shutil.rmtree(tmp, ignore_errors=True)
             (box.dir.path / "snapshots" / "template").rename(tmp)
             info = json.loads((tmp / "meta.json").read_text())
-            info.update({"user": box.meta()["user"], "made": time.time(), "key": key, "version": TEMPLATE_VERSION})
+            info.update({"user": c.vm.user, "made": time.time(), "key": key, "version": TEMPLATE_VERSION})
             (tmp / "meta.json").write_text(json.dumps(info, indent=1))
             tmp.rename(final)
             prune()

@@ -144,7 +144,7 @@ def attack(shared: tuple[Sandbox, Path, Path]) -> tuple[Sandbox, Path]:
 
 
 def upper(box: Sandbox, share: Path) -> str:
-    (tag,) = [s["tag"] for s in box.meta()["shares"] if s["host"] == str(share)]
+    (tag,) = [s["tag"] for s in box.status().shares if s["host"] == str(share)]
     return f"/var/lib/vivarium/review/{tag}/upper"
 
 

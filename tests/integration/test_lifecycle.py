@@ -67,7 +67,7 @@ def test_status_and_ls(box: Sandbox) -> None:
     assert "itest" in names
     assert "Host vivarium-itest" in vv("ssh-config", "itest").stdout
     # the console log: a boot's, or the restore's word that it became this sandbox
-    mark = "vivarium: restored from a template, now itest" if box.meta()["template"] else "vivarium-phase: setup"
+    mark = "vivarium: restored from a template, now itest" if box.record().instance.template else "vivarium-phase: setup"
     assert mark in vv("logs", "itest").stdout
 
 
@@ -180,8 +180,8 @@ def test_reset_throws_the_guest_disk_away(box: Sandbox, project: Path) -> None:
     assert box.pid() is not None
     assert box.exec(["test", "-f", "/home/agent/marker"]).returncode == 1
     # a fresh copy of the ready template, made this sandbox again: Docker runs, the share is back, its own name
-    meta = box.meta()
-    assert meta["template"] is not None and "pristine" not in meta
+    made = box.record().instance
+    assert made.template is not None and not made.pristine
     r = box.exec(["sh", "-c", f"systemctl is-active docker; hostname; mount | grep -c ' {project.resolve()} type virtiofs'"], capture=True)
     assert r.stdout.split() == ["active", "itest", "1"], r.stdout
 

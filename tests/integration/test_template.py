@@ -43,12 +43,12 @@ def test_clones_of_one_template_are_different_machines(twins: tuple[Sandbox, San
     assert ia[2] != ib[2] and len(ia[2]) == 64  # the first 32 bytes from /dev/urandom
     assert (ia[3], ib[3]) == ("twin-a", "twin-b")
     # both came from the same template as the session's sandbox (same shape)
-    assert a.meta().get("template") == b.meta().get("template") == box.meta().get("template") is not None
+    assert a.record().instance.template == b.record().instance.template == box.record().instance.template is not None
 
 
 def test_each_clone_takes_only_its_own_key(twins: tuple[Sandbox, Sandbox]) -> None:
     a, b = twins
-    wrong = a.target_at(b.meta()["ssh_port"])  # a's key and a's pinned host key, at b's port
+    wrong = a.target_at(b.status().ssh_port or 0)  # a's key and a's pinned host key, at b's port
     r = subprocess.run(wrong.argv(["true"], tty=False), capture_output=True, text=True, timeout=60)
     assert r.returncode != 0
     assert a.exec(["true"]).returncode == 0 and b.exec(["true"]).returncode == 0
@@ -68,6 +68,6 @@ def test_cold_skips_the_template(project: Path) -> None:
     r = vv("up", "frosty", "--cold", "--auto-ports", cwd=d)
     try:
         assert "is up" in r.stderr
-        assert Sandbox("frosty").meta().get("template") is None
+        assert Sandbox("frosty").record().instance.template is None
     finally:
         vv("destroy", "frosty")

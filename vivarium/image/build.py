@@ -152,8 +152,8 @@ def prune_images(keep: set[str], recent: int = KEEP_RECENT) -> list[str]:
     used = set(keep)
     for inst in state.list_instances():
         try:
-            used.add(inst.read_meta()["image"])
-        except (KeyError, OSError, ValueError, InstanceError):
+            used.add(inst.read().instance.image)
+        except (OSError, InstanceError):
             continue
     images = [p for p in state.images_dir().iterdir() if (p / "manifest.json").is_file()]
     images.sort(key=lambda p: p.stat().st_mtime, reverse=True)

@@ -18,14 +18,15 @@ from typing import Any, Protocol
 from vivarium import ssh, state
 from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.printable import printable
+from vivarium.record import Shared
 from vivarium.share import review
 
 
 class GuestFiles(Protocol):
-    def scan(self, share: dict[str, Any]) -> object:
+    def scan(self, share: Shared) -> object:
         """The guest's (untrusted) account of what changed in a review share."""
 
-    def fetch(self, share: dict[str, Any], rel: str) -> bytes:
+    def fetch(self, share: Shared, rel: str) -> bytes:
         """A changed file's content, as the guest has it now."""
 
 
@@ -35,44 +36,44 @@ class SSHFiles:
     def __init__(self, exec_: Callable[..., subprocess.CompletedProcess[str]], target: Callable[[], ssh.Target]) -> None:
         self.exec, self.target = exec_, target
 
-    def scan(self, share: dict[str, Any]) -> object:
+    def scan(self, share: Shared) -> object:
         """The guest's own account of its changes: untrusted, checked by review.changes()."""
-        r = self.exec(["sudo", "python3", "-c", review.SCAN, review.UPPER.format(tag=share["tag"])], capture=True, timeout=600)
+        r = self.exec(["sudo", "python3", "-c", review.SCAN, review.UPPER.format(tag=share.tag)], capture=True, timeout=600)
         if r.returncode != 0:
-            raise VMError(f"cannot read the changes to {share['host']} in the sandbox: {r.stderr.strip()[-200:]}")
+            raise VMError(f"cannot read the changes to {share.host} in the sandbox: {r.stderr.strip()[-200:]}")
         try:
             entries: object = json.loads(r.stdout)
         except ValueError:
-            raise VMError(f"the sandbox's account of its changes to {share['host']} is not JSON") from None
+            raise VMError(f"the sandbox's account of its changes to {share.host} is not JSON") from None
         return entries
 
-    def fetch(self, share: dict[str, Any], rel: str) -> bytes:
-        argv = self.target().argv(["sudo", "cat", "--", f"{review.UPPER.format(tag=share['tag'])}/{rel}"], tty=False)
+    def fetch(self, share: Shared, rel: str) -> bytes:
+        argv = self.target().argv(["sudo", "cat", "--", f"{review.UPPER.format(tag=share.tag)}/{rel}"], tty=False)
         r = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=600, check=False)
         if r.returncode != 0:
             raise VMError(f"cannot read {rel} from the sandbox: {r.stderr.decode(errors='replace').strip()[-200:]}")
         return r.stdout
 
 
-def review_shares(name: str, meta: dict[str, Any]) -> list[dict[str, Any]]:
-    shares = [sh for sh in meta.get("shares", []) if sh.get("mode") == "review"]
-    if not shares:
+def review_shares(name: str, shares: Sequence[Shared]) -> list[Shared]:
+    reviewed = [sh for sh in shares if sh.mode == "review"]
+    if not reviewed:
         raise UsageError(f"sandbox {name!r} has no share in review mode", hint='set mode = "review" on a [[share]] in vivarium.toml')
-    return shares
+    return reviewed
 
 
-def diff(d: state.InstanceDir, files: GuestFiles, shares: Sequence[dict[str, Any]], *, patch: bool = False) -> list[dict[str, Any]]:
+def diff(d: state.InstanceDir, files: GuestFiles, shares: Sequence[Shared], *, patch: bool = False) -> list[dict[str, Any]]:
     """What the guest changed in each review share: [{share, guest, id, changes: [...], skipped: [...], patch?}].
 
     The change set is recorded under its id: `apply` takes exactly it (the last one, or the one named)."""
     out = []
     record: dict[str, dict[str, Any]] = {}
     for share in shares:
-        host = Path(share["host"])
+        host = Path(share.host)
         found = review.changes(host, files.scan(share))
         changes = [c.to_dict() for c in found.changes]
-        record[share["host"]] = {"tag": share["tag"], "changes": changes, "skipped": found.skipped}
-        item: dict[str, Any] = {"share": share["host"], "guest": share["guest"], "changes": changes, "skipped": found.skipped}
+        record[share.host] = {"tag": share.tag, "changes": changes, "skipped": found.skipped}
+        item: dict[str, Any] = {"share": share.host, "guest": share.guest, "changes": changes, "skipped": found.skipped}
         if patch:
             text = []
             for c in found.changes:
@@ -107,7 +108,7 @@ def reviewed(d: state.InstanceDir, set_id: str | None) -> dict[str, Any]:
     return data
 
 
-def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[dict[str, Any]], paths: Sequence[str] = (),
+def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[Shared], paths: Sequence[str] = (),
           set_id: str | None = None) -> list[tuple[str, review.ApplyResult, list[dict[str, str]]]]:  # fmt: skip
     """Copy the reviewed changes (all, or those at or under `paths`) to the host: exactly what `diff` showed
     (the last one, or `set_id`), or nothing when the guest changed any of it since. Host-changed paths are left alone.
@@ -116,8 +117,8 @@ def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[dict[str, An
     wanted = [os.path.normpath(os.path.abspath(p)) for p in paths]
     plans = []
     for share in shares:
-        host = Path(share["host"])
-        rec = record["shares"].get(share["host"])
+        host = Path(share.host)
+        rec = record["shares"].get(share.host)
         if rec is None:
             continue
         rels: list[str] | None = None
@@ -132,7 +133,7 @@ def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[dict[str, An
     fetched: dict[str, dict[str, bytes]] = {}  # share → path → content
     moved: list[str] = []
     for share, host, chosen, _ in plans:
-        content = fetched.setdefault(share["host"], {})
+        content = fetched.setdefault(share.host, {})
         if not chosen:
             continue
         now = {c.path: c for c in review.changes(host, files.scan(share)).changes}
@@ -149,12 +150,12 @@ def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[dict[str, An
                             hint=f"`vivarium diff {d.name}` again, then apply what it shows")  # fmt: skip
     results = []
     for share, host, chosen, skipped in plans:
-        snap_path = d.path / f"review-{share['tag']}.json"
+        snap_path = d.path / f"review-{share.tag}.json"
         snap = review.load_snapshot(snap_path)
         st = host.stat()
         owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
         with d.lock():
-            result = review.apply(host, chosen, snap, fetched[share["host"]], owner)
+            result = review.apply(host, chosen, snap, fetched[share.host], owner)
             review.save_snapshot(snap_path, snap)
-        results.append((share["host"], result, skipped))
+        results.append((share.host, result, skipped))
     return results
