@@ -7,6 +7,7 @@ from __future__ import annotations
 import os
 import shutil
 import signal
+import subprocess
 import tempfile
 import time
 from collections.abc import Iterator
@@ -97,4 +98,34 @@ def test_a_guest_that_never_gets_ready_unwinds_everything(
     fake_qemu(tmp_path, monkeypatch, 'for a; do case "$prev" in -pidfile) echo $$ > "$a";; esac; prev=$a; done\nexit 0\n')
     with pytest.raises(VMError, match=r"QEMU started but exited at once|QEMU exited while"):
         launch.start(how, rec, auto_ports=True, timeout=5)
+    assert_nothing_left(how)
+
+
+def test_a_saved_state_that_does_not_load_unwinds_everything_and_says_why(
+    box: tuple[launch.Launch, record.Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The load step: a real QEMU (without the test image's empty kernel) given a damaged saved state."""
+    how, rec = box
+    d = how.dir
+    for disk in (d.disk, d.swap):
+        subprocess.run(["qemu-img", "create", "-q", "-f", "qcow2", disk, "64M"], check=True)
+    saved = tmp_path / "saved"
+    saved.mkdir()
+    with open(saved / "ram", "wb") as f:
+        f.truncate(how.config.vm.memory)  # all holes: nothing to copy
+    (saved / "state").write_bytes(b"not a migration stream" * 100)
+    bin_dir = tmp_path / "bin"
+    bin_dir.mkdir()
+    real = shutil.which("qemu-system-x86_64")
+    (bin_dir / "qemu-system-x86_64").write_text(
+        "#!/bin/sh\n# QEMU as launch runs it, without the (empty) kernel: a restore never boots one\n"
+        'skip=0\nfor a; do shift; if [ $skip = 1 ]; then skip=0; continue; fi\n'
+        'case "$a" in -kernel|-initrd|-append) skip=1; continue;; esac; set -- "$@" "$a"; done\n'
+        f'exec {real} "$@"\n'
+    )  # fmt: skip
+    (bin_dir / "qemu-system-x86_64").chmod(0o755)
+    monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
+    with pytest.raises(VMError, match=r"^QEMU exited while starting sandbox 'failing': load of migration failed: ") as e:
+        launch.start(how, rec, auto_ports=True, timeout=30, saved=saved)
+    assert str(d.log) in e.value.hint
     assert_nothing_left(how)

@@ -30,7 +30,7 @@ def home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Path:
 
 
 def started(rec: record.Record) -> record.Record:
-    run = record.Run(running=True, pid=7, started_at=2.5, accel="kvm", accel_reason="/dev/kvm works", ssh_port=2222,
+    run = record.Run(running=True, pid=7, qemu_started=1234, started_at=2.5, accel="kvm", accel_reason="/dev/kvm works", ssh_port=2222,
                      memory=1 << 30, cpus=2, network="allowlist", ports=(record.Forward(2222, 22),),
                      shares=(record.Shared("/h", "/g", "rw", "virtiofs", "share0"),))  # fmt: skip
     return replace(rec, run=run)
@@ -51,6 +51,7 @@ def test_a_first_layout_record_is_migrated() -> None:
     rec = record.from_json(json.dumps(V1))
     assert rec.instance == record.Instance("old", 1764660000.5, "3f2a", "b-1", "agent", "t-9", False, False, 17179869184, 2147483648)
     assert rec.run is not None and rec.run.running is False and rec.run.pid == 4242 and rec.run.network == "lan-block"
+    assert rec.run.qemu_started is None  # not kept then: such a QEMU is known by its name
     assert rec.run.ports == (record.Forward(40022, 22, "127.0.0.1"),)
     assert rec.run.shares == (record.Shared("/src/p", "/src/p", "review", "virtiofs", "share0"),)
     never_started = {k: V1[k] for k in ("name", "created", "image", "build_id", "user", "template", "disk", "swap")}

@@ -21,6 +21,7 @@ def spec(tmp_path: Path, **kw: object) -> MachineSpec:
         accel_args=("-accel", "tcg", "-cpu", "max"),
         forwards=(PortForward(2222, 22), PortForward(8080, 80, "0.0.0.0")),
         qmp=tmp_path / "qmp.sock", serial=tmp_path / "serial.log", pidfile=tmp_path / "qemu.pid",
+        log=tmp_path / "qemu.log",
         fw_cfg=(("user", tmp_path / "fw/user"),),
     )  # fmt: skip
     base.update(kw)

@@ -3,6 +3,7 @@ the settings it was made with (frozen), and stopping what runs for it."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import time
@@ -51,7 +52,7 @@ def status(d: state.InstanceDir, agents: Callable[[str], dict[str, str]]) -> Sta
     """What the instance is doing now, as `status` shows it."""
     rec = d.read()
     made, run = rec.instance, rec.run
-    pid = machine.read_pid(d.pidfile, d.name)
+    pid = d.qemu_pid()
     # Recorded as running but no QEMU of ours: it died under us.
     st = "running" if pid else ("crashed" if run and run.running else "stopped")
     return Status(
@@ -125,10 +126,11 @@ def stop(d: state.InstanceDir, timeout: float = 30.0) -> str:
     """Stop its QEMU (politely, then not), its gateway and its network namespace; how it went, in words."""
     with d.lock():
         rec = d.read()
-        pid = machine.read_pid(d.pidfile, d.name)
+        qemu = machine.Process.find(rec.run.pid, rec.run.qemu_started, d.name) if rec.run else None
         how = "was not running"
-        if pid is not None:
-            how = machine.stop(pid, d.name, d.qmp, timeout)
+        if qemu is not None:
+            with contextlib.closing(qemu):
+                how = machine.stop(qemu, d.qmp, timeout)
         d.write(rec.stopped())
         fence.stop(d.path)
         netns.stop(d.path)

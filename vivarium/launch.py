@@ -68,7 +68,8 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
     forwards = ports.choose(c.forward, how.name, auto_ports=auto_ports)
     ssh_port = next(f.host for f in forwards if f.guest == ports.SSH_PORT)
     d.pidfile.unlink(missing_ok=True)  # a dead QEMU's: the gateway waits for the one started now
-    with contextlib.ExitStack() as started, contextlib.ExitStack() as fds:  # fds: closed whatever happens
+    # unwound innermost first: fds (closed whatever happens), then started (stopped on failure), then held
+    with contextlib.ExitStack() as held, contextlib.ExitStack() as started, contextlib.ExitStack() as fds:
 
         @started.callback
         def stopped() -> None:
@@ -93,7 +94,7 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
         spec = MachineSpec(
             name=how.name, kernel=how.image.kernel, initrd=how.image.initrd, disk=d.disk, swap=d.swap,
             memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
-            forwards=tuple(forwards), qmp=d.qmp, serial=d.serial, pidfile=d.pidfile,
+            forwards=tuple(forwards), qmp=d.qmp, serial=d.serial, pidfile=d.pidfile, log=d.log,
             fw_cfg=fw, fence_tap=tap, control=d.control, ram_fd=ram,
             shares=() if template else tuple((sh.tag, sh.socket) for sh in shares),  # a template's are plugged in
             extra=("-incoming", "defer") if saved else (),
@@ -102,29 +103,37 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
             rec = _resize_disk(d, c.vm.disk, rec)
             d.serial.unlink(missing_ok=True)
         progress("kernel", f"starting QEMU ({acc.name})" if saved is None else f"restoring the saved state ({acc.name})")
-        pid = machine.start(spec)
-        started.callback(machine.kill, pid, how.name)
+        qemu = machine.start(spec)
+        held.callback(qemu.close)
+        started.callback(d.qmp.unlink, missing_ok=True)  # QEMU leaves its socket behind
+        started.callback(qemu.kill)
         fds.close()  # QEMU has them open now
         rec = dataclasses.replace(rec, run=record.Run(
-            running=True, pid=pid, started_at=time.time(), accel=acc.name, accel_reason=acc.reason,
+            running=True, pid=qemu.pid, qemu_started=qemu.start, started_at=time.time(), accel=acc.name, accel_reason=acc.reason,
             ssh_port=ssh_port, memory=c.vm.memory, cpus=c.vm.cpus,
             network=c.network.mode if how.fenced else "unfenced",
             ports=tuple(record.Forward(f.host, f.guest, f.bind) for f in forwards),
             shares=tuple(record.Shared(str(sh.source), str(sh.guest), sh.mode, "virtiofs", sh.tag) for sh in shares),
         ))  # fmt: skip
         d.write(rec)
-        if saved is not None:
-            machine.load(d.qmp, saved / "state", without_ram=True)
         limit = timeout or (180.0 if acc.name == "kvm" else 600.0)
-        if template is not None:
-            _become(how, shares, fw, limit)
-        elif saved is not None:  # the clock stood still, and a second restore must not repeat the first's randomness
-            channel.request(d.control, "resume", f"{time.time():.3f} {secrets.token_hex(32)}", timeout=min(60.0, limit))
-        if gateway is not None:
-            # Waited for only now, its start overlapping the restore: a connection the guest
-            # made before it listened waited in the namespace (the fence fails closed), never let out.
-            fence.wait_started(d.path, gateway)
-        _wait_ready(how, pid, ssh_port, rec.instance.user, limit, restored=saved is not None)
+        try:
+            if saved is not None:
+                machine.load(d.qmp, saved / "state", without_ram=True)
+            if template is not None:
+                _become(how, shares, fw, limit)
+            elif saved is not None:  # the clock stood still, and a second restore must not repeat the first's randomness
+                channel.request(d.control, "resume", f"{time.time():.3f} {secrets.token_hex(32)}", timeout=min(60.0, limit))
+            if gateway is not None:
+                # Waited for only now, its start overlapping the restore: a connection the guest
+                # made before it listened waited in the namespace (the fence fails closed), never let out.
+                fence.wait_started(d.path, gateway)
+            _wait_ready(how, qemu, ssh_port, rec.instance.user, limit, restored=saved is not None)
+        except VMError:
+            # QEMU gone: its own reason (in its log) says more than how we noticed ("load of migration failed: ...")
+            if qemu.wait(1.0) and (words := machine.last_words(d.log)):
+                raise VMError(f"QEMU exited while starting sandbox {how.name!r}: {words}", hint=f"QEMU's log: {d.log}") from None
+            raise
         if rec.instance.pristine:  # a template's copy has become itself
             d.write(dataclasses.replace(rec, instance=dataclasses.replace(rec.instance, pristine=False)))
         started.pop_all()  # it runs: keep everything
@@ -239,14 +248,14 @@ def target(d: state.InstanceDir, port: int, user: str) -> ssh.Target:
     )  # fmt: skip
 
 
-def _wait_ready(how: Launch, pid: int, port: int, user: str, limit: float, *, restored: bool = False) -> None:
+def _wait_ready(how: Launch, qemu: machine.Process, port: int, user: str, limit: float, *, restored: bool = False) -> None:
     d = how.dir
     to = target(d, port, user)
     started = time.monotonic()
     deadline = started + limit
     phase = "sshd" if restored else "kernel"  # a restored guest is past its boot: log in at once
     while time.monotonic() < deadline:
-        if not machine.is_ours(pid, how.name):
+        if not qemu.running():
             raise VMError(f"QEMU exited while sandbox {how.name!r} was booting: {serial_tail(d, 1)}",
                           hint=f"console log: {d.serial}")  # fmt: skip
         console = _serial_text(d)

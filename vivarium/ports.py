@@ -41,7 +41,7 @@ def port_holder(port: int, exclude: str = "") -> str | None:
             continue
         with contextlib.suppress(Exception):
             run = d.read().run
-            if run and machine.read_pid(d.pidfile, d.name) is not None and any(p.host == port for p in run.ports):
+            if run and d.qemu_pid() is not None and any(p.host == port for p in run.ports):
                 return d.name
     return None
 
@@ -70,7 +70,7 @@ def add(d: state.InstanceDir, host: int, guest: int, bind: str = "127.0.0.1") ->
     """Forward host `bind:host` to guest port `guest` in the running sandbox, now."""
     with d.lock():
         rec = d.read()
-        if rec.run is None or machine.read_pid(d.pidfile, d.name) is None:
+        if rec.run is None or d.qemu_pid() is None:
             raise InstanceError(f"sandbox {d.name!r} is not running")
         if not port_free(bind, host):
             holder = port_holder(host)

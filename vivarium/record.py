@@ -60,7 +60,8 @@ class Run:
     """What the instance's latest start did."""
 
     running: bool
-    pid: int
+    pid: int  # QEMU's
+    qemu_started: int | None  # and its start time (clock ticks since boot): with the pid, who it is; None in a migrated record
     started_at: float
     accel: str
     accel_reason: str
@@ -113,7 +114,7 @@ def _migrate_v1(flat: dict[str, Any]) -> dict[str, Any]:
     run = None
     if "pid" in flat:
         run = {f.name: flat.get(f.name) for f in dataclasses.fields(Run)}
-        run.update(running=bool(flat.get("running")), accel_reason=flat.get("accel_reason", ""),
+        run.update(running=bool(flat.get("running")), qemu_started=None, accel_reason=flat.get("accel_reason", ""),
                    ports=flat.get("ports", []), shares=flat.get("shares", []))  # fmt: skip
     made = {f.name: flat.get(f.name) for f in dataclasses.fields(Instance)}
     made.update(pristine=bool(flat.get("pristine")), cold=bool(flat.get("cold")))

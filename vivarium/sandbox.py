@@ -33,7 +33,6 @@ from vivarium.progress import Progress, quiet
 from vivarium.record import Record, Run, Shared
 from vivarium.share import changesets, review
 from vivarium.vm import accel as accel_mod
-from vivarium.vm import machine
 
 log = logging.getLogger("vivarium.sandbox")
 
@@ -83,7 +82,7 @@ class Sandbox:
         return run
 
     def pid(self) -> int | None:
-        return machine.read_pid(self.dir.pidfile, self.name)
+        return self.dir.qemu_pid()
 
     def status(self) -> Status:
         return instance.status(self.dir, _image_agents)

@@ -45,7 +45,7 @@ def save(d: state.InstanceDir, tag: str) -> dict[str, Any]:
     """Memory and disks of the running sandbox, saved together; it keeps running."""
     path = directory(d, tag)
     with d.lock():
-        pid = machine.read_pid(d.pidfile, d.name)
+        pid = d.qemu_pid()
         if pid is None:
             raise InstanceError(f"sandbox {d.name!r} is not running", hint="a snapshot saves a running sandbox's memory")
         rec = d.read()

@@ -93,6 +93,11 @@ class InstanceDir:
         return self.path / "qemu.pid"
 
     @property
+    def log(self) -> Path:
+        """QEMU's own messages (its stderr once it has daemonized)."""
+        return self.path / "qemu.log"
+
+    @property
     def serial(self) -> Path:
         return self.path / "serial.log"
 
@@ -130,6 +135,19 @@ class InstanceDir:
         except record.Damaged as e:
             raise InstanceError(f"the record of sandbox {self.name!r} ({self.meta}) cannot be read: {e}",
                                 hint=f"`vivarium destroy {self.name}` and make it again") from None  # fmt: skip
+
+    def qemu_pid(self) -> int | None:
+        """The pid of this instance's QEMU while that very process runs: the pid and start time its latest start recorded.
+        (A record migrated from before start times were kept: a live QEMU with this instance's name.)"""
+        try:
+            run = self.read().run
+        except InstanceError:
+            return None
+        if run is None or run.pid <= 0:
+            return None
+        if run.qemu_started is not None:
+            return run.pid if started(run.pid) == run.qemu_started else None
+        return run.pid if named_qemu(run.pid, self.name) and started(run.pid) is not None else None
 
     def write(self, rec: record.Record) -> None:
         write_atomic(self.meta, rec.to_json())
@@ -176,6 +194,15 @@ def started(pid: int) -> int | None:
     if not fields or fields[0] in ("Z", "X"):
         return None
     return int(fields[19])  # field 22 of stat, counted after the command name's ")"
+
+
+def named_qemu(pid: int, name: str) -> bool:
+    """Is process `pid` a QEMU of instance `name` by its command line? Only for the moment QEMU's own pid file
+    was just written, and for records from before start times were kept: otherwise a process is known by its start time."""
+    try:
+        return f"vivarium-{name},".encode() in Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return False
 
 
 def pid_running(pidfile: Path) -> bool:

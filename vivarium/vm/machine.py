@@ -1,7 +1,9 @@
 """A running QEMU: start it in the background, find it, talk QMP, stop it.
 
-QEMU daemonizes so it outlives the CLI; the pid file and /proc tell whether it
-still runs (and is still ours: the process name carries the instance name).
+QEMU daemonizes so it outlives the CLI. It is found again by its pid and its start time (kept in the
+instance's record) and then held by a pidfd, so that no signal reaches a process that reused its pid.
+Its own messages after it daemonized go to a log in the instance directory (QEMU's -D: it keeps stderr
+there instead of /dev/null), from which a failure's reason is shown.
 """
 
 from __future__ import annotations
@@ -9,16 +11,18 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import select
 import shlex
 import signal
-import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 from qemu.qmp import ConnectError, EventListener, ExecuteError, QMPClient, QMPError
 
+from vivarium import state
 from vivarium.errors import CommandFailed, VMError
+from vivarium.printable import printable
 from vivarium.run import run
 from vivarium.vm import channel
 from vivarium.vm.qemu import MachineSpec, qemu_argv
@@ -26,41 +30,87 @@ from vivarium.vm.qemu import MachineSpec, qemu_argv
 T = TypeVar("T")
 
 
-def start(spec: MachineSpec) -> int:
-    """Start QEMU in the background; return its pid once it runs."""
+class Process:
+    """One QEMU, held by a pidfd: signals and waits reach that very process, never another that reused its pid.
+
+    `start` is its start time (clock ticks since boot): with the pid, what the instance's record keeps to
+    find it again from another vivarium command."""
+
+    def __init__(self, pid: int, fd: int, start: int) -> None:
+        self.pid, self.fd, self.start = pid, fd, start
+
+    @classmethod
+    def find(cls, pid: int, start: int | None, name: str) -> Process | None:
+        """The process `pid` if it runs and is the one recorded: started at `start` (or, for a record
+        written before start times were kept, a QEMU of this instance's name)."""
+        try:
+            fd = os.pidfd_open(pid)
+        except OSError:
+            return None
+        now = state.started(pid)  # read after the pidfd was taken: if it matches, the pidfd is of that process
+        if now is None or (now != start if start is not None else not state.named_qemu(pid, name)):
+            os.close(fd)
+            return None
+        return cls(pid, fd, now)
+
+    def running(self) -> bool:
+        """Not yet exited (a zombie has)."""
+        return not select.select([self.fd], [], [], 0)[0]
+
+    def wait(self, timeout: float) -> bool:
+        """Wait up to `timeout` seconds for it to exit; has it?"""
+        return bool(select.select([self.fd], [], [], max(timeout, 0))[0])
+
+    def kill(self) -> None:
+        with contextlib.suppress(ProcessLookupError):
+            signal.pidfd_send_signal(self.fd, signal.SIGKILL)
+        self.wait(5)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.fd)
+
+
+def start(spec: MachineSpec) -> Process:
+    """Start QEMU in the background; return it once it runs. Its messages after it daemonized go to spec.log."""
     spec.pidfile.unlink(missing_ok=True)
     spec.qmp.unlink(missing_ok=True)
+    spec.log.unlink(missing_ok=True)
     if spec.control is not None:
         channel.make(spec.control)
     try:
         run(qemu_argv(spec), timeout=60, pass_fds=tuple(fd for fd in (spec.ram_fd, spec.fence_tap) if fd is not None))
     except CommandFailed as e:
         lines = [ln.removeprefix("qemu-system-x86_64: ") for ln in e.output.strip().splitlines() if ln.strip()]
-        raise VMError(f"QEMU did not start: {lines[-1] if lines else f'exit code {e.returncode}'}",
+        raise VMError(f"QEMU did not start: {printable(lines[-1]) if lines else f'exit code {e.returncode}'}",
                       hint="run with --debug to see the full command") from None  # fmt: skip
-    pid = read_pid(spec.pidfile, spec.name)
-    if pid is None:
-        raise VMError("QEMU started but exited at once", hint=f"see {spec.serial}")
-    return pid
-
-
-def read_pid(pidfile: Path, name: str) -> int | None:
-    """The pid of this instance's QEMU if it is alive, else None."""
     try:
-        pid = int(pidfile.read_text().strip())
+        pid = int(spec.pidfile.read_text().strip())
     except (OSError, ValueError):
-        return None
-    return pid if is_ours(pid, name) else None
+        pid = 0
+    proc = Process.find(pid, None, spec.name) if pid > 0 else None  # QEMU's own pid file, just written: by name
+    if proc is None:
+        raise VMError(f"QEMU started but exited at once{said(spec.log)}", hint=f"see {spec.log} and {spec.serial}")
+    return proc
 
 
-def is_ours(pid: int, name: str) -> bool:
+def last_words(log: Path) -> str | None:
+    """The last line QEMU wrote to its log, made safe to print, without the program's name."""
     try:
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
-        stat = Path(f"/proc/{pid}/stat").read_text()
+        with log.open("rb") as f:
+            f.seek(max(0, f.seek(0, os.SEEK_END) - 4096))
+            tail = f.read().decode(errors="replace")
     except OSError:
-        return False
-    zombie = stat.rsplit(")", 1)[-1].split()[0] == "Z"
-    return not zombie and f"vivarium-{name},".encode() in cmdline
+        return None
+    lines = [ln.removeprefix("qemu-system-x86_64: ").strip() for ln in tail.splitlines()]
+    lines = [ln for ln in lines if ln]
+    return printable(lines[-1]) if lines else None
+
+
+def said(log: Path) -> str:
+    """': QEMU said: <its last line>', or nothing when its log is empty."""
+    words = last_words(log)
+    return f"; QEMU said: {words}" if words else ""
 
 
 def session(sock: Path, what: str, body: Callable[[QMPClient], Awaitable[T]], timeout: float = 10.0) -> T:
@@ -190,31 +240,15 @@ def qemu_version(sock: Path) -> str:
     return f"{v['major']}.{v['minor']}.{v['micro']}"
 
 
-def wait_exit(pid: int, name: str, timeout: float) -> bool:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if not is_ours(pid, name):
-            return True
-        time.sleep(0.1)
-    return not is_ours(pid, name)
-
-
-def stop(pid: int, name: str, sock: Path, timeout: float = 30.0) -> str:
+def stop(proc: Process, sock: Path, timeout: float = 30.0) -> str:
     """Ask the guest to power off (ACPI); kill QEMU if it will not. Says how it ended."""
     with contextlib.suppress(VMError):
         qmp(sock, "system_powerdown", timeout=5)
-        if wait_exit(pid, name, timeout):
+        if proc.wait(timeout):
             return "powered off"
     with contextlib.suppress(VMError):
         qmp(sock, "quit", timeout=5)
-        if wait_exit(pid, name, 5):
+        if proc.wait(5):
             return "quit"
-    kill(pid, name)
+    proc.kill()
     return "killed"
-
-
-def kill(pid: int, name: str) -> None:
-    if is_ours(pid, name):
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGKILL)
-        wait_exit(pid, name, 5)

@@ -59,6 +59,8 @@ class MachineSpec:
     qmp: Path
     serial: Path
     pidfile: Path
+    # QEMU's own messages once it has daemonized (-D: with it QEMU keeps stderr there instead of /dev/null)
+    log: Path
     fw_cfg: tuple[tuple[str, Path], ...] = ()  # (name under opt/vivarium/, file)
     cmdline: str = KERNEL_CMDLINE
     # The TAP device (an inherited file descriptor) in the sandbox's own network
@@ -119,6 +121,7 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{_escape(spec.qmp)},server=on,wait=off",
         "-pidfile", str(spec.pidfile),
+        "-D", str(spec.log),
     ]  # fmt: skip
     if spec.control is not None:
         argv += [
