@@ -165,7 +165,7 @@ def test_a_full_disk_is_one_line_with_a_hint(tmp_path: Path, monkeypatch: pytest
     def full(*args: object, **kwargs: object) -> object:
         raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "disk.qcow2"))
 
-    monkeypatch.setattr(cli, "load_config", full)  # a verb's first step meets a full disk
+    monkeypatch.setattr(trust, "discover", full)  # a verb's first step meets a full disk
     assert cli.main(["config", "show"]) == 1
     err = capsys.readouterr().err
     assert err.startswith("error: No space left on device: ") and "disk.qcow2" in err

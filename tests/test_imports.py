@@ -23,7 +23,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
      "share.changesets", "ports", "snapshots", "template", "sessions"),
     ("instance", "launch", "provision"),
     ("sandbox",),
-    ("doctor", "cli", "__main__", "__init__"),
+    ("doctor", "verbs.common", "verbs.box", "verbs.review", "verbs.egress", "verbs.host", "cli", "__main__", "__init__"),
 )  # fmt: skip
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

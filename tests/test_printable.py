@@ -2,8 +2,8 @@
 
 from __future__ import annotations
 
-from vivarium.cli import _egress_line
 from vivarium.printable import printable
+from vivarium.verbs.egress import egress_line
 
 
 def test_control_and_format_characters_are_escaped() -> None:
@@ -17,6 +17,6 @@ def test_control_and_format_characters_are_escaped() -> None:
 
 
 def test_an_audit_line_escapes_every_field() -> None:
-    line = _egress_line({"time": "2026-12-02T02:00:00.000", "kind": "tcp", "decision": "deny", "name": "\x1b]0;pwned\x07",
+    line = egress_line({"time": "2026-12-02T02:00:00.000", "kind": "tcp", "decision": "deny", "name": "\x1b]0;pwned\x07",
                          "dst": "198.51.100.7", "port": 443, "rule": "deny x\nALLOW", "error": "\x07"})  # fmt: skip
     assert "\x1b" not in line and "\x07" not in line and "\n" not in line and "\\x1b]0;pwned\\x07" in line

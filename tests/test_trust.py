@@ -11,6 +11,7 @@ from vivarium import cli, trust
 from vivarium import config as cfg
 from vivarium.errors import ConfigError
 from vivarium.sandbox import Sandbox
+from vivarium.verbs.common import sandbox_for
 
 from . import records
 
@@ -100,5 +101,5 @@ def test_a_sandbox_keeps_the_settings_it_was_made_with(tmp_path: Path, monkeypat
     again = Sandbox("frozen").config
     assert cfg.to_dict(again) == cfg.to_dict(made) and again.vm.memory == 2 << 30
     args = cli.parser().parse_args(["up", "frozen"])
-    assert cli.sandbox_for(args).config.vm.memory == 2 << 30
+    assert sandbox_for(args).config.vm.memory == 2 << 30
     assert "keeps the settings it was made with" in capsys.readouterr().err
