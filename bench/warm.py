@@ -17,7 +17,7 @@ import tempfile
 from pathlib import Path
 
 from bench.common import report, timed
-from vivarium import Sandbox
+from vivarium import Sandbox, values
 from vivarium import config as cfg
 from vivarium.ports import free_port
 from vivarium.template import templates_dir
@@ -67,7 +67,7 @@ def main() -> int:
         ram_on_disk = (t / "ram").stat().st_blocks * 512
         state = (t / "state").stat().st_size
     cold, warm, share = statistics.median(colds), statistics.median(warms), statistics.median(shares)
-    ram = cfg.parse_size(MEMORY, "memory")
+    ram = values.parse_size(MEMORY, "memory")
     report(f"warm start (median of {ROUNDS}, {MEMORY} guest, same run)", [
         ("cold up to SSH-ready", f"{cold:.2f}s  ({', '.join(f'{x:.2f}' for x in colds)})"),
         ("up from the template to SSH-ready", f"{warm:.2f}s  ({', '.join(f'{x:.2f}' for x in warms)})"),

@@ -6,12 +6,12 @@ from pathlib import Path
 
 import pytest
 
-from vivarium import cli, trust
+from vivarium import cli, host, trust, values
 from vivarium import config as cfg
 from vivarium.errors import ConfigError
 
-HOST = cfg.Host(cpus=32, memory=64 << 30, user="alice", uid=1234)
-SMALL = cfg.Host(cpus=2, memory=4 << 30, user="alice", uid=1234)
+HOST = host.Host(cpus=32, memory=64 << 30, user="alice", uid=1234)
+SMALL = host.Host(cpus=2, memory=4 << 30, user="alice", uid=1234)
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -38,11 +38,11 @@ def test_defaults_are_the_origins(tmp_path: Path) -> None:
 
 
 def test_root_host_gets_the_agent_user(tmp_path: Path) -> None:
-    root = cfg.Host(cpus=32, memory=64 << 30, user="root", uid=0)
+    root = host.Host(cpus=32, memory=64 << 30, user="root", uid=0)
     c = cfg.load(None, cwd=tmp_path, host=root)
     assert c.vm.user == "agent" and c.uid == 1000
-    assert cfg.guest_uid("agent", root) == 1000
-    assert cfg.guest_uid("alice", HOST) == 1234
+    assert host.guest_uid("agent", root) == 1000
+    assert host.guest_uid("alice", HOST) == 1234
 
 
 def test_file_overrides_defaults(tmp_path: Path) -> None:
@@ -112,10 +112,10 @@ def test_bad_values_name_the_key(tmp_path: Path, text: str, fragment: str) -> No
 
 
 def test_sizes_round_trip() -> None:
-    assert cfg.parse_size("16G", "x") == 16 << 30
-    assert cfg.parse_size("512MiB", "x") == 512 << 20
-    assert cfg.format_size(cfg.parse_size("320G", "x")) == "320G"
-    assert cfg.format_size(1536 << 20) == "1536M"
+    assert values.parse_size("16G", "x") == 16 << 30
+    assert values.parse_size("512MiB", "x") == 512 << 20
+    assert values.format_size(values.parse_size("320G", "x")) == "320G"
+    assert values.format_size(1536 << 20) == "1536M"
 
 
 def test_share_flag() -> None:

@@ -11,13 +11,14 @@ from pathlib import Path
 import pytest
 
 from vivarium import config as cfg
+from vivarium import host
 from vivarium.errors import DownloadError
 from vivarium.image import build, initrd
 from vivarium.image.recipe import BASE_PACKAGES, Recipe, _debian_uris, host_mirror
 
 from . import records
 
-HOST = cfg.Host(cpus=4, memory=8 << 30, user="alice", uid=1234)
+HOST = host.Host(cpus=4, memory=8 << 30, user="alice", uid=1234)
 
 
 def recipe(tmp_path: Path, **settings: object) -> Recipe:

@@ -15,8 +15,8 @@ ROOT = Path(__file__).resolve().parent.parent / "vivarium"
 
 # Lowest first. A module may import modules of its own layer or of layers below it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "printable", "progress", "run", "guest", "image", "record"),
-    ("state", "net.routes", "net.policy", "config", "trust"),
+    ("errors", "printable", "progress", "run", "guest", "image", "record", "host"),
+    ("state", "net.routes", "net.policy", "values", "config", "trust"),
     ("vm.accel", "vm.channel", "vm.machine", "vm.memory", "vm.qemu", "net.sniff", "net.dns",
      "net.relay", "image.recipe", "image.initrd", "share.confine", "share.review", "ssh", "kube"),
     ("net.netns", "net.gateway", "net.supervisor", "net.control", "net.__main__", "image.build", "share.virtiofs",

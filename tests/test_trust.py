@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from vivarium import cli, trust
+from vivarium import cli, host, trust
 from vivarium import config as cfg
 from vivarium.errors import ConfigError
 from vivarium.sandbox import Sandbox
@@ -15,7 +15,7 @@ from vivarium.verbs.common import sandbox_for
 
 from . import records
 
-HOST = cfg.Host(cpus=8, memory=32 << 30, user="alice", uid=1234)
+HOST = host.Host(cpus=8, memory=32 << 30, user="alice", uid=1234)
 
 
 def project(tmp_path: Path, text: str = '[vm]\nmemory = "2G"\n') -> Path:

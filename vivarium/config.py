@@ -8,11 +8,7 @@ The result is a frozen Config; nothing downstream reads the file.
 
 from __future__ import annotations
 
-import dataclasses
-import ipaddress
 import os
-import pwd
-import re
 import tomllib
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -20,7 +16,28 @@ from pathlib import Path
 from typing import Any
 
 from vivarium.errors import ConfigError
-from vivarium.net.policy import split_host_port
+from vivarium.host import Host, guest_uid
+from vivarium.values import (
+    check_cidr,
+    check_domain,
+    check_package,
+    check_protect,
+    choice,
+    dump_tables,
+    format_size,
+    int_in,
+    parse_abs,
+    parse_bind,
+    parse_bool,
+    parse_port,
+    parse_sha256,
+    parse_size,
+    parse_str,
+    parse_upstream,
+    parse_user,
+    str_list,
+    table_list,
+)
 
 CONFIG_NAME = "vivarium.toml"
 
@@ -103,120 +120,8 @@ class Config:
 
 # ------------------------------------------------------------------- parsers
 
-_SIZE = re.compile(r"^\s*(\d+(?:\.\d+)?)\s*([KMGT]?)(?:i?B)?\s*$", re.IGNORECASE)
-_UNITS = {"": 1, "K": 1 << 10, "M": 1 << 20, "G": 1 << 30, "T": 1 << 40}
 
-
-def parse_size(value: object, where: str) -> int:
-    if isinstance(value, int) and not isinstance(value, bool) and value > 0:
-        return value
-    m = _SIZE.match(value) if isinstance(value, str) else None
-    if m is None or float(m.group(1)) <= 0:
-        raise ConfigError(f"{where}: {value!r} is not a size", hint='write it like "16G" or "512M"')
-    return int(float(m.group(1)) * _UNITS[m.group(2).upper()])
-
-
-def format_size(n: int) -> str:
-    for unit in ("T", "G", "M", "K"):
-        if n % _UNITS[unit] == 0:
-            return f"{n // _UNITS[unit]}{unit}"
-    return str(n)
-
-
-def _int(lo: int, hi: int, what: str) -> Callable[[object, str], int]:
-    def parse(value: object, where: str) -> int:
-        if isinstance(value, str) and value.strip().isdigit():
-            value = int(value)
-        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
-            raise ConfigError(f"{where}: {value!r} is not {what} ({lo}-{hi})")
-        return value
-
-    return parse
-
-
-parse_cpus = _int(1, 1024, "a CPU count")
-parse_port = _int(1, 65535, "a port")
-
-
-def parse_str(value: object, where: str) -> str:
-    if not isinstance(value, str):
-        raise ConfigError(f"{where}: {value!r} is not a string")
-    return value
-
-
-def parse_bool(value: object, where: str) -> bool:
-    if isinstance(value, str) and value.lower() in ("true", "false"):
-        return value.lower() == "true"
-    if not isinstance(value, bool):
-        raise ConfigError(f"{where}: {value!r} is not true or false")
-    return value
-
-
-def _choice(*choices: str) -> Callable[[object, str], str]:
-    def parse(value: object, where: str) -> str:
-        if value not in choices:
-            raise ConfigError(f"{where}: {value!r} is not one of {' | '.join(choices)}")
-        assert isinstance(value, str)
-        return value
-
-    return parse
-
-
-def _str_list(check: Callable[[str, str], None] | None = None) -> Callable[[object, str], tuple[str, ...]]:
-    def parse(value: object, where: str) -> tuple[str, ...]:
-        if isinstance(value, str):
-            value = [value]
-        if not isinstance(value, list) or not all(isinstance(v, str) for v in value):
-            raise ConfigError(f"{where}: {value!r} is not a list of strings")
-        for v in value:
-            if check:
-                check(v, where)
-        return tuple(value)
-
-    return parse
-
-
-def _check_user(value: str, where: str) -> None:
-    if value and not re.fullmatch(r"[a-z_][a-z0-9_-]{0,31}", value):
-        raise ConfigError(f"{where}: {value!r} is not a valid user name")
-    if value == "root":
-        raise ConfigError(f"{where}: the agent user cannot be root", hint='leave it "" or pick a name')
-
-
-def parse_user(value: object, where: str) -> str:
-    name = parse_str(value, where)
-    _check_user(name, where)
-    return name
-
-
-def _parse_upstream(value: object, where: str) -> str:
-    text = parse_str(value, where)
-    if text:
-        try:
-            split_host_port(text, 53)
-        except ValueError as e:
-            raise ConfigError(f"{where}: {e}", hint='write it as "HOST" or "HOST:PORT", e.g. "1.1.1.1" or "127.0.0.1:5353"') from None
-    return text
-
-
-def _check_cidr(value: str, where: str) -> None:
-    try:
-        ipaddress.ip_network(value, strict=False)
-    except ValueError:
-        raise ConfigError(f"{where}: {value!r} is not an address range", hint='write it like "198.51.100.0/24"') from None
-
-
-def _check_package(value: str, where: str) -> None:
-    if not re.fullmatch(r"[a-z0-9][a-z0-9+.\-]+(:[a-z0-9]+)?", value):
-        raise ConfigError(f"{where}: {value!r} is not a Debian package name")
-
-
-def check_domain(value: str, where: str) -> None:
-    name, _, port = value.rpartition(":") if ":" in value else (value, "", "")
-    if port:
-        parse_port(port, where)
-    if not re.fullmatch(r"(\*\.)?([a-z0-9-]+\.)*[a-z0-9-]+", name.lower()):
-        raise ConfigError(f"{where}: {value!r} is not a domain", hint='write it like "*.github.com" or "pypi.org:443"')
+parse_cpus = int_in(1, 1024, "a CPU count")
 
 
 KNOWN_AGENTS = ("claude-code", "codex", "gemini", "opencode")
@@ -227,66 +132,12 @@ def _check_agent(value: str, where: str) -> None:
         raise ConfigError(f"{where}: unknown agent {value!r}", hint=f"known agents: {', '.join(KNOWN_AGENTS)}")
 
 
-def _table_list(
-    fields: Mapping[str, Callable[[object, str], object]],
-    required: Sequence[str],
-    make: Callable[..., Any],
-) -> Callable[[object, str], tuple[Any, ...]]:
-    """A parser for an array of tables ([[forward]] and friends)."""
-
-    def parse(value: object, where: str) -> tuple[Any, ...]:
-        if not isinstance(value, list) or not all(isinstance(v, dict) for v in value):
-            raise ConfigError(f"{where}: expected a list of tables ([[{where}]])")
-        out = []
-        for i, entry in enumerate(value):
-            here = f"{where}[{i}]"
-            for key in entry:
-                if key not in fields:
-                    raise ConfigError(f"{here}: unknown key {key!r}", hint=f"known keys: {', '.join(fields)}")
-            for key in required:
-                if key not in entry:
-                    raise ConfigError(f"{here}: {key!r} is required")
-            out.append(make(**{k: fields[k](v, f"{here}.{k}") for k, v in entry.items()}))
-        return tuple(out)
-
-    return parse
-
-
-def _parse_bind(value: object, where: str) -> str:
-    s = parse_str(value, where)
-    try:
-        ipaddress.ip_address(s)
-    except ValueError:
-        raise ConfigError(f"{where}: {s!r} is not an IP address", hint='use "127.0.0.1" or "0.0.0.0"') from None
-    return s
-
-
-def _parse_sha256(value: object, where: str) -> str:
-    s = parse_str(value, where).lower()
-    if not re.fullmatch(r"[0-9a-f]{64}", s):
-        raise ConfigError(f"{where}: {value!r} is not a sha256 (64 hex digits)")
-    return s
-
-
-def _parse_abs(value: object, where: str) -> str:
-    s = parse_str(value, where)
-    if not s.startswith("/"):
-        raise ConfigError(f"{where}: {s!r} is not an absolute path")
-    return s
-
-
-parse_forwards = _table_list({"host": parse_port, "guest": parse_port, "bind": _parse_bind}, ("host", "guest"), Forward)
-parse_downloads = _table_list(
-    {"name": parse_str, "url": parse_str, "sha256": _parse_sha256, "dest": _parse_abs},
+parse_forwards = table_list({"host": parse_port, "guest": parse_port, "bind": parse_bind}, ("host", "guest"), Forward)
+parse_downloads = table_list(
+    {"name": parse_str, "url": parse_str, "sha256": parse_sha256, "dest": parse_abs},
     ("name", "url", "sha256", "dest"),
     Download,
 )
-
-
-def _check_protect(value: str, where: str) -> None:
-    parts = value.strip("/").split("/")
-    if value.startswith("/") or not value.strip("/") or any(p in ("", ".", "..") for p in parts) or "\0" in value:
-        raise ConfigError(f"{where}: {value!r} is not a path inside the share", hint='write it relative to the share, like ".git/config"')
 
 
 RawShare = tuple[str, str, str, tuple[str, ...]]
@@ -296,12 +147,12 @@ def _raw_share(host: str, guest: str = "", mode: str = "rw", protect: tuple[str,
     return (host, guest, mode, tuple(p.strip("/") for p in protect))
 
 
-_parse_raw_shares = _table_list(
+_parse_raw_shares = table_list(
     {
         "host": parse_str,
-        "guest": lambda v, w: v if v == "" else _parse_abs(v, w),
-        "mode": _choice("rw", "ro", "review"),
-        "protect": _str_list(_check_protect),
+        "guest": lambda v, w: v if v == "" else parse_abs(v, w),
+        "mode": choice("rw", "ro", "review"),
+        "protect": str_list(check_protect),
     },
     ("host",),
     _raw_share,
@@ -340,11 +191,6 @@ class Setting:
         return f"{self.section}.{self.key}" if self.section else self.key
 
 
-def _dump_tables(v: tuple[Any, ...]) -> list[dict[str, object]]:
-    return [{k: str(x) if isinstance(x, Path) else list(x) if isinstance(x, tuple) else x for k, x in dataclasses.asdict(e).items()}
-            for e in v]  # fmt: skip
-
-
 ORIGIN_FORWARDS = [
     {"host": 2222, "guest": 22},  # SSH
     {"host": 45631, "guest": 45631},  # Kind API server
@@ -374,7 +220,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("vm", "disk", "320G", parse_size, "root disk size (sparse)", "--disk", "SIZE", dump=format_size),
     Setting("vm", "swap", "32G", parse_size, "swap disk size (sparse)", "--swap", "SIZE", dump=format_size),
     Setting("vm", "user", "", parse_user, 'agent user in the guest ("" = the host user, or agent)', "--user", "NAME"),
-    Setting("", "forward", ORIGIN_FORWARDS, parse_forwards, "host → guest TCP port forwards", dump=_dump_tables),
+    Setting("", "forward", ORIGIN_FORWARDS, parse_forwards, "host → guest TCP port forwards", dump=dump_tables),
     Setting(
         "",
         "share",
@@ -384,19 +230,19 @@ SETTINGS: tuple[Setting, ...] = (
         "--share",
         "HOST[:GUEST][:MODE]",
         repeat=True,
-        dump=_dump_tables,
+        dump=dump_tables,
     ),
-    Setting("network", "mode", "lan-block", _choice("lan-block", "allowlist", "offline"), "egress policy", "--network", "MODE"),
-    Setting("network", "allow", [], _str_list(check_domain), "domains allowed in allowlist mode", "--allow", "DOMAIN", repeat=True),
-    Setting("network", "allow_cidrs", [], _str_list(_check_cidr), "address ranges opened on purpose"),
-    Setting("network", "deny_cidrs", [], _str_list(_check_cidr), "address ranges denied on top"),
-    Setting("network", "dns_upstream", "", _parse_upstream, 'DNS server the gateway asks ("" = the host\'s)'),
+    Setting("network", "mode", "lan-block", choice("lan-block", "allowlist", "offline"), "egress policy", "--network", "MODE"),
+    Setting("network", "allow", [], str_list(check_domain), "domains allowed in allowlist mode", "--allow", "DOMAIN", repeat=True),
+    Setting("network", "allow_cidrs", [], str_list(check_cidr), "address ranges opened on purpose"),
+    Setting("network", "deny_cidrs", [], str_list(check_cidr), "address ranges denied on top"),
+    Setting("network", "dns_upstream", "", parse_upstream, 'DNS server the gateway asks ("" = the host\'s)'),
     Setting("image", "suite", "bookworm", parse_str, "Debian suite", "--suite", "SUITE"),
     Setting("image", "mirror", "", parse_str, 'Debian mirror ("" = the host\'s apt mirror)', "--mirror", "URL"),
-    Setting("image", "packages", [], _str_list(_check_package), "extra apt packages", "--package", "PKG", repeat=True),
-    Setting("image", "agents", ["claude-code"], _str_list(_check_agent), "agent CLIs from npm", "--agent", "AGENT", repeat=True),
+    Setting("image", "packages", [], str_list(check_package), "extra apt packages", "--package", "PKG", repeat=True),
+    Setting("image", "agents", ["claude-code"], str_list(_check_agent), "agent CLIs from npm", "--agent", "AGENT", repeat=True),
     Setting("image", "setup", "", parse_str, "script run inside the image at build time"),
-    Setting("image", "download", DEFAULT_DOWNLOADS, parse_downloads, "binaries fetched at build time", dump=_dump_tables),
+    Setting("image", "download", DEFAULT_DOWNLOADS, parse_downloads, "binaries fetched at build time", dump=dump_tables),
     Setting("kube", "link_into_share", False, parse_bool, "symlink ~/.kube/config into the share"),
 )
 
@@ -404,41 +250,6 @@ SECTIONS = {"vm": VMSettings, "network": NetworkSettings, "image": ImageSettings
 
 
 # ------------------------------------------------------------------ loading
-
-
-@dataclass(frozen=True)
-class Host:
-    """What the config needs to know about the machine it runs on."""
-
-    cpus: int
-    memory: int
-    user: str
-    uid: int
-
-    @classmethod
-    def probe(cls) -> Host:
-        uid = os.getuid()
-        # Under sudo, "the host user" is the one who typed sudo.
-        if uid == 0 and os.environ.get("SUDO_UID", "").isdigit() and os.environ.get("SUDO_USER"):
-            uid = int(os.environ["SUDO_UID"])
-        try:
-            name = pwd.getpwuid(uid).pw_name
-        except KeyError:
-            name = "agent"
-        return cls(cpus=os.cpu_count() or 1, memory=_mem_total(), user=name, uid=uid)
-
-
-def _mem_total() -> int:
-    with open("/proc/meminfo") as f:
-        for line in f:
-            if line.startswith("MemTotal:"):
-                return int(line.split()[1]) * 1024
-    return 1 << 30
-
-
-def guest_uid(user: str, host: Host | None = None) -> int:
-    host = host or Host.probe()
-    return host.uid if host.uid != 0 and user == host.user else 1000
 
 
 def find_config(explicit: Path | None, cwd: Path) -> Path | None:

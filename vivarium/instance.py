@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any
 
 from vivarium import config as cfg
-from vivarium import record, ssh, state
+from vivarium import record, ssh, state, values
 from vivarium import template as template_mod
 from vivarium.errors import InstanceError
 from vivarium.image.build import Image
@@ -65,7 +65,7 @@ def status(d: state.InstanceDir, agents: Callable[[str], dict[str, str]]) -> Sta
         uptime=round(time.time() - run.started_at, 1) if pid and run else None,
         ssh_port=run.ssh_port if run else None,
         user=made.user,
-        memory=cfg.format_size(run.memory if run else 0),
+        memory=values.format_size(run.memory if run else 0),
         cpus=run.cpus if run else 0,
         path=str(d.path),
         shares=[asdict(sh) for sh in run.shares] if pid and run else [],

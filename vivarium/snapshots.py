@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from vivarium import config as cfg
-from vivarium import record, state
+from vivarium import record, state, values
 from vivarium.errors import InstanceError, UsageError
 from vivarium.run import run
 from vivarium.vm import machine, memory
@@ -101,7 +101,7 @@ def check_fits(d: state.InstanceDir, path: Path, c: cfg.Config, accel: str, buil
     tag = path.name
     data = json.loads((path / "meta.json").read_text())
     mismatch = [f"{what} {was} now {now}" for what, was, now in (
-        ("memory", cfg.format_size(data["memory"]), cfg.format_size(c.vm.memory)), ("cpus", data["cpus"], c.vm.cpus),
+        ("memory", values.format_size(data["memory"]), values.format_size(c.vm.memory)), ("cpus", data["cpus"], c.vm.cpus),
         ("accelerator", data["accel"], accel), ("image", data["build_id"], build_id),
         ("device layout", data.get("layout", 1), LAYOUT),
     ) if was != now]  # fmt: skip

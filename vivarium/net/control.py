@@ -24,8 +24,7 @@ from typing import Any
 import dns.message
 import dns.rdatatype
 
-from vivarium import config as cfg
-from vivarium import state
+from vivarium import state, values
 from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.net import dns as dns_
 from vivarium.net import gateway
@@ -225,7 +224,7 @@ def fenced(d: state.InstanceDir) -> None:
 def change(d: state.InstanceDir, verb: str, domain: str, *, running: bool) -> str:
     """Allow or deny a domain for a sandbox, live and kept across restarts. What changed, in words."""
     fenced(d)
-    cfg.check_domain(domain, f"egress {verb}")
+    values.check_domain(domain, f"egress {verb}")
     with d.lock():
         what = change_rule(d.path, verb, domain)
     if running and pid(d.path) is None:

@@ -12,8 +12,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from vivarium import config as cfg
-from vivarium import kube
+from vivarium import kube, values
 from vivarium.errors import UsageError, VivariumError
 from vivarium.printable import printable
 from vivarium.progress import PhaseDisplay
@@ -180,7 +179,7 @@ def cmd_port(args: argparse.Namespace) -> int:
     if args.port_verb == "add":
         host_s, _, guest_s = args.spec.partition(":")
         try:
-            host, guest = cfg.parse_port(host_s, "HOST"), cfg.parse_port(guest_s or host_s, "GUEST")
+            host, guest = values.parse_port(host_s, "HOST"), values.parse_port(guest_s or host_s, "GUEST")
         except VivariumError as e:
             raise UsageError(f"port add: {e.message}", hint="write it as HOST:GUEST, e.g. 8080:80") from None
         box.port_add(host, guest, args.bind)
@@ -219,7 +218,7 @@ def cmd_snapshot(args: argparse.Namespace) -> int:
         else:
             t = Table("tag", "created", "memory", "cpus", "accel", "size")
             for r in rows:
-                t.add_row(r["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])), cfg.format_size(r["memory"]),
+                t.add_row(r["tag"], time.strftime("%Y-%m-%d %H:%M:%S", time.localtime(r["created"])), values.format_size(r["memory"]),
                           str(r["cpus"]), r["accel"], f"{r['size'] / 2**20:.0f} MiB")  # fmt: skip
             out.print(t)
     return 0
