@@ -13,7 +13,7 @@ import pytest
 from vivarium import config as cfg
 from vivarium import host
 from vivarium.errors import DownloadError
-from vivarium.image import build, initrd
+from vivarium.image import build, initrd, mmdebstrap
 from vivarium.image.recipe import BASE_PACKAGES, Recipe, _debian_uris, host_mirror
 
 from . import records
@@ -46,7 +46,7 @@ def test_dev_profile_packages(tmp_path: Path) -> None:
 
 def test_mmdebstrap_argv(tmp_path: Path) -> None:
     r = recipe(tmp_path, **{"image.setup": "touch /etc/from-setup", "image.mirror": "http://mirror.example/debian"})
-    argv = build.mmdebstrap_argv(r, tmp_path / "root", tmp_path / "early.tar", tmp_path / "files.tar", mode="root")
+    argv = mmdebstrap.mmdebstrap_argv(r, tmp_path / "root", tmp_path / "early.tar", tmp_path / "files.tar", mode="root")
     assert argv[0] == "mmdebstrap" and "--mode=root" in argv and "--variant=minbase" in argv
     assert argv[-3:] == ["bookworm", str(tmp_path / "root"), "http://mirror.example/debian"]
     include = next(a for a in argv if a.startswith("--include="))
@@ -253,7 +253,7 @@ def test_prune_keeps_used_recent_and_current(tmp_path: Path) -> None:
 
 
 def test_npm_failure_is_one_line_naming_the_package() -> None:
-    from vivarium.image.build import npm_failure
+    from vivarium.image.mmdebstrap import npm_failure
 
     log = [
         "I: running --customize-hook in shell: sh -c 'chroot ... npm install --global @openai/codex'",

@@ -8,7 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
-from vivarium.share import review
+from vivarium.share import review, writeback
 
 
 def entry(path: str, kind: str, data: bytes = b"", **kw: Any) -> dict[str, Any]:
@@ -52,12 +52,12 @@ def test_an_opaque_directory_deletes_what_it_hides(tmp_path: Path) -> None:
 
 def test_apply_brings_changes_home_and_then_they_are_gone_from_diff(tmp_path: Path) -> None:
     host_tree(tmp_path)
-    snap = review.snapshot(tmp_path)
+    snap = writeback.snapshot(tmp_path)
     upper = {"src/main.py": b"print('bye')\n", "new/deep.txt": b"deep\n"}
     entries = [entry("src/main.py", "file", upper["src/main.py"]), entry("new", "dir"), entry("new/deep.txt", "file", upper["new/deep.txt"]),
                entry("old", "whiteout")]  # fmt: skip
     found = review.changes(tmp_path, entries).changes
-    result = review.apply(tmp_path, found, snap, upper, None)
+    result = writeback.apply(tmp_path, found, snap, upper, None)
     assert sorted(result.applied) == ["new", "new/deep.txt", "old", "old/a.txt", "src/main.py"] and result.conflicts == []
     assert (tmp_path / "src/main.py").read_bytes() == upper["src/main.py"]
     assert (tmp_path / "new/deep.txt").read_text() == "deep\n"
@@ -67,13 +67,13 @@ def test_apply_brings_changes_home_and_then_they_are_gone_from_diff(tmp_path: Pa
 
 def test_apply_never_overwrites_what_the_host_changed_meanwhile(tmp_path: Path) -> None:
     host_tree(tmp_path)
-    snap = review.snapshot(tmp_path)
+    snap = writeback.snapshot(tmp_path)
     time.sleep(0.01)
     (tmp_path / "src/main.py").write_text("the host's own edit\n")
     (tmp_path / "new.txt").write_text("the host made this too\n")
     upper = {"src/main.py": b"guest\n", "new.txt": b"guest new\n", "README": b"guest readme\n"}
     entries = [entry(k, "file", v) for k, v in upper.items()]
-    result = review.apply(tmp_path, review.changes(tmp_path, entries).changes, snap, upper, None)
+    result = writeback.apply(tmp_path, review.changes(tmp_path, entries).changes, snap, upper, None)
     assert sorted(result.conflicts) == ["new.txt", "src/main.py"] and result.applied == ["README"]
     assert (tmp_path / "src/main.py").read_text() == "the host's own edit\n"
     assert (tmp_path / "new.txt").read_text() == "the host made this too\n"
@@ -112,38 +112,38 @@ def test_apply_never_writes_through_a_symlink_on_the_host(tmp_path: Path) -> Non
     victim.mkdir()
     (share / "hostlink").symlink_to("../victim")
     (share / "abs").symlink_to(victim)
-    snap = review.snapshot(share)
+    snap = writeback.snapshot(share)
     data = {"hostlink/f": b"x\n", "abs/g": b"y\n", "plain/h": b"z\n"}
     # the guest says hostlink/f and abs/g are files, but not that it replaced the symlinks with directories
     chosen = [review.Change(p, "added", "file", hashlib.sha256(d).hexdigest(), 0o644) for p, d in data.items()]
     chosen.append(review.Change("plain", "added", "dir", mode=0o755))
-    result = review.apply(share, chosen, snap, data, None)
+    result = writeback.apply(share, chosen, snap, data, None)
     assert list(victim.iterdir()) == []
     assert sorted(p for p, _ in result.refused) == ["abs/g", "hostlink/f"] and sorted(result.applied) == ["plain", "plain/h"]
     # when it does say so, the symlink itself is replaced by a directory: nothing lands beyond it
     chosen = [review.Change("hostlink", "modified", "dir", mode=0o755), review.Change("hostlink/f", "added", "file",
               hashlib.sha256(b"x\n").hexdigest(), 0o644)]  # fmt: skip
-    result = review.apply(share, chosen, snap, data, None)
+    result = writeback.apply(share, chosen, snap, data, None)
     assert list(victim.iterdir()) == [] and (share / "hostlink").is_dir() and not (share / "hostlink").is_symlink()
     assert (share / "hostlink" / "f").read_text() == "x\n"
 
 
 def test_apply_keeps_only_permission_bits(tmp_path: Path) -> None:
-    snap = review.snapshot(tmp_path)
+    snap = writeback.snapshot(tmp_path)
     chosen = [review.Change("suid", "added", "file", hashlib.sha256(b"s").hexdigest(), 0o6755), review.Change("sticky", "added", "dir", mode=0o1777)]
-    review.apply(tmp_path, chosen, snap, {"suid": b"s"}, None)
+    writeback.apply(tmp_path, chosen, snap, {"suid": b"s"}, None)
     assert (tmp_path / "suid").stat().st_mode & 0o7777 == 0o755 and (tmp_path / "sticky").stat().st_mode & 0o7777 == 0o777
 
 
 def test_a_host_edit_with_its_mtime_put_back_is_a_conflict(tmp_path: Path) -> None:
     (tmp_path / "same.txt").write_text("aaaa\n")
-    snap = review.snapshot(tmp_path)
+    snap = writeback.snapshot(tmp_path)
     st = (tmp_path / "same.txt").stat()
     time.sleep(0.01)
     (tmp_path / "same.txt").write_text("hhhh\n")  # same size
     os.utime(tmp_path / "same.txt", ns=(st.st_atime_ns, st.st_mtime_ns))
     c = review.Change("same.txt", "modified", "file", hashlib.sha256(b"gggg\n").hexdigest(), 0o644)
-    result = review.apply(tmp_path, [c], snap, {"same.txt": b"gggg\n"}, None)
+    result = writeback.apply(tmp_path, [c], snap, {"same.txt": b"gggg\n"}, None)
     assert result.conflicts == ["same.txt"] and (tmp_path / "same.txt").read_text() == "hhhh\n"
 
 

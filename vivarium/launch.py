@@ -29,7 +29,7 @@ from vivarium.net import control as fence
 from vivarium.net import netns
 from vivarium.progress import Progress
 from vivarium.run import run
-from vivarium.share import review, virtiofs
+from vivarium.share import virtiofs, writeback
 from vivarium.vm import accel as accel_mod
 from vivarium.vm import channel, machine, memory
 from vivarium.vm.qemu import MachineSpec
@@ -207,7 +207,7 @@ def _start_shares(how: Launch, started: contextlib.ExitStack) -> list[virtiofs.S
             snap = how.dir.path / f"review-{spec.tag}.json"
             if not snap.exists():  # "since the sandbox started": kept across restarts, like the overlay itself
                 how.progress("start", f"noting the state of {spec.source} for review")
-                review.save_snapshot(snap, review.snapshot(spec.source))
+                writeback.save_snapshot(snap, writeback.snapshot(spec.source))
         how.progress("start", f"sharing {spec.source} ({spec.mode}, virtiofs)")
         helper = virtiofs.start(spec)
         started.callback(_end, helper)  # a share server whose QEMU never came would wait for ever

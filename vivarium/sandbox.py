@@ -31,7 +31,7 @@ from vivarium.net import control as fence
 from vivarium.net.policy import Decision
 from vivarium.progress import Progress, quiet
 from vivarium.record import Record, Run, Shared
-from vivarium.share import changesets, review
+from vivarium.share import changesets, writeback
 from vivarium.vm import accel as accel_mod
 
 log = logging.getLogger("vivarium.sandbox")
@@ -173,7 +173,7 @@ class Sandbox:
         The change set is recorded under its id: `apply` takes exactly it (the last one, or the one named)."""
         return changesets.diff(self.dir, changesets.SSHFiles(self.exec, self.target), self._review_shares(), patch=patch)
 
-    def apply(self, paths: Sequence[str] = (), *, set_id: str | None = None) -> list[tuple[str, review.ApplyResult, list[dict[str, str]]]]:
+    def apply(self, paths: Sequence[str] = (), *, set_id: str | None = None) -> list[tuple[str, writeback.ApplyResult, list[dict[str, str]]]]:
         """Copy the reviewed changes (all, or those at or under `paths`) to the host: exactly what `diff` showed
         (the last one, or `set_id`), or nothing when the guest changed any of it since. Host-changed paths are left alone.
         Returns (share, result, skipped) per share."""

@@ -19,7 +19,7 @@ from vivarium import ssh, state
 from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.printable import printable
 from vivarium.record import Shared
-from vivarium.share import review
+from vivarium.share import review, writeback
 
 
 class GuestFiles(Protocol):
@@ -109,7 +109,7 @@ def reviewed(d: state.InstanceDir, set_id: str | None) -> dict[str, Any]:
 
 
 def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[Shared], paths: Sequence[str] = (),
-          set_id: str | None = None) -> list[tuple[str, review.ApplyResult, list[dict[str, str]]]]:  # fmt: skip
+          set_id: str | None = None) -> list[tuple[str, writeback.ApplyResult, list[dict[str, str]]]]:  # fmt: skip
     """Copy the reviewed changes (all, or those at or under `paths`) to the host: exactly what `diff` showed
     (the last one, or `set_id`), or nothing when the guest changed any of it since. Host-changed paths are left alone.
     Returns (share, result, skipped) per share."""
@@ -151,11 +151,11 @@ def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[Shared], pat
     results = []
     for share, host, chosen, skipped in plans:
         snap_path = d.path / f"review-{share.tag}.json"
-        snap = review.load_snapshot(snap_path)
+        snap = writeback.load_snapshot(snap_path)
         st = host.stat()
         owner = (st.st_uid, st.st_gid) if os.geteuid() == 0 else None
         with d.lock():
-            result = review.apply(host, chosen, snap, fetched[share.host], owner)
-            review.save_snapshot(snap_path, snap)
+            result = writeback.apply(host, chosen, snap, fetched[share.host], owner)
+            writeback.save_snapshot(snap_path, snap)
         results.append((share.host, result, skipped))
     return results
