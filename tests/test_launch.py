@@ -4,6 +4,7 @@ on PATH that fails the way a real one does (a message on stderr, exit 1), or die
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import shutil
 import signal
@@ -20,6 +21,7 @@ from vivarium import launch, ports, record, ssh, state
 from vivarium.errors import VMError
 from vivarium.image.build import Image
 from vivarium.net import control, netns
+from vivarium.share import virtiofs
 
 from . import records
 
@@ -50,7 +52,9 @@ def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[launc
 def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> None:
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
-    (bin_dir / "qemu-system-x86_64").write_text("#!/bin/sh\n" + script)
+    answers = ('case "$1" in --version) echo "QEMU emulator version 7.2.22"; exit 0;;\n'  # what caps.py asks
+               '-machine) echo "q35  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-7.2)"; exit 0;; esac\n')  # fmt: skip
+    (bin_dir / "qemu-system-x86_64").write_text("#!/bin/sh\n" + answers + script)
     (bin_dir / "qemu-system-x86_64").chmod(0o755)
     (bin_dir / "qemu-img").symlink_to("/bin/true")
     monkeypatch.setenv("PATH", f"{bin_dir}:{os.environ['PATH']}")
@@ -128,4 +132,24 @@ def test_a_saved_state_that_does_not_load_unwinds_everything_and_says_why(
     with pytest.raises(VMError, match=r"^QEMU exited while starting sandbox 'failing': load of migration failed: ") as e:
         launch.start(how, rec, auto_ports=True, timeout=30, saved=saved)
     assert str(d.log) in e.value.hint
+    assert_nothing_left(how)
+
+
+def test_a_share_that_cannot_be_served_is_an_error_unless_no_share_says_so(
+    box: tuple[launch.Launch, record.Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    how, rec = box
+    project = tmp_path / "project"
+    project.mkdir()
+    shared = dataclasses.replace(how, config=cfg.load_data({"share": [{"host": str(project)}], "forward": []}, "test", tmp_path))
+    # a host that cannot serve it (no virtiofsd, or not root: what `vivarium doctor` reports)
+    monkeypatch.setattr(virtiofs, "supported", lambda: "virtiofsd needs root")
+    with pytest.raises(VMError, match=rf"^cannot share {project} with sandbox 'failing': virtiofsd needs root$") as e:
+        launch.start(shared, rec, auto_ports=True, timeout=5)
+    assert "vivarium up --no-share failing" in e.value.hint
+    assert_nothing_left(how)  # the namespace and the gateway it started first are gone
+    # --no-share: the launch goes on to QEMU (here one that refuses to start), no share asked for
+    fake_qemu(tmp_path, monkeypatch, 'echo "qemu-system-x86_64: stop here" >&2; exit 1\n')
+    with pytest.raises(VMError, match="QEMU did not start: stop here"):
+        launch.start(dataclasses.replace(shared, share=False), rec, auto_ports=True, timeout=5)
     assert_nothing_left(how)

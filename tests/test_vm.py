@@ -1,7 +1,9 @@
 from __future__ import annotations
 
 import contextlib
+import json
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -151,3 +153,23 @@ def test_qmp_keeps_qemus_reason_and_a_quit_is_not_an_error(tmp_path: Path) -> No
     finally:
         with contextlib.suppress(ProcessLookupError):
             os.kill(pid, signal.SIGKILL)
+
+
+def test_the_host_qemu_is_probed_once_and_named_by_version_and_machine(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vivarium.vm import caps
+
+    monkeypatch.setenv("VIVARIUM_HOME", str(tmp_path))
+    q = caps.probe()
+    assert re.fullmatch(r"\d+\.\d+\.\d+", q.version) and re.fullmatch(r"pc-q35-\d+\.\d+", q.machine)
+    assert q.machine.removeprefix("pc-q35-") == ".".join(q.version.split(".")[:2])  # this QEMU's own newest q35
+    assert json.loads((tmp_path / "cache" / "qemu.json").read_text())["machine"] == q.machine
+    assert caps.probe() == q  # from the cache now
+    assert caps.version_of("QEMU emulator version 10.0.3 (Debian 1:10.0.3+ds-1)\nCopyright") == "10.0.3"
+    assert caps.machine_of("pc-q35-10.0   Standard PC\nq35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)\n") == "pc-q35-10.0"
+    with pytest.raises(VMError, match="no q35 machine"):
+        caps.machine_of("pc    Standard PC (i440FX + PIIX, 1996)\n")
+
+
+def test_the_machine_type_is_pinned_in_the_argv(tmp_path: Path) -> None:
+    argv = qemu_argv(spec(tmp_path, machine="pc-q35-7.2"))
+    assert opt(argv, "-machine") == ["pc-q35-7.2,vmport=off,hpet=off"]

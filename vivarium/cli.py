@@ -89,6 +89,7 @@ VERBS: tuple[Verb, ...] = (
         NAME,
         arg("--auto-ports", action="store_true", help="pick free host ports where the configured ones are busy"),
         arg("--cold", action="store_true", help="boot a new sandbox instead of restoring the ready template"),
+        arg("--no-share", action="store_true", help="start without the configured shares (an error if they cannot be served, otherwise)"),
         arg("--timeout", type=float, metavar="SECONDS", help="how long to wait for SSH (default 180 with KVM, 600 with TCG)"),
     ), box.cmd_up, settings=True),
     Verb("ssh", "open a shell (or run CMD) in the sandbox over SSH", (NAME,), box.cmd_ssh,

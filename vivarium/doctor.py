@@ -8,10 +8,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vivarium import state
-from vivarium.errors import MissingProgram
+from vivarium.errors import MissingProgram, VMError
 from vivarium.run import PACKAGES, find_program, run
 from vivarium.share import virtiofs
-from vivarium.vm import accel
+from vivarium.vm import accel, caps
 
 MIN_FREE = 8 << 30  # an image build needs a few GiB; instances grow from there
 
@@ -41,20 +41,30 @@ def checks(kernel: Path | None = None) -> list[Check]:
         out.append(Check("KVM usable", a.name == "kvm", detail, "" if a.name == "kvm" else "vivarium boots with TCG instead", required=False))
     except MissingProgram as e:
         out.append(Check("KVM usable", False, str(e), e.hint, required=False))
-    why = virtiofs.supported()
-    out.append(
-        Check(
-            "shared directories",
-            why is None,
-            why or f"virtiofs via {virtiofs.find_virtiofsd()}",
-            "" if why is None else "run as root",
-            required=False,
-        )
-    )
+    out.append(_qemu())
+    out.append(_shares())
     out.append(_userns())
     out.append(_fence())
     out.append(_free_disk())
     return out
+
+
+def _qemu() -> Check:
+    try:
+        q = caps.probe()
+    except (MissingProgram, VMError) as e:
+        return Check("QEMU", False, e.message, e.hint or "apt-get install qemu-system-x86")
+    return Check("QEMU", True, f"{q.version}, machine type {q.machine}")
+
+
+def _shares() -> Check:
+    why = virtiofs.supported()
+    if why is None:
+        binary = virtiofs.find_virtiofsd()
+        kind = "QEMU's own (C) virtiofsd" if virtiofs.is_c_daemon(binary) else "the Rust virtiofsd"
+        return Check("shared directories", True, f"virtiofs, served by {kind} ({binary})", required=False)
+    fix = "run vivarium as root (sudo)" if os.geteuid() != 0 else "apt-get install virtiofsd (Debian 13, Ubuntu) or qemu-system-common (Debian 12)"
+    return Check("shared directories", False, f"{why}; `up` refuses a sandbox with shares (`up --no-share` starts one without)", fix, required=False)
 
 
 def _fence() -> Check:

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
-import logging
 import os
 import secrets
 import subprocess
@@ -31,10 +30,8 @@ from vivarium.progress import Progress
 from vivarium.run import run
 from vivarium.share import virtiofs, writeback
 from vivarium.vm import accel as accel_mod
-from vivarium.vm import channel, machine, memory
+from vivarium.vm import caps, channel, machine, memory
 from vivarium.vm.qemu import MachineSpec
-
-log = logging.getLogger("vivarium.launch")
 
 # The guest prints these on its serial console as it comes up.
 PHASES = (
@@ -55,6 +52,7 @@ class Launch:
     image: Image
     fenced: bool
     progress: Progress
+    share: bool = True  # False: this start serves none of the configured shares (`up --no-share`)
 
 
 def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float | None,
@@ -64,7 +62,7 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
     if template is not None:
         saved = template.path
     progress("start", "choosing the accelerator")
-    acc = accel_mod.choose(how.image.kernel)
+    acc, qemu_caps = accel_mod.choose(how.image.kernel), caps.probe()
     forwards = ports.choose(c.forward, how.name, auto_ports=auto_ports)
     ssh_port = next(f.host for f in forwards if f.guest == ports.SSH_PORT)
     d.pidfile.unlink(missing_ok=True)  # a dead QEMU's: the gateway waits for the one started now
@@ -86,18 +84,19 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
             started.callback(_stop_gateway, d.path, gateway)
         shares = _start_shares(how, started)
         fw = _write_fw_cfg(how, rec.instance.user, shares)
-        ram = None
         if saved is not None:
             progress("kernel", "loading the saved memory")
             ram = memory.load_memfd(saved / "ram", f"vivarium-{how.name}")
-            fds.callback(os.close, ram)
+        else:
+            ram = memory.new_memfd(f"vivarium-{how.name}", c.vm.memory >> 20 << 20)
+        fds.callback(os.close, ram)
         spec = MachineSpec(
             name=how.name, kernel=how.image.kernel, initrd=how.image.initrd, disk=d.disk, swap=d.swap,
             memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
             forwards=tuple(forwards), qmp=d.qmp, serial=d.serial, pidfile=d.pidfile, log=d.log,
             fw_cfg=fw, fence_tap=tap, control=d.control, ram_fd=ram,
             shares=() if template else tuple((sh.tag, sh.socket) for sh in shares),  # a template's are plugged in
-            extra=("-incoming", "defer") if saved else (),
+            extra=("-incoming", "defer") if saved else (), machine=qemu_caps.machine,
         )  # fmt: skip
         if saved is None:
             rec = _resize_disk(d, c.vm.disk, rec)
@@ -192,14 +191,14 @@ def _resize_disk(d: state.InstanceDir, disk: int, rec: record.Record) -> record.
 
 
 def _start_shares(how: Launch, started: contextlib.ExitStack) -> list[virtiofs.ShareSpec]:
-    wanted = list(how.config.share)
+    wanted = list(how.config.share) if how.share else []
     if not wanted:
         return []
     why = virtiofs.supported()
-    if why:
-        how.progress("start", f"not sharing {', '.join(str(s.host) for s in wanted)}: {why}")
-        log.warning("not sharing %s: %s", ", ".join(str(s.host) for s in wanted), why)
-        return []
+    if why:  # a sandbox without the project in it is not what was asked for: say so, and how to go on
+        raise VMError(f"cannot share {', '.join(str(s.host) for s in wanted)} with sandbox {how.name!r}: {why}",
+                      hint=f"`vivarium up --no-share {how.name}` starts it without shares "
+                           "(or set share = [] in vivarium.toml); `vivarium doctor` says what this host lacks")  # fmt: skip
     specs = [virtiofs.ShareSpec(f"share{i}", s.host, s.guest, s.mode, how.dir.path / f"share{i}.sock", s.protect)
              for i, s in enumerate(wanted)]  # fmt: skip
     for spec in specs:
@@ -210,13 +209,15 @@ def _start_shares(how: Launch, started: contextlib.ExitStack) -> list[virtiofs.S
                 writeback.save_snapshot(snap, writeback.snapshot(spec.source))
         how.progress("start", f"sharing {spec.source} ({spec.mode}, virtiofs)")
         helper = virtiofs.start(spec)
-        started.callback(_end, helper)  # a share server whose QEMU never came would wait for ever
+        started.callback(_end, helper, spec.socket)  # a share server whose QEMU never came would wait for ever
     return specs
 
 
-def _end(proc: subprocess.Popen[bytes]) -> None:
+def _end(proc: subprocess.Popen[bytes], socket: Path) -> None:
     proc.kill()
     proc.wait()
+    for left in (socket, socket.with_name(socket.name + ".pid")):  # the Rust virtiofsd's lock file beside its socket
+        left.unlink(missing_ok=True)
 
 
 def _write_fw_cfg(how: Launch, user: str, shares: Sequence[virtiofs.ShareSpec] = ()) -> tuple[tuple[str, Path], ...]:

@@ -14,6 +14,7 @@ from vivarium.image.recipe import Recipe
 from vivarium.net import control as fence
 from vivarium.progress import Progress
 from vivarium.vm import accel as accel_mod
+from vivarium.vm import caps
 from vivarium.vm.qemu import HOTPLUG_SLOTS
 
 
@@ -46,8 +47,8 @@ def template_for(c: cfg.Config, image: Image, fenced: bool, progress: Progress,
     None where none can serve."""
     if len(c.share) > HOTPLUG_SLOTS or not fenced:
         return None
-    acc = accel_mod.choose(image.kernel)
-    return template_mod.find(image, c, acc.name) or template_mod.make(image, c, acc.name, progress, sandbox)
+    acc, qemu = accel_mod.choose(image.kernel), caps.probe()
+    return template_mod.find(image, c, acc.name, qemu) or template_mod.make(image, c, acc.name, qemu, progress, sandbox)
 
 
 def unstarted_template(d: state.InstanceDir, made: record.Instance) -> template_mod.Template | None:

@@ -33,6 +33,7 @@ from vivarium.progress import Progress, quiet
 from vivarium.record import Record, Run, Shared
 from vivarium.share import changesets, writeback
 from vivarium.vm import accel as accel_mod
+from vivarium.vm import caps
 
 log = logging.getLogger("vivarium.sandbox")
 
@@ -96,11 +97,13 @@ class Sandbox:
 
     # ---------------------------------------------------------- lifecycle
 
-    def up(self, *, progress: Progress = quiet, auto_ports: bool = False, timeout: float | None = None, cold: bool = False) -> Status:
+    def up(self, *, progress: Progress = quiet, auto_ports: bool = False, timeout: float | None = None, cold: bool = False,
+           share: bool = True) -> Status:  # fmt: skip
         """Build if needed, create if needed, start if stopped, wait for SSH.
 
         A new sandbox is restored from a ready template of its shape (made on
-        first use) unless `cold`; an existing one boots."""
+        first use) unless `cold`; an existing one boots. Its configured shares are
+        served (an error if they cannot be) unless `share` is False."""
         given = self._config is not None
         with self.dir.lock():
             if self.exists() and self.pid() is not None:
@@ -115,13 +118,13 @@ class Sandbox:
             rec = self.record()
             provision.check_image(self.dir, rec.instance, image)
             tpl = provision.unstarted_template(self.dir, rec.instance)
-            self._start(rec, image, progress, auto_ports=auto_ports, timeout=timeout, template=tpl)
+            self._start(rec, image, progress, auto_ports=auto_ports, timeout=timeout, template=tpl, share=share)
         return self.status()
 
     def _start(self, rec: Record, image: Image, progress: Progress, *, auto_ports: bool, timeout: float | None,
-               saved: Path | None = None, template: template_mod.Template | None = None) -> None:  # fmt: skip
+               saved: Path | None = None, template: template_mod.Template | None = None, share: bool = True) -> None:  # fmt: skip
         """Boot (or resume the state saved in directory `saved`; or, with `template`, become a copy of it) and wait for SSH."""
-        how = launch.Launch(self.name, self.dir, self.config, image, self._fence, progress)
+        how = launch.Launch(self.name, self.dir, self.config, image, self._fence, progress, share)
         launch.start(how, rec, auto_ports=auto_ports, timeout=timeout, saved=saved, template=template)
 
     def stop(self, timeout: float = 30.0) -> str:
@@ -192,7 +195,7 @@ class Sandbox:
         """Back to a saved snapshot, memory and disks: the guest goes on where it was saved."""
         path = snapshots.existing(self.dir, tag)
         image = provision.image_of(self.dir, self.config, progress)
-        snapshots.check_fits(self.dir, path, self.config, accel_mod.choose(image.kernel).name, image.build_id)
+        snapshots.check_fits(self.dir, path, self.config, accel_mod.choose(image.kernel).name, image.build_id, caps.probe())
         if self.pid() is not None:
             self.stop(timeout=0)
         with self.dir.lock():

@@ -18,7 +18,7 @@ from vivarium import config as cfg
 from vivarium import record, state, values
 from vivarium.errors import InstanceError, UsageError
 from vivarium.run import run
-from vivarium.vm import machine, memory
+from vivarium.vm import caps, machine, memory
 from vivarium.vm.qemu import LAYOUT
 
 
@@ -96,13 +96,13 @@ def existing(d: state.InstanceDir, tag: str) -> Path:
     return path
 
 
-def check_fits(d: state.InstanceDir, path: Path, c: cfg.Config, accel: str, build_id: str) -> None:
+def check_fits(d: state.InstanceDir, path: Path, c: cfg.Config, accel: str, build_id: str, qemu: caps.Qemu) -> None:
     """Does the snapshot at `path` still fit the sandbox as configured now? If not, why not, in one line."""
     tag = path.name
     data = json.loads((path / "meta.json").read_text())
     mismatch = [f"{what} {was} now {now}" for what, was, now in (
         ("memory", values.format_size(data["memory"]), values.format_size(c.vm.memory)), ("cpus", data["cpus"], c.vm.cpus),
-        ("accelerator", data["accel"], accel), ("image", data["build_id"], build_id),
+        ("accelerator", data["accel"], accel), ("image", data["build_id"], build_id), ("QEMU", data.get("qemu"), qemu.version),
         ("device layout", data.get("layout", 1), LAYOUT),
     ) if was != now]  # fmt: skip
     if any(s.mode for s in c.share):

@@ -1,7 +1,7 @@
 """Ready templates: a guest booted once to a ready state (SSH up, Docker started) and saved.
 
 A new sandbox of the same shape (image, memory, cpus, disk and swap sizes,
-user, accelerator) restores from it instead of booting: its disks are qcow2
+user, accelerator, QEMU version and machine type) restores from it instead of booting: its disks are qcow2
 overlays on the template's, its RAM a copy of the template's (vm/memory.py),
 QEMU loads the saved device state, the shares are plugged in, and the guest's
 control agent makes it this instance (keys, machine-id, hostname, clock,
@@ -12,6 +12,7 @@ Templates live in the image cache, next to the image they were made from.
 
 from __future__ import annotations
 
+import errno
 import fcntl
 import hashlib
 import json
@@ -27,7 +28,8 @@ from vivarium import config as cfg
 from vivarium import state
 from vivarium.errors import InstanceError, VMError
 from vivarium.ports import free_port
-from vivarium.vm import channel
+from vivarium.run import run
+from vivarium.vm import caps, channel
 from vivarium.vm.qemu import LAYOUT
 
 if TYPE_CHECKING:
@@ -36,7 +38,7 @@ if TYPE_CHECKING:
 
 # Bump when what a template holds changes shape (files, guest setup); the
 # device layout (qemu.LAYOUT) is part of the key as well.
-TEMPLATE_VERSION = 2
+TEMPLATE_VERSION = 3  # 3: the RAM is a memory-backend-file also when the template boots (QEMU 10 kept it in the stream)
 
 
 @dataclass(frozen=True)
@@ -57,8 +59,10 @@ class Template:
         return self.files.swap
 
 
-def key_of(image: Image, c: cfg.Config, accel: str) -> str:
-    blob = json.dumps([TEMPLATE_VERSION, LAYOUT, image.build_id, c.vm.memory, c.vm.cpus, c.vm.disk, c.vm.swap, c.vm.user, accel])
+def key_of(image: Image, c: cfg.Config, accel: str, qemu: caps.Qemu) -> str:
+    """A saved state loads only into the same shape, accelerator, QEMU version and machine type."""
+    blob = json.dumps([TEMPLATE_VERSION, LAYOUT, image.build_id, c.vm.memory, c.vm.cpus, c.vm.disk, c.vm.swap, c.vm.user, accel,
+                       qemu.version, qemu.machine])  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 
@@ -66,8 +70,8 @@ def templates_dir() -> Path:
     return state.cache_dir() / "templates"
 
 
-def find(image: Image, c: cfg.Config, accel: str) -> Template | None:
-    return get(key_of(image, c, accel))
+def find(image: Image, c: cfg.Config, accel: str, qemu: caps.Qemu) -> Template | None:
+    return get(key_of(image, c, accel, qemu))
 
 
 def get(key: str) -> Template | None:
@@ -117,9 +121,10 @@ class Throwaway(Protocol):
     def destroy(self) -> None: ...
 
 
-def make(image: Image, c: cfg.Config, accel: str, progress: Progress, sandbox: Callable[[str, cfg.Config], Throwaway]) -> Template:
+def make(image: Image, c: cfg.Config, accel: str, qemu: caps.Qemu, progress: Progress,
+         sandbox: Callable[[str, cfg.Config], Throwaway]) -> Template:  # fmt: skip
     """Boot a throwaway sandbox of this shape to ready, save it, keep only the saved state."""
-    key = key_of(image, c, accel)
+    key = key_of(image, c, accel, qemu)
     final = templates_dir() / key
     final.parent.mkdir(parents=True, exist_ok=True)
     with open(final.parent / f".{key}.lock", "a") as lock:
@@ -145,7 +150,7 @@ def make(image: Image, c: cfg.Config, accel: str, progress: Progress, sandbox: C
             box.snapshot_save("template")
             tmp = final.with_name(f".{key}.tmp")
             shutil.rmtree(tmp, ignore_errors=True)
-            (box.dir.path / "snapshots" / "template").rename(tmp)
+            move_tree(box.dir.path / "snapshots" / "template", tmp)  # from the state directory into the cache
             info = json.loads((tmp / "meta.json").read_text())
             info.update({"user": c.vm.user, "made": time.time(), "key": key, "version": TEMPLATE_VERSION})
             (tmp / "meta.json").write_text(json.dumps(info, indent=1))
@@ -155,3 +160,19 @@ def make(image: Image, c: cfg.Config, accel: str, progress: Progress, sandbox: C
             if box.exists():
                 box.destroy()
     return Template(final)
+
+
+def move_tree(src: Path, dest: Path) -> None:
+    """Rename; where `src` and `dest` are on different filesystems (state on tmpfs, the cache on disk), copy
+    (sparse files kept sparse: a template's RAM is mostly holes) and remove."""
+    try:
+        src.rename(dest)
+    except OSError as e:
+        if e.errno != errno.EXDEV:
+            raise
+        try:
+            run(["cp", "-a", "--reflink=auto", "--sparse=always", "--", src, dest])
+        except BaseException:
+            shutil.rmtree(dest, ignore_errors=True)
+            raise
+        shutil.rmtree(src)

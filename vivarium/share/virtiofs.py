@@ -54,9 +54,14 @@ def find_virtiofsd() -> str:
     raise MissingProgram("virtiofsd", "qemu-system-common (Debian 12) or virtiofsd (Debian 13 and later)")
 
 
+def is_c_daemon(binary: str) -> bool:
+    """QEMU's own virtiofsd (C, Debian 12's qemu-system-common), not the Rust one: their options differ."""
+    return binary.endswith("/qemu/virtiofsd")
+
+
 def virtiofsd_argv(binary: str, share: ShareSpec) -> list[str]:
     """The virtiofsd command line, behind confine.py: its mounts (read-only, protected paths) and its seccomp filter."""
-    if binary.endswith("/qemu/virtiofsd"):  # the C daemon
+    if is_c_daemon(binary):
         daemon = [binary, f"--socket-path={share.socket}", "-o", f"source={share.source}", "-o", "cache=auto", "-o", f"modcaps={MODCAPS}"]
     else:  # the Rust daemon
         daemon = [binary, f"--socket-path={share.socket}", f"--shared-dir={share.source}", "--cache=auto", f"--modcaps={MODCAPS}"]

@@ -33,7 +33,7 @@ def cmd_up(args: argparse.Namespace) -> int:
         if f.bind not in ("127.0.0.1", "::1"):
             err.print(f"[yellow]warning:[/] host port {f.host} is bound to {f.bind}: reachable from your network")
     with PhaseDisplay(f"up {args.name}", err) as show:
-        status = box.up(progress=show, auto_ports=args.auto_ports, timeout=args.timeout, cold=args.cold)
+        status = box.up(progress=show, auto_ports=args.auto_ports, timeout=args.timeout, cold=args.cold, share=not args.no_share)
         took = show.elapsed()
     run = box.record().run
     err.print(f"sandbox {args.name!r} is up in {took:.1f}s ({status.accel}: {escape(run.accel_reason if run else '')})")

@@ -7,7 +7,9 @@ left as holes). A new sandbox's RAM is a fresh memfd holding a copy of the
 file's data extents, handed to QEMU as the memory backend's file: the guest
 runs as soon as the device state is loaded, with no page parsed out of a
 stream. (A private, copy-on-write mapping of the template's file would save
-even the copy, but virtiofsd must map the guest's RAM shared.)
+even the copy, but virtiofsd must map the guest's RAM shared.) A booting guest's
+RAM is a memfd of ours too, handed over the same way: QEMU 8.2 and later skip
+only shared RAM backed by a named file under x-ignore-shared.
 """
 
 from __future__ import annotations
@@ -100,6 +102,21 @@ def _write_data_pages(fd: int, chunk: bytes, offset: int) -> int:
     if run >= 0:
         written += os.pwrite(fd, chunk[run:], offset + run)
     return written
+
+
+def new_memfd(name: str, size: int) -> int:
+    """A new, empty (sparse) memfd of `size` bytes for a booting guest's RAM, inheritable for QEMU to open as
+    /proc/self/fd/N: a memory-backend-file, so that QEMU 8.2 and later leave it out of a saved state as
+    x-ignore-shared asks (they ignore only shared RAM backed by a named file, which a memory-backend-memfd
+    is not: its RAM would go into the stream, and a restore into a file-backed guest would refuse it)."""
+    fd = os.memfd_create(name, 0)
+    try:
+        os.ftruncate(fd, size)
+    except BaseException:
+        os.close(fd)
+        raise
+    os.set_inheritable(fd, True)
+    return fd
 
 
 def load_memfd(src: Path, name: str) -> int:

@@ -75,10 +75,12 @@ class MachineSpec:
     # (QEMU's pipe chardev: always open, so the guest's agent blocks in read()
     # until a request comes, instead of polling for a host that connects).
     control: Path | None = None
-    # Guest RAM from this (inherited) file descriptor instead of a new memfd:
-    # a template's memory, copied in before QEMU starts.
+    # Guest RAM from this (inherited) memfd, as a memory-backend-file (vm/memory.py says why a file):
+    # empty for a boot, a template's or snapshot's memory copied in for a restore. None: a memfd of QEMU's own.
     ram_fd: int | None = None
     extra: tuple[str, ...] = field(default=())
+    # The versioned machine type (what q35 stands for in this QEMU: caps.py), so that a saved state names it.
+    machine: str = "q35"
 
 
 def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
@@ -90,7 +92,7 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
     argv = [
         "qemu-system-x86_64",
         "-name", f"vivarium-{spec.name},process=vivarium-{spec.name}",
-        "-machine", "q35,vmport=off,hpet=off",
+        "-machine", f"{spec.machine},vmport=off,hpet=off",
         *spec.accel_args,
         "-m", f"{spec.memory_mib}M",
         # Guest RAM a vhost-user daemon (virtiofsd) can map, always: a machine
