@@ -65,7 +65,7 @@ def status(d: state.InstanceDir, agents: Callable[[str], dict[str, str]]) -> Sta
         uptime=round(time.time() - run.started_at, 1) if pid and run else None,
         ssh_port=run.ssh_port if run else None,
         user=made.user,
-        memory=values.format_size(run.memory if run else 0),
+        memory=values.format_size(run.memory) if run else "",
         cpus=run.cpus if run else 0,
         path=str(d.path),
         shares=[asdict(sh) for sh in run.shares] if pid and run else [],

@@ -100,7 +100,7 @@ def cmd_ls(args: argparse.Namespace) -> int:
         return 0
     t = Table("name", "state", "accel", "ssh", "memory", "cpus", "uptime")
     for r in rows:
-        t.add_row(r.name, r.state, r.accel, str(r.ssh_port or ""), r.memory, str(r.cpus), _uptime(r.uptime))
+        t.add_row(r.name, r.state, r.accel, str(r.ssh_port or ""), r.memory, str(r.cpus or ""), _uptime(r.uptime))
     out.print(t)
     return 0
 
