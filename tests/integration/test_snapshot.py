@@ -84,6 +84,20 @@ def test_a_sandbox_with_shares_is_refused_clearly(box: Sandbox) -> None:
     assert r.returncode == 2 and "virtiofs device cannot be saved" in r.stderr and "Traceback" not in r.stderr
 
 
+def test_a_restore_that_qemu_refuses_shows_qemus_own_reason(snapbox: tuple[Sandbox, Path]) -> None:
+    box, d = snapbox
+    vv("snapshot", "snapbox", "save", "bad", cwd=d)
+    (box.dir.path / "snapshots" / "bad" / "state").write_bytes(b"\0" * 4096)  # not a migration stream
+    r = vv("snapshot", "snapbox", "restore", "bad", cwd=d, check=False)
+    assert r.returncode == 1 and "Traceback" not in r.stderr, r.stderr
+    assert "error: QEMU exited while starting sandbox 'snapbox': load of migration failed" in r.stderr, r.stderr
+    assert f"hint: QEMU's log: {box.dir.log}" in r.stderr
+    assert box.pid() is None  # nothing of the failed start runs on; a good snapshot still restores
+    assert "restored to one" in vv("snapshot", "snapbox", "restore", "one", cwd=d).stderr
+    assert box.exec(["true"]).returncode == 0
+    vv("snapshot", "snapbox", "rm", "bad")
+
+
 def test_rm(snapbox: tuple[Sandbox, Path]) -> None:
     vv("snapshot", "snapbox", "rm", "one")
     assert json.loads(vv("snapshot", "snapbox", "ls", "--json").stdout) == []

@@ -39,11 +39,15 @@ def probe(*, use_cache: bool = True) -> Qemu:
                 return Qemu(saved["version"], saved["machine"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
-    found = Qemu(version_of(run([binary, "--version"], timeout=30).stdout),
-                 machine_of(run([binary, "-machine", "help"], timeout=30).stdout))  # fmt: skip
+    found = ask(binary)
     cache.parent.mkdir(parents=True, exist_ok=True)
     state.write_atomic(cache, json.dumps({"ident": ident, **asdict(found)}) + "\n")
     return found
+
+
+def ask(binary: str = "qemu-system-x86_64") -> Qemu:
+    """Ask the QEMU binary itself (no cache)."""
+    return Qemu(version_of(run([binary, "--version"], timeout=30).stdout), machine_of(run([binary, "-machine", "help"], timeout=30).stdout))
 
 
 def version_of(text: str) -> str:
