@@ -15,9 +15,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from vivarium.credentials import SecretSpec, dump_secrets, parse_secrets
 from vivarium.errors import ConfigError
 from vivarium.host import Host, guest_uid
 from vivarium.values import (
+    check_agent,
     check_cidr,
     check_domain,
     check_package,
@@ -113,6 +115,7 @@ class Config:
     network: NetworkSettings
     image: ImageSettings
     kube: KubeSettings
+    secret: tuple[SecretSpec, ...] = ()  # what the gateway may inject, and for which hosts (credentials.py)
     uid: int = 1000  # the agent user's uid in the guest: the host user's, unless that is root
     source: Path | None = None  # the file it came from, if any
     notes: tuple[str, ...] = ()  # clamps and other things the user should hear
@@ -122,14 +125,6 @@ class Config:
 
 
 parse_cpus = int_in(1, 1024, "a CPU count")
-
-
-KNOWN_AGENTS = ("claude-code", "codex", "gemini", "opencode")
-
-
-def _check_agent(value: str, where: str) -> None:
-    if value not in KNOWN_AGENTS:
-        raise ConfigError(f"{where}: unknown agent {value!r}", hint=f"known agents: {', '.join(KNOWN_AGENTS)}")
 
 
 parse_forwards = table_list({"host": parse_port, "guest": parse_port, "bind": parse_bind}, ("host", "guest"), Forward)
@@ -240,10 +235,11 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image", "suite", "bookworm", parse_str, "Debian suite", "--suite", "SUITE"),
     Setting("image", "mirror", "", parse_str, 'Debian mirror ("" = the host\'s apt mirror)', "--mirror", "URL"),
     Setting("image", "packages", [], str_list(check_package), "extra apt packages", "--package", "PKG", repeat=True),
-    Setting("image", "agents", ["claude-code"], str_list(_check_agent), "agent CLIs from npm", "--agent", "AGENT", repeat=True),
+    Setting("image", "agents", ["claude-code"], str_list(check_agent), "agent CLIs from npm", "--agent", "AGENT", repeat=True),
     Setting("image", "setup", "", parse_str, "script run inside the image at build time"),
     Setting("image", "download", DEFAULT_DOWNLOADS, parse_downloads, "binaries fetched at build time", dump=dump_tables),
     Setting("kube", "link_into_share", False, parse_bool, "symlink ~/.kube/config into the share"),
+    Setting("", "secret", [], parse_secrets, "secrets the gateway puts into requests to their hosts", dump=dump_secrets),
 )
 
 SECTIONS = {"vm": VMSettings, "network": NetworkSettings, "image": ImageSettings, "kube": KubeSettings}
@@ -344,6 +340,7 @@ def load_data(
     return Config(
         forward=values["forward"],  # type: ignore[arg-type]
         share=values["share"],  # type: ignore[arg-type]
+        secret=values["secret"],  # type: ignore[arg-type]
         uid=guest_uid(str(values["vm.user"]), host),
         source=source,
         notes=tuple(notes),

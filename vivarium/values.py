@@ -187,3 +187,11 @@ def check_protect(value: str, where: str) -> None:
 def dump_tables(v: tuple[Any, ...]) -> list[dict[str, object]]:
     return [{k: str(x) if isinstance(x, Path) else list(x) if isinstance(x, tuple) else x for k, x in dataclasses.asdict(e).items()}
             for e in v]  # fmt: skip
+
+
+KNOWN_AGENTS = ("claude-code", "codex", "gemini", "opencode")
+
+
+def check_agent(value: str, where: str) -> None:
+    if value not in KNOWN_AGENTS:
+        raise ConfigError(f"{where}: unknown agent {value!r}", hint=f"known agents: {', '.join(KNOWN_AGENTS)}")

@@ -1,0 +1,145 @@
+"""Secrets the guest never holds: what the gateway does to a request's headers and a response's bytes.
+
+The agent sees a placeholder: random per sandbox and secret, of the real value's length and with its
+prefix (`sk-ant-api03-`, `ghp_`), so that a client that checks the format takes it. In a request to one
+of the secret's hosts the gateway puts the real value where the placeholder is, in the headers only (also
+inside `Authorization: Basic`, for git over HTTPS), never in a body; a request to any other host keeps the
+placeholder, and says so. In what comes back, the real value is turned into the placeholder again before
+the guest sees it. Pure functions over bytes: the TLS and HTTP around them are the gateway's.
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import re
+import secrets as random
+import string
+from collections.abc import Iterable, Sequence
+from dataclasses import dataclass, field
+
+from vivarium.net.policy import AllowRule
+
+ALPHABET = string.ascii_letters + string.digits
+# At most this many leading segments ("sk-", "ant-", "api03-"), each short, make a value's visible prefix.
+_SEGMENT = re.compile(r"[A-Za-z][A-Za-z0-9]{0,6}[-_]")
+MAX_PREFIX_SEGMENTS = 3
+
+
+def prefix_of(real: str) -> str:
+    """The part of a credential a client may check: its leading short segments (`sk-ant-api03-`, `ghp_`)."""
+    prefix, rest = "", real
+    for _ in range(MAX_PREFIX_SEGMENTS):
+        m = _SEGMENT.match(rest)
+        if m is None or len(m.group()) >= len(rest):
+            break
+        prefix, rest = prefix + m.group(), rest[m.end() :]
+    return prefix
+
+
+def make_placeholder(real: str) -> str:
+    """A stand-in for `real`: its prefix, then random letters and digits to the same length (at least 16 random)."""
+    prefix = prefix_of(real)
+    if len(real) - len(prefix) < 16:
+        prefix = ""
+    size = max(len(real) - len(prefix), 16)  # a value of 16 characters or more: exactly its length
+    return prefix + "".join(random.choice(ALPHABET) for _ in range(size))
+
+
+@dataclass(frozen=True)
+class Secret:
+    """One secret as the gateway holds it: the guest's placeholder, the real value, where it may go."""
+
+    name: str
+    placeholder: str
+    value: str
+    hosts: tuple[str, ...]  # patterns as in network.allow: "api.anthropic.com", "*.github.com"
+    header: str | None = None  # only this request header (lowercase); None: any header that holds the placeholder
+
+    def goes_to(self, host: str, port: int = 443) -> bool:
+        return any(AllowRule.parse(h).matches(host, port) for h in self.hosts)
+
+
+@dataclass
+class Injected:
+    headers: list[tuple[bytes, bytes]]
+    injected: list[str] = field(default_factory=list)  # names of the secrets put in
+    withheld: list[str] = field(default_factory=list)  # placeholders seen in a request to a host not theirs
+
+
+def inject(headers: Sequence[tuple[bytes, bytes]], host: str, port: int, held: Iterable[Secret]) -> Injected:
+    """A request's headers with each placeholder replaced by its real value, where the request goes to one
+    of that secret's hosts (and, with `header`, only in that header)."""
+    out = Injected(list(headers))
+    for s in held:
+        ph, real = s.placeholder.encode(), s.value.encode()
+        allowed = s.goes_to(host, port)
+        for i, (name, value) in enumerate(out.headers):
+            lname = name.lower()
+            if s.header is not None and lname.decode(errors="replace") != s.header:
+                if ph in value or (lname == b"authorization" and ph in _basic(value)):
+                    _note(out.withheld, s.name)
+                continue
+            new = value.replace(ph, real) if ph in value else None
+            if new is None and lname == b"authorization":
+                new = _replace_in_basic(value, ph, real)
+            if new is None:
+                continue
+            if allowed:
+                out.headers[i] = (name, new)
+                _note(out.injected, s.name)
+            else:
+                _note(out.withheld, s.name)
+    return out
+
+
+def _note(names: list[str], name: str) -> None:
+    if name not in names:
+        names.append(name)
+
+
+def _basic(value: bytes) -> bytes:
+    scheme, _, token = value.strip().partition(b" ")
+    if scheme.lower() != b"basic":
+        return b""
+    try:
+        return base64.b64decode(token.strip(), validate=True)
+    except (binascii.Error, ValueError):
+        return b""
+
+
+def _replace_in_basic(value: bytes, ph: bytes, real: bytes) -> bytes | None:
+    """`Basic base64(user:pass)` with the placeholder replaced inside, re-encoded; None when it is not there."""
+    decoded = _basic(value)
+    if ph not in decoded:
+        return None
+    return b"Basic " + base64.b64encode(decoded.replace(ph, real))
+
+
+class Masker:
+    """Turns real values back into placeholders in a stream of bytes, also across the boundaries of the
+    chunks it is fed. A placeholder is as long as its value (for values of 16 characters or more), so
+    lengths (Content-Length) stay right."""
+
+    def __init__(self, held: Iterable[Secret]) -> None:
+        self.pairs = [(s.value.encode(), s.placeholder.encode()) for s in held if s.value]
+        self.keep = max((len(v) for v, _ in self.pairs), default=1) - 1
+        self.pending = b""
+
+    def feed(self, data: bytes) -> bytes:
+        """What can be passed on now; a tail that may be the start of a value waits for the next chunk."""
+        if not self.pairs:
+            return data
+        buf = self._replace(self.pending + data)
+        cut = max(0, len(buf) - self.keep)  # a value cut off at the end starts in the last `keep` bytes
+        self.pending = buf[cut:]
+        return buf[:cut]
+
+    def flush(self) -> bytes:
+        out, self.pending = self._replace(self.pending), b""
+        return out
+
+    def _replace(self, buf: bytes) -> bytes:
+        for value, placeholder in self.pairs:
+            buf = buf.replace(value, placeholder)
+        return buf
