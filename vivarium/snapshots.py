@@ -18,6 +18,7 @@ from vivarium import config as cfg
 from vivarium import record, state, values
 from vivarium.errors import InstanceError, UsageError
 from vivarium.run import run
+from vivarium.share import virtiofs
 from vivarium.vm import caps, machine, memory
 from vivarium.vm.qemu import LAYOUT
 
@@ -49,10 +50,11 @@ def save(d: state.InstanceDir, tag: str) -> dict[str, Any]:
         if pid is None:
             raise InstanceError(f"sandbox {d.name!r} is not running", hint="a snapshot saves a running sandbox's memory")
         rec = d.read()
-        if rec.run is not None and rec.run.shares:
+        if rec.run is not None and rec.run.shares and not shares_migrate(caps.probe()):
             raise UsageError(
-                f"sandbox {d.name!r} has shared directories, and QEMU's virtiofs device cannot be saved",
-                hint='snapshot a sandbox without shares (share = [] in vivarium.toml)',
+                f"sandbox {d.name!r} has shared directories, and this host's virtiofs device cannot be saved",
+                hint="QEMU 8.2 or later with the Rust virtiofsd saves them (Debian 13); "
+                     "or snapshot a sandbox without shares (share = [] in vivarium.toml)",
             )  # fmt: skip
         if path.exists():
             raise UsageError(f"snapshot {tag!r} exists", hint=f"vivarium snapshot {d.name} rm {tag}")
@@ -86,6 +88,7 @@ def save_state(d: state.InstanceDir, dest: Path, pid: int, rec: record.Record) -
         "created": time.time(), "seconds": round(time.monotonic() - started, 2), "ram_data": ram,
         "memory": now.memory, "cpus": now.cpus, "accel": now.accel, "build_id": rec.instance.build_id,
         "qemu": machine.qemu_version(d.qmp), "layout": LAYOUT,
+        "shares": [{"host": sh.host, "guest": sh.guest, "mode": sh.mode} for sh in now.shares],
     }  # fmt: skip
 
 
@@ -105,11 +108,25 @@ def check_fits(d: state.InstanceDir, path: Path, c: cfg.Config, accel: str, buil
         ("accelerator", data["accel"], accel), ("image", data["build_id"], build_id), ("QEMU", data.get("qemu"), qemu.version),
         ("device layout", data.get("layout", 1), LAYOUT),
     ) if was != now]  # fmt: skip
-    if any(s.mode for s in c.share):
-        mismatch.append("shared directories are configured (a snapshot has none)")
+    configured = [{"host": str(s.host), "guest": str(s.guest), "mode": s.mode} for s in c.share]
+    saved = data.get("shares", [])
+    if configured != saved:
+        mismatch.append(f"shared directories {_shares(saved)} now {_shares(configured)}")
+    elif saved and not shares_migrate(qemu):
+        mismatch.append("it holds shared directories, and this host's virtiofs device cannot load them")
     if mismatch:
         raise UsageError(f"snapshot {tag!r} no longer fits sandbox {d.name!r}: {'; '.join(mismatch)}",
                          hint="restore with the settings it was saved with, or save a new one")  # fmt: skip
+
+
+def shares_migrate(qemu: caps.Qemu) -> bool:
+    """Can a snapshot keep the shares here? QEMU 8.2 and later migrate a vhost-user-fs device whose server
+    can hand over its state (the guest's open files, by path); the shares' contents are the host's, never saved."""
+    return qemu.at_least(8, 2) and virtiofs.migrates()
+
+
+def _shares(shares: list[dict[str, str]]) -> str:
+    return ", ".join(f"{s['host']} ({s['mode']})" for s in shares) or "none"
 
 
 def put_back_disks(d: state.InstanceDir, path: Path) -> None:

@@ -11,6 +11,7 @@ setuid/setgid bits, device nodes and fifos off the host.
 
 from __future__ import annotations
 
+import functools
 import os
 import shutil
 import subprocess
@@ -57,6 +58,23 @@ def find_virtiofsd() -> str:
 def is_c_daemon(binary: str) -> bool:
     """QEMU's own virtiofsd (C, Debian 12's qemu-system-common), not the Rust one: their options differ."""
     return binary.endswith("/qemu/virtiofsd")
+
+
+@functools.cache
+def migrates() -> bool:
+    """Can this host's share server hand its state to a migration, so that a snapshot keeps the shares?
+    The Rust virtiofsd can from 1.11 (`--migration-mode`; Debian 13 has 1.13); QEMU's own C one cannot."""
+    try:
+        binary = find_virtiofsd()
+    except MissingProgram:
+        return False
+    if is_c_daemon(binary):
+        return False
+    try:
+        out = subprocess.run([binary, "--help"], capture_output=True, text=True, timeout=10, check=False).stdout
+    except (OSError, subprocess.TimeoutExpired):
+        return False
+    return "--migration-mode" in out
 
 
 def virtiofsd_argv(binary: str, share: ShareSpec) -> list[str]:

@@ -25,6 +25,10 @@ class Qemu:
     version: str  # "7.2.22"
     machine: str  # what q35 stands for in it: "pc-q35-7.2"
 
+    def at_least(self, major: int, minor: int) -> bool:
+        have = tuple(int(x) for x in self.version.split(".")[:2])
+        return have >= (major, minor)
+
 
 def probe(*, use_cache: bool = True) -> Qemu:
     """This host's QEMU: cached per binary, else asked (two runs of it, ~50 ms)."""
