@@ -173,3 +173,22 @@ def test_the_host_qemu_is_probed_once_and_named_by_version_and_machine(tmp_path:
 def test_the_machine_type_is_pinned_in_the_argv(tmp_path: Path) -> None:
     argv = qemu_argv(spec(tmp_path, machine="pc-q35-7.2"))
     assert opt(argv, "-machine") == ["pc-q35-7.2,vmport=off,hpet=off"]
+
+
+def test_the_share_servers_migration_is_probed_from_its_help(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    from vivarium.share import virtiofs
+    from vivarium.vm import caps
+
+    rust = tmp_path / "virtiofsd"
+    for help_text, migrates in (("--migration-mode <MIGRATION_MODE>", True), ("--shared-dir <DIR>", False)):
+        rust.write_text(f"#!/bin/sh\necho '{help_text}'\n")
+        rust.chmod(0o755)
+        monkeypatch.setattr(virtiofs, "find_virtiofsd", lambda: str(rust))
+        virtiofs.migrates.cache_clear()
+        assert virtiofs.migrates() is migrates
+    monkeypatch.setattr(virtiofs, "find_virtiofsd", lambda: "/usr/lib/qemu/virtiofsd")  # QEMU's own C daemon never does
+    virtiofs.migrates.cache_clear()
+    assert virtiofs.migrates() is False
+    virtiofs.migrates.cache_clear()
+    assert caps.Qemu("8.2.0", "pc-q35-8.2").at_least(8, 2) and caps.Qemu("10.0.13", "pc-q35-10.0").at_least(8, 2)
+    assert not caps.Qemu("7.2.22", "pc-q35-7.2").at_least(8, 2)
