@@ -153,3 +153,40 @@ def test_a_share_that_cannot_be_served_is_an_error_unless_no_share_says_so(
     with pytest.raises(VMError, match="QEMU did not start: stop here"):
         launch.start(dataclasses.replace(shared, share=False), rec, auto_ports=True, timeout=5)
     assert_nothing_left(how)
+
+
+LINGERING_QEMU = (  # "daemonizes": a child that stays under QEMU's command line, named in the pid file
+    'for a; do case "$prev" in -pidfile) pf=$a;; esac; prev=$a; done\n( sleep 20; true ) >/dev/null 2>&1 </dev/null &\necho $! > "$pf"\nexit 0\n'
+)
+
+
+def test_a_gateway_that_fails_unwinds_qemu_and_the_namespace(
+    box: tuple[launch.Launch, record.Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    how, rec = box
+    fake_qemu(tmp_path, monkeypatch, LINGERING_QEMU)
+    real = control.write_policy
+
+    def damaged(directory: Path, *args: object) -> None:  # the gateway really starts, and really cannot read it
+        real(directory, *args)  # type: ignore[arg-type]
+        (directory / "policy.json").write_text("{not json")
+
+    monkeypatch.setattr(control, "write_policy", damaged)
+    with pytest.raises(VMError, match="the egress gateway did not start"):
+        launch.start(how, rec, auto_ports=True, timeout=5)
+    assert_nothing_left(how)
+
+
+def test_a_share_server_that_fails_unwinds_what_started_before_it(
+    box: tuple[launch.Launch, record.Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    how, rec = box
+    if virtiofs.supported() is not None:
+        pytest.fail(f"this test needs a host that serves shares: {virtiofs.supported()}")
+    project = tmp_path / "project"
+    project.mkdir()
+    shared = dataclasses.replace(how, config=cfg.load_data({"share": [{"host": str(project)}], "forward": []}, "test", tmp_path))
+    project.rmdir()  # gone between the settings and the start: the share server cannot serve it
+    with pytest.raises(VMError, match=f"virtiofsd for {project} exited"):
+        launch.start(shared, rec, auto_ports=True, timeout=5)
+    assert_nothing_left(how)
