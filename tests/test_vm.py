@@ -100,7 +100,7 @@ def test_qemu_argv_with_shares(tmp_path: Path) -> None:
     assert opt(argv, "-object")[0].startswith("memory-backend-memfd,id=mem,size=2048M,share=on")
     assert opt(argv, "-numa") == ["node,memdev=mem"]
     assert f"socket,id=fs0,path={tmp_path}/s0.sock" in opt(argv, "-chardev")
-    assert "vhost-user-fs-pci,chardev=fs0,tag=share0" in opt(argv, "-device")
+    assert "vhost-user-fs-pci,id=fsdev0,bus=hp0,chardev=fs0,tag=share0" in opt(argv, "-device")  # where a copy hot-plugs it
     # the same RAM and spare slots without shares: a restored template can have them plugged in
     plain = qemu_argv(spec(tmp_path))
     assert any("memory-backend-memfd" in a for a in plain)

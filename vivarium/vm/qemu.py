@@ -132,7 +132,10 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
             "-device", f"virtserialport,bus=vser0.0,chardev=control,name={CONTROL_PORT}",
         ]  # fmt: skip
     for i, (tag, sock) in enumerate(spec.shares):
-        argv += ["-chardev", f"socket,id=fs{i},path={_escape(sock)}", "-device", f"vhost-user-fs-pci,chardev=fs{i},tag={tag}"]
+        # In the slot a template's copy has it hot-plugged into (launch._become), with the same id: one
+        # device layout either way, so that a snapshot with shares loads whichever way the sandbox started.
+        slot = f"id=fsdev{i},bus=hp{i}," if i < HOTPLUG_SLOTS else ""
+        argv += ["-chardev", f"socket,id=fs{i},path={_escape(sock)}", "-device", f"vhost-user-fs-pci,{slot}chardev=fs{i},tag={tag}"]
     for name, path in spec.fw_cfg:
         argv += ["-fw_cfg", f"name=opt/vivarium/{name},file={_escape(path)}"]
     if daemonize:
