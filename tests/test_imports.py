@@ -17,7 +17,7 @@ ROOT = Path(__file__).resolve().parent.parent / "vivarium"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "printable", "progress", "run", "guest", "image", "record", "host"),
     ("state", "net.routes", "net.policy", "net.inject", "values", "credentials", "config", "trust"),
-    ("vm.accel", "vm.caps", "vm.channel", "vm.machine", "vm.memory", "vm.qemu", "net.sniff", "net.dns",
+    ("vm.accel", "vm.caps", "vm.channel", "vm.machine", "vm.memory", "vm.qemu", "net.sniff", "net.dns", "net.ca",
      "net.relay", "image.recipe", "image.initrd", "image.mmdebstrap", "share.confine", "share.review", "share.writeback",
      "ssh", "kube"),
     ("net.netns", "net.gateway", "net.supervisor", "net.control", "net.__main__", "image.build", "share.virtiofs",
