@@ -5,6 +5,7 @@ from __future__ import annotations
 import base64
 import random
 
+from vivarium import credentials
 from vivarium.net import inject
 from vivarium.net.inject import Masker, Secret
 
@@ -13,17 +14,17 @@ GH = "ghp_" + "a1B2c3D4e5" * 4
 
 
 def secret(value: str = REAL, hosts: tuple[str, ...] = ("api.anthropic.com",), header: str | None = None, name: str = "KEY") -> Secret:
-    return Secret(name, inject.make_placeholder(value), value, hosts, header)
+    return Secret(name, credentials.make_placeholder(value), value, hosts, header)
 
 
 def test_a_placeholder_looks_like_the_real_thing_and_is_random() -> None:
-    ph = inject.make_placeholder(REAL)
+    ph = credentials.make_placeholder(REAL)
     assert ph.startswith("sk-ant-api03-") and len(ph) == len(REAL) and ph != REAL
-    assert ph != inject.make_placeholder(REAL)  # random each time it is made
-    gh = inject.make_placeholder(GH)
+    assert ph != credentials.make_placeholder(REAL)  # random each time it is made
+    gh = credentials.make_placeholder(GH)
     assert gh.startswith("ghp_") and len(gh) == len(GH)
-    assert inject.prefix_of("github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz") == "github_pat_"
-    short = inject.make_placeholder("abc")  # a value too short to keep a prefix of: 16 random
+    assert credentials.prefix_of("github_pat_11ABCDEFG0123456789_abcdefghijklmnopqrstuvwxyz") == "github_pat_"
+    short = credentials.make_placeholder("abc")  # a value too short to keep a prefix of: 16 random
     assert len(short) == 16
 
 
@@ -79,3 +80,23 @@ def test_masking_turns_the_value_back_across_any_chunking() -> None:
     assert REAL.encode() not in want
     nothing = Masker([])
     assert nothing.feed(b"abc") == b"abc" and nothing.flush() == b""
+
+
+def test_every_request_head_on_a_connection_is_rewritten_and_no_body() -> None:
+    s = secret()
+    ph, real = s.placeholder.encode(), REAL.encode()
+    body = b"placeholder in a body stays: " + ph
+    stream = (b"POST /v1/messages HTTP/1.1\r\nHost: api.anthropic.com\r\nx-api-key: " + ph + b"\r\nContent-Length: "
+              + str(len(body)).encode() + b"\r\n\r\n" + body
+              + b"GET /v1/models HTTP/1.1\r\nHost: api.anthropic.com\r\nX-Api-Key:" + ph + b"\r\n\r\n")  # fmt: skip
+    for cut in (1, 7, 50, len(stream)):  # however the stream is split, pipelined or not
+        r = inject.RequestRewriter("api.anthropic.com", 443, [s])
+        out, notes = b"", []
+        for i in range(0, len(stream), cut):
+            chunk, n = r.feed(stream[i : i + cut])
+            out += chunk
+            notes += n
+        assert out.count(real) == 2 and out.count(ph) == 1 and out.endswith(b"X-Api-Key: " + real + b"\r\n\r\n")
+        assert [n.injected for n in notes] == [["KEY"], ["KEY"]]
+    head, note = inject.rewrite_head(b"GET / HTTP/1.1\r\nHost: evil.example.org\r\nx-api-key: " + ph + b"\r\n\r\n", "evil.example.org", 443, [s])
+    assert ph in head and real not in head and note.withheld == ["KEY"]

@@ -11,17 +11,42 @@ from __future__ import annotations
 import json
 import os
 import re
+import secrets as random
 import shlex
+import string
 import subprocess
 from dataclasses import dataclass
 from pathlib import Path
 
 from vivarium import state
 from vivarium.errors import ConfigError, UsageError
-from vivarium.net import inject
 from vivarium.values import check_domain, parse_str, str_list, table_list
 
 NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+ALPHABET = string.ascii_letters + string.digits
+# At most this many leading segments ("sk-", "ant-", "api03-"), each short, make a value's visible prefix.
+_SEGMENT = re.compile(r"[A-Za-z][A-Za-z0-9]{0,6}[-_]")
+MAX_PREFIX_SEGMENTS = 3
+
+
+def prefix_of(real: str) -> str:
+    """The part of a credential a client may check: its leading short segments (`sk-ant-api03-`, `ghp_`)."""
+    prefix, rest = "", real
+    for _ in range(MAX_PREFIX_SEGMENTS):
+        m = _SEGMENT.match(rest)
+        if m is None or len(m.group()) >= len(rest):
+            break
+        prefix, rest = prefix + m.group(), rest[m.end() :]
+    return prefix
+
+
+def make_placeholder(real: str) -> str:
+    """A stand-in for `real`: its prefix, then random letters and digits to the same length (at least 16 random)."""
+    prefix = prefix_of(real)
+    if len(real) - len(prefix) < 16:
+        prefix = ""
+    size = max(len(real) - len(prefix), 16)  # a value of 16 characters or more: exactly its length
+    return prefix + "".join(random.choice(ALPHABET) for _ in range(size))
 
 
 @dataclass(frozen=True)
@@ -123,8 +148,8 @@ def placeholder(d: state.InstanceDir, name: str, real: str) -> str:
     except (OSError, ValueError):
         kept = {}
     ph = kept.get(name)
-    if not isinstance(ph, str) or len(ph) != len(inject.make_placeholder(real)):
-        ph = kept[name] = inject.make_placeholder(real)
+    if not isinstance(ph, str) or len(ph) != len(make_placeholder(real)):
+        ph = kept[name] = make_placeholder(real)
         state.write_atomic(path, json.dumps(kept, indent=1) + "\n", 0o600)
     return ph
 

@@ -12,38 +12,11 @@ from __future__ import annotations
 
 import base64
 import binascii
-import re
-import secrets as random
-import string
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
 from vivarium.net.policy import AllowRule
-
-ALPHABET = string.ascii_letters + string.digits
-# At most this many leading segments ("sk-", "ant-", "api03-"), each short, make a value's visible prefix.
-_SEGMENT = re.compile(r"[A-Za-z][A-Za-z0-9]{0,6}[-_]")
-MAX_PREFIX_SEGMENTS = 3
-
-
-def prefix_of(real: str) -> str:
-    """The part of a credential a client may check: its leading short segments (`sk-ant-api03-`, `ghp_`)."""
-    prefix, rest = "", real
-    for _ in range(MAX_PREFIX_SEGMENTS):
-        m = _SEGMENT.match(rest)
-        if m is None or len(m.group()) >= len(rest):
-            break
-        prefix, rest = prefix + m.group(), rest[m.end() :]
-    return prefix
-
-
-def make_placeholder(real: str) -> str:
-    """A stand-in for `real`: its prefix, then random letters and digits to the same length (at least 16 random)."""
-    prefix = prefix_of(real)
-    if len(real) - len(prefix) < 16:
-        prefix = ""
-    size = max(len(real) - len(prefix), 16)  # a value of 16 characters or more: exactly its length
-    return prefix + "".join(random.choice(ALPHABET) for _ in range(size))
+from vivarium.net.sniff import Requests
 
 
 @dataclass(frozen=True)
@@ -143,3 +116,44 @@ class Masker:
         for value, placeholder in self.pairs:
             buf = buf.replace(value, placeholder)
         return buf
+
+
+def rewrite_head(head: bytes, host: str, port: int, held: Iterable[Secret]) -> tuple[bytes, Injected]:
+    """A whole request head (request line, header lines, the blank line) with the secrets put in."""
+    lines = head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else head.split(b"\r\n")
+    fields: list[tuple[bytes, bytes]] = []
+    kept: list[int] = []  # indices of lines that are not "Name: value" (left as they are)
+    for i, line in enumerate(lines[1:], 1):
+        name, sep, value = line.partition(b":")
+        if sep and name and not name[-1:].isspace():
+            fields.append((name, value.strip(b" \t")))
+        else:
+            kept.append(i)
+    out = inject(fields, host, port, held)
+    rebuilt = [lines[0]]
+    it = iter(out.headers)
+    for i in range(1, len(lines)):
+        if i in kept:
+            rebuilt.append(lines[i])
+        else:
+            name, value = next(it)
+            rebuilt.append(name + b": " + value)
+    return b"\r\n".join(rebuilt) + b"\r\n\r\n", out
+
+
+class RequestRewriter:
+    """A client's decrypted stream with every request head rewritten (keep-alive and pipelining included);
+    bodies pass untouched. Framing ambiguities raise sniff.Unframed: the gateway then ends the connection."""
+
+    def __init__(self, host: str, port: int, held: Sequence[Secret]) -> None:
+        self.host, self.port, self.held = host, port, held
+        self.requests = Requests()
+
+    def feed(self, data: bytes) -> tuple[bytes, list[Injected]]:
+        out, notes = [], []
+        for kind, piece in self.requests.feed(data):
+            if kind == "head":
+                piece, note = rewrite_head(piece, self.host, self.port, self.held)
+                notes.append(note)
+            out.append(piece)
+        return b"".join(out), notes

@@ -1,0 +1,85 @@
+"""TLS spoken by the gateway itself, over a guest connection whose first bytes (the ClientHello, read to learn
+its SNI) were already taken from the stream: an ssl.SSLObject over memory buffers, fed by hand.
+
+Used only where the gateway terminates TLS (a secret's host, net/inject.py); every other connection is
+relayed as bytes and never decrypted.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import ssl
+
+READ = 65536
+
+
+class TLSStream:
+    """The server side of a TLS connection over `reader`/`writer`, starting with bytes already read."""
+
+    def __init__(self, ctx: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, initial: bytes = b"") -> None:
+        self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.reader, self.writer = reader, writer
+        if initial:
+            self.incoming.write(initial)
+
+    async def _flush(self) -> None:
+        data = self.outgoing.read()
+        if data:
+            self.writer.write(data)
+            await self.writer.drain()
+
+    async def _fill(self) -> bool:
+        """More bytes from the peer into the TLS object; False at EOF."""
+        data = await self.reader.read(READ)
+        if not data:
+            self.incoming.write_eof()
+            return False
+        self.incoming.write(data)
+        return True
+
+    async def handshake(self, timeout: float = 10.0) -> None:
+        async def go() -> None:
+            while True:
+                try:
+                    self.obj.do_handshake()
+                    await self._flush()
+                    return
+                except ssl.SSLWantReadError:
+                    await self._flush()
+                    if not await self._fill():
+                        raise ConnectionResetError("the client closed during the TLS handshake") from None
+
+        await asyncio.wait_for(go(), timeout)
+
+    @property
+    def sni(self) -> str | None:
+        return self.obj.server_hostname
+
+    async def read(self) -> bytes:
+        """Decrypted bytes as they come; b"" when the client is done."""
+        while True:
+            try:
+                data = self.obj.read(READ)
+                await self._flush()  # a read may have produced a reply (a key update)
+                return data
+            except ssl.SSLWantReadError:
+                await self._flush()
+                if not await self._fill():
+                    return b""
+            except ssl.SSLZeroReturnError:
+                return b""
+
+    async def write(self, data: bytes) -> None:
+        view = memoryview(data)
+        while view:
+            n = self.obj.write(view)
+            view = view[n:]
+            await self._flush()
+
+    async def close(self) -> None:
+        with contextlib.suppress(ssl.SSLError, OSError):
+            self.obj.unwrap()
+        with contextlib.suppress(OSError):
+            await self._flush()
