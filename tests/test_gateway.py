@@ -414,3 +414,58 @@ def test_a_serving_process_never_outlives_its_supervisor(gw: Stage) -> None:
     control.start(gw.d, gw.d / "qemu.pid")  # what `vivarium up` does: it serves again
     with gw.guest.connect(SRV, gw.echo.port) as s:
         assert s.recv(6) == b"hello\n"
+
+
+def test_a_secret_goes_in_for_its_host_only_and_is_masked_on_the_way_back(gw: Stage, tmp_path: Path) -> None:
+    """The gateway speaks TLS itself to a secret's host (a certificate from the sandbox's CA, which the guest
+    trusts), checks the server against a CA given by the setting, and injects in the headers only."""
+    from vivarium.credentials import make_placeholder
+    from vivarium.net.ca import CA
+    from vivarium.net.inject import Secret
+
+    (tmp_path / "public").mkdir()
+    public = CA.of(tmp_path / "public", "public")  # the API's own CA, as a public one would be
+    real, other_real = "sk-ant-api03-" + "R" * 80, "ghp_" + "G" * 36
+    key = Secret("KEY", make_placeholder(real), real, ("api.test",))
+    other = Secret("OTHER", make_placeholder(other_real), other_real, ("elsewhere.test",))
+    heard: list[bytes] = []
+
+    def api(conn: socket.socket) -> None:  # answers with what it heard: a server echoing a key back
+        with public.server_context("api.test").wrap_socket(conn, server_side=True) as tls:
+            data = b""
+            while b"\r\n\r\n" not in data and (more := tls.recv(65536)):
+                data += more
+            heard.append(data)
+            body = b"you sent: " + data
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n" % len(body) + body)
+
+    server = gw.hosts.server(api)
+    try:
+        upstream = json.loads((gw.d / "policy.json").read_text())["dns_upstream"]
+        control.write_policy(gw.d, "lan-block", [], [f"{SRV}/32"], [], upstream, upstream_ca=str(tmp_path / "public" / "ca.crt"))
+        control.reload(gw.d)
+        time.sleep(0.3)
+        for s in (key, other):
+            control.give_secret(gw.d, s)
+        client = ssl.create_default_context(cafile=str(gw.d / "ca.crt"))  # what the guest trusts: its sandbox's CA
+        with client.wrap_socket(gw.guest.connect(SRV, server.port), server_hostname="api.test") as tls:
+            tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.test\r\nx-api-key: " + key.placeholder.encode()
+                        + b"\r\nx-other: " + other.placeholder.encode() + b"\r\n\r\n")  # fmt: skip
+            answer = b""
+            while more := tls.recv(65536):
+                answer += more
+        assert real.encode() in heard[0] and key.placeholder.encode() not in heard[0]  # the real value went in ...
+        assert other.placeholder.encode() in heard[0] and other_real.encode() not in heard[0]  # ... only for its host
+        assert b"you sent:" in answer and real.encode() not in answer and key.placeholder.encode() in answer  # masked back
+        (rec,) = [r for r in log(gw.d) if r["kind"] == "tcp" and r.get("port") == server.port]
+        assert rec["secrets"] == ["KEY"] and rec["withheld"] == ["OTHER"] and rec["name"] == "api.test"
+        assert real not in (gw.d / "egress.log").read_text() and real not in (gw.d / "policy.json").read_text()
+        # any other connection is relayed as before, a server that speaks first included
+        plain = gw.guest.connect(SRV, gw.echo.port)
+        assert plain.recv(6) == b"hello\n"
+        plain.close()
+        # a secret the gateway cannot use is refused in one line
+        with pytest.raises(VMError, match="did not take secret BAD"):
+            control.give_secret(gw.d, Secret("BAD", "short", "v", ("api.test",)))
+    finally:
+        server.close()

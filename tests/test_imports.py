@@ -20,7 +20,7 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("vm.accel", "vm.caps", "vm.channel", "vm.machine", "vm.memory", "vm.qemu", "net.sniff", "net.dns", "net.ca", "net.inject", "net.tls",
      "net.relay", "image.recipe", "image.initrd", "image.mmdebstrap", "share.confine", "share.review", "share.writeback",
      "ssh", "kube"),
-    ("net.netns", "net.gateway", "net.supervisor", "net.control", "net.__main__", "image.build", "share.virtiofs",
+    ("net.netns", "net.terminate", "net.gateway", "net.supervisor", "net.control", "net.__main__", "image.build", "share.virtiofs",
      "share.changesets", "ports", "snapshots", "template", "sessions"),
     ("instance", "launch", "provision"),
     ("sandbox",),

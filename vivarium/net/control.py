@@ -14,6 +14,7 @@ import ipaddress
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -28,12 +29,14 @@ from vivarium import state, values
 from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.net import dns as dns_
 from vivarium.net import gateway
+from vivarium.net.inject import Secret
 from vivarium.net.policy import AllowRule, Decision, Policy, unwrap
 from vivarium.net.routes import Router
 
 
 def write_policy(directory: Path, mode: str, allow: Iterable[tuple[str, str]], allow_cidrs: Iterable[str],
-                 deny_cidrs: Iterable[str], dns_upstream: str, deny: Iterable[tuple[str, str]] = ()) -> None:  # fmt: skip
+                 deny_cidrs: Iterable[str], dns_upstream: str, deny: Iterable[tuple[str, str]] = (),
+                 upstream_ca: str = "") -> None:  # fmt: skip
     """The policy the gateway enforces; `allow`/`deny` are (rule, who added it)."""
     data = {
         "mode": mode,
@@ -42,8 +45,26 @@ def write_policy(directory: Path, mode: str, allow: Iterable[tuple[str, str]], a
         "allow_cidrs": list(allow_cidrs),
         "deny_cidrs": list(deny_cidrs),
         "dns_upstream": dns_upstream,
+        "upstream_ca": upstream_ca,
     }
     _write(directory / gateway.POLICY, data)
+
+
+def give_secret(directory: Path, secret: Secret, timeout: float = 10.0) -> None:
+    """Hand the running gateway a secret's real value (over its owner-only socket; it keeps it in memory)."""
+    line = json.dumps({"name": secret.name, "placeholder": secret.placeholder, "value": secret.value,
+                       "hosts": list(secret.hosts), "header": secret.header or ""})  # fmt: skip
+    try:
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as s:
+            s.settimeout(timeout)
+            s.connect(str(directory / gateway.SECRETS_SOCKET))
+            s.sendall(line.encode() + b"\n")
+            reply = s.makefile("rb").readline().decode(errors="replace").strip()
+    except OSError as e:
+        raise VMError(f"cannot hand secret {secret.name} to the egress gateway: {e.strerror or e}",
+                      hint="is the sandbox running? `vivarium up` restarts its gateway") from None  # fmt: skip
+    if reply != "ok":
+        raise VMError(f"the egress gateway did not take secret {secret.name}: {reply or 'no answer'}")
 
 
 def read_policy(directory: Path) -> dict[str, Any]:
@@ -154,7 +175,7 @@ def stop(directory: Path) -> None:
             time.sleep(0.02)
         if state.started(value) is not None:
             os.kill(value, signal.SIGKILL)
-    for name in (gateway.PIDFILE, gateway.LAUNCHED, gateway.SERVING):
+    for name in (gateway.PIDFILE, gateway.LAUNCHED, gateway.SERVING, gateway.SECRETS_SOCKET):
         (directory / name).unlink(missing_ok=True)
 
 

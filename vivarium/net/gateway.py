@@ -43,7 +43,9 @@ import dns.rrset
 
 from vivarium import state
 from vivarium.net import dns as dns_
-from vivarium.net import netns, relay
+from vivarium.net import netns, relay, terminate
+from vivarium.net.ca import CA
+from vivarium.net.inject import Secret
 from vivarium.net.policy import AllowRule, Decision, IPAddress, Policy, unwrap
 from vivarium.net.routes import Router
 from vivarium.net.sniff import looks_like_http, name_in, read_head
@@ -52,6 +54,7 @@ SERVING = "gateway.serving"  # the serving child's pid, once it listens
 POLICY = "policy.json"
 AUDIT = "egress.log"
 PIDFILE = "gateway.pid"  # the supervisor's
+SECRETS_SOCKET = "secrets.sock"  # where `run --secret` hands the gateway a real value (owner-only)
 CHILD_PIDFILE = "gateway-child.pid"  # the serving process's
 LAUNCHED = "gateway-launched.pid"  # the supervisor's too, written by the half that started it
 # How long to wait for a client's first bytes when its name decides (allowlist,
@@ -79,6 +82,7 @@ class Settings:
 
     policy: Policy
     dns_upstream: str = ""
+    upstream_ca: str = ""  # where the gateway terminates TLS: the CA file upstream certificates are checked against ("" = the host's)
 
     @classmethod
     def load(cls, path: Path) -> Settings:
@@ -89,7 +93,7 @@ class Settings:
         def rules(verb: str) -> tuple[AllowRule, ...]:
             return tuple(AllowRule.parse(r["rule"], r.get("source", "config")) for r in data.get(verb, ()))
 
-        return cls(replace(policy, allow=rules("allow"), deny=rules("deny")), data.get("dns_upstream", ""))
+        return cls(replace(policy, allow=rules("allow"), deny=rules("deny")), data.get("dns_upstream", ""), data.get("upstream_ca", ""))
 
 
 # ------------------------------------------------------------------ names
@@ -147,6 +151,8 @@ class Gateway:
         self.active = 0
         self.serial = 0
         self.router = Router()
+        self.secrets: dict[str, Secret] = {}  # handed over by `run --secret`, kept in memory only
+        self._ca: CA | None = None
 
     def reload(self) -> None:
         try:
@@ -166,9 +172,27 @@ class Gateway:
         await loop.create_datagram_endpoint(lambda: dns_.OverUDP(self.query), sock=dns_udp)
         dns_server = await asyncio.start_server(self._dns_tcp, sock=dns_tcp)
         server = await asyncio.start_server(self._handle, sock=tcp, limit=CHUNK)
+        (self.dir / SECRETS_SOCKET).unlink(missing_ok=True)
+        old = os.umask(0o077)  # the socket that takes real values: owner-only
+        try:
+            secrets_server = await asyncio.start_unix_server(
+                lambda r, w: terminate.take_secret(self.secrets, r, w), path=str(self.dir / SECRETS_SOCKET)
+            )
+        finally:
+            os.umask(old)
+        _ = self.ca  # made (or read) before any connection: its certificate is what the guest trusts
         state.write_pid(self.dir / SERVING)
-        async with server, dns_server:
+        async with server, dns_server, secrets_server:
             await server.serve_forever()
+
+    async def _take_secret(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await terminate.take_secret(self.secrets, reader, writer)
+
+    @property
+    def ca(self) -> CA:
+        if self._ca is None:
+            self._ca = CA.of(self.dir, self.dir.name)
+        return self._ca
 
     async def _handle(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
         self.active += 1
@@ -295,7 +319,7 @@ class Gateway:
         policy = self.settings.policy
         verdict = policy.ip_verdict(dst, port, self.router.reach(dst))
         first, state = b"", "silent"
-        if verdict is None or not verdict.allow:
+        if verdict is None or not verdict.allow or self.secrets:
             # the name decides, or a denial may owe an HTTP client a 403: read what the client says first,
             # a whole ClientHello or request head (split across reads and records as it may be)
             first, state = await read_head(reader, PEEK_TIMEOUT, HEAD_TIMEOUT)
@@ -320,6 +344,14 @@ class Gateway:
                     writer.write(reply)
                     await writer.drain()
                     received = len(reply)
+                return
+            held = [s for s in self.secrets.values() if name and source == "sni" and s.goes_to(name, port)]
+            if held and name:
+                # A secret's host, named in the ClientHello: the gateway speaks TLS itself, to put the secret in
+                self.audit.write({"kind": "open", "conn": record["conn"], **{k: record.get(k) for k in OPEN_FIELDS}})
+                sent, received, error = await terminate.inject(
+                    self.ca, self.settings.upstream_ca, list(self.secrets.values()), reader, writer, first, dst, port, name, record
+                )
                 return
             try:
                 up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(str(dst), port, limit=CHUNK), CONNECT_TIMEOUT)

@@ -96,7 +96,6 @@ class Masker:
 
     def __init__(self, held: Iterable[Secret]) -> None:
         self.pairs = [(s.value.encode(), s.placeholder.encode()) for s in held if s.value]
-        self.keep = max((len(v) for v, _ in self.pairs), default=1) - 1
         self.pending = b""
 
     def feed(self, data: bytes) -> bytes:
@@ -104,9 +103,20 @@ class Masker:
         if not self.pairs:
             return data
         buf = self._replace(self.pending + data)
-        cut = max(0, len(buf) - self.keep)  # a value cut off at the end starts in the last `keep` bytes
+        # hold back only a tail that may be the start of a value (a stream of events is not delayed otherwise)
+        cut = len(buf) - self._maybe_value(buf)
         self.pending = buf[cut:]
         return buf[:cut]
+
+    def _maybe_value(self, buf: bytes) -> int:
+        """The length of the longest end of `buf` that begins one of the values (shorter than it)."""
+        longest = 0
+        for value, _ in self.pairs:
+            for k in range(min(len(value) - 1, len(buf)), longest, -1):
+                if buf.endswith(value[:k]):
+                    longest = k
+                    break
+        return longest
 
     def flush(self) -> bytes:
         out, self.pending = self._replace(self.pending), b""
