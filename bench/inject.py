@@ -1,0 +1,117 @@
+"""What putting a secret in costs: HTTPS requests through the gateway's injecting path (it terminates TLS,
+rewrites each request head, masks the responses) against the same requests relayed untouched, same run.
+
+    sudo .venv/bin/python -m bench.inject        (root: the sandbox's namespace and a made-up host)
+
+No VM: the real gateway in a real namespace, a client standing in for the guest (tests/fakenet.Guest) and a
+keep-alive HTTPS server at a made-up address, as in tests/test_gateway.py. Both paths go to the same server
+over one keep-alive connection each, REQUESTS requests, alternating in ROUNDS.
+
+Goal (issue 15): throughput >= 0.8x the plain relay; < 2 ms added per request (the TLS handshakes aside).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import ssl
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from bench.common import report
+from tests.fakenet import Guest, Hosts
+from vivarium.credentials import make_placeholder
+from vivarium.net import control, netns
+from vivarium.net.ca import CA
+from vivarium.net.inject import Secret
+
+SRV = "198.18.79.1"  # a made-up host of its own (not the tests')
+REQUESTS = 1000
+ROUNDS = 3
+REAL = "sk-ant-api03-" + "K" * 80
+
+
+def serve(public: CA, conn: socket.socket) -> None:
+    """A keep-alive HTTPS server: each request answered with a short body."""
+    ctx = public.server_context("api.test")
+
+    def by_name(sock: ssl.SSLObject, name: str | None, _: ssl.SSLContext) -> None:
+        sock.context = public.server_context(name or "api.test")  # the certificate of the name asked for
+
+    ctx.sni_callback = by_name
+    with contextlib.suppress(OSError, ssl.SSLError), ctx.wrap_socket(conn, server_side=True) as tls:
+        buf = b""
+        while True:
+            while b"\r\n\r\n" not in buf:
+                more = tls.recv(65536)
+                if not more:
+                    return
+                buf += more
+            _, _, buf = buf.partition(b"\r\n\r\n")
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok")
+
+
+def requests(guest: Guest, port: int, name: str, cafile: Path, header: bytes) -> list[float]:
+    """Seconds per request over one keep-alive connection (the handshake not counted)."""
+    ctx = ssl.create_default_context(cafile=str(cafile))
+    times = []
+    with ctx.wrap_socket(guest.connect(SRV, port, timeout=30), server_hostname=name) as tls:
+        request = b"GET /v1/models HTTP/1.1\r\nHost: " + name.encode() + b"\r\n" + header + b"\r\n\r\n"
+        for _ in range(REQUESTS):
+            started = time.perf_counter()
+            tls.sendall(request)
+            got = b""
+            while not got.endswith(b"ok"):
+                more = tls.recv(65536)
+                if not more:
+                    raise RuntimeError(f"{name}: the connection closed early")
+                got += more
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def main() -> int:
+    if os.geteuid() != 0:
+        print("bench.inject: needs root (network namespaces)", file=sys.stderr)
+        return 2
+    with tempfile.TemporaryDirectory(prefix="vivarium-bench-inject-") as tmp, contextlib.ExitStack() as stack:
+        d = Path(tmp)
+        (d / "public").mkdir()
+        public = CA.of(d / "public", "public")
+        hosts = Hosts(SRV)
+        stack.callback(hosts.close)
+        server = hosts.server(lambda conn: serve(public, conn))
+        stack.callback(server.close)
+        control.write_policy(d, "lan-block", [], [f"{SRV}/32"], [], "127.0.0.1:9", upstream_ca=str(d / "public" / "ca.crt"))
+        (d / "qemu.pid").write_text(f"{os.getpid()}\n")
+        netns.start(d, d / "qemu.pid")
+        stack.callback(netns.stop, d)
+        guest = Guest(d)
+        stack.callback(guest.close)
+        control.start(d, d / "qemu.pid")
+        stack.callback(control.stop, d)
+        secret = Secret("KEY", make_placeholder(REAL), REAL, ("api.test",), "x-api-key")
+        control.give_secret(d, secret)
+        header = b"x-api-key: " + secret.placeholder.encode()
+        plain: list[float] = []
+        injected: list[float] = []
+        for _ in range(ROUNDS):
+            plain += requests(guest, server.port, "plain.test", d / "public" / "ca.crt", header)  # relayed untouched
+            injected += requests(guest, server.port, "api.test", d / "ca.crt", header)  # the gateway's TLS, injected
+    p, i = statistics.median(plain), statistics.median(injected)
+    rate_p, rate_i = len(plain) / sum(plain), len(injected) / sum(injected)
+    report(f"secrets injection ({ROUNDS} x {REQUESTS} keep-alive HTTPS requests per path, same run)", [
+        ("plain relay: per request (median)", f"{p * 1000:.2f} ms, {rate_p:.0f} requests/s"),
+        ("injecting path: per request (median)", f"{i * 1000:.2f} ms, {rate_i:.0f} requests/s"),
+        ("added per request (goal < 2 ms)", f"{(i - p) * 1000:+.2f} ms"),
+        ("throughput injecting / plain (goal >= 0.8x)", f"{rate_i / rate_p:.2f}x"),
+    ])  # fmt: skip
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
