@@ -135,8 +135,8 @@ setup_ca() {  # DIR: the sandbox's CA (the gateway's, for a secret's hosts) join
     [ -s "$1/ca/raw" ] || return 0
     bundle=/etc/ssl/certs/ca-certificates.crt
     ! mountpoint -q "$bundle" || umount "$bundle"
-    { while IFS= read -r line; do printf '%s\n' "$line"; done < "$1/ca/raw"; } > /run/vivarium/sandbox-ca.crt  # a few lines
-    cat "$bundle" /run/vivarium/sandbox-ca.crt > /run/vivarium/ca-certificates.crt  # one process: dash reads byte by byte
+    { while IFS= read -r line; do printf '%s\n' "$line"; done < "$1/ca/raw"; } > /run/vivarium/sandbox-ca.crt
+    { while IFS= read -r line; do printf '%s\n' "$line"; done < "$bundle"; cat /run/vivarium/sandbox-ca.crt; } > /run/vivarium/ca-certificates.crt
     mount --bind /run/vivarium/ca-certificates.crt "$bundle"
 }
 
