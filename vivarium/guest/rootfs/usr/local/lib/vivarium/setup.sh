@@ -129,17 +129,6 @@ setup_shares() {  # DIR: shared host directories (virtiofs), one "TAG MODE PATH"
     done < "$1/shares/raw"
 }
 
-setup_ca() {  # DIR: the sandbox's CA (the gateway's, for a secret's hosts) joins the trust store. The store on
-    # the disk stays as it is: the bundle with it is made in /run and bind-mounted over the system's (again
-    # when a template's copy becomes an instance: the template's was another sandbox's).
-    [ -s "$1/ca/raw" ] || return 0
-    bundle=/etc/ssl/certs/ca-certificates.crt
-    ! mountpoint -q "$bundle" || umount "$bundle"
-    { while IFS= read -r line; do printf '%s\n' "$line"; done < "$1/ca/raw"; } > /run/vivarium/sandbox-ca.crt
-    { while IFS= read -r line; do printf '%s\n' "$line"; done < "$bundle"; cat /run/vivarium/sandbox-ca.crt; } > /run/vivarium/ca-certificates.crt
-    mount --bind /run/vivarium/ca-certificates.crt "$bundle"
-}
-
 setup_kube_link() {  # DIR: kube.link_into_share (the origin's way): ~/.kube lives in the project share,
     # so the kubeconfig Kind writes inside is the host's to use too.
     klink=""
