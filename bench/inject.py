@@ -23,9 +23,9 @@ import time
 from pathlib import Path
 
 from bench.common import report
-from tests.fakenet import Guest, Hosts
+from tests.fakenet import Guest, Hosts, fence
 from vivarium.credentials import make_placeholder
-from vivarium.net import control, netns
+from vivarium.net import control
 from vivarium.net.ca import CA
 from vivarium.net.inject import Secret
 
@@ -87,13 +87,7 @@ def main() -> int:
         server = hosts.server(lambda conn: serve(public, conn))
         stack.callback(server.close)
         control.write_policy(d, "lan-block", [], [f"{SRV}/32"], [], "127.0.0.1:9", upstream_ca=str(d / "public" / "ca.crt"))
-        (d / "qemu.pid").write_text(f"{os.getpid()}\n")
-        netns.start(d, d / "qemu.pid")
-        stack.callback(netns.stop, d)
-        guest = Guest(d)
-        stack.callback(guest.close)
-        control.start(d, d / "qemu.pid")
-        stack.callback(control.stop, d)
+        guest = fence(d, stack)
         secret = Secret("KEY", make_placeholder(REAL), REAL, ("api.test",), "x-api-key")
         control.give_secret(d, secret)
         header = b"x-api-key: " + secret.placeholder.encode()

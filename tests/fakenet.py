@@ -20,6 +20,7 @@ lan.test → 192.168.77.1, metadata.test → 169.254.169.254.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import itertools
 import os
@@ -414,3 +415,18 @@ class Guest:
             os.close(fd)
         self.fds = []
         ip("netns", "del", self.ns, check=False)
+
+
+def fence(d: Path, stack: contextlib.ExitStack) -> Guest:
+    """The sandbox's network namespace and gateway for the policy written in `d`, and a Guest on its TAP; this
+    process stands in for QEMU (they live as long as it does). All of it stopped by `stack`."""
+    from vivarium.net import control, netns
+
+    (d / "qemu.pid").write_text(f"{os.getpid()}\n")
+    netns.start(d, d / "qemu.pid")
+    stack.callback(netns.stop, d)
+    guest = Guest(d)
+    stack.callback(guest.close)
+    control.start(d, d / "qemu.pid")
+    stack.callback(control.stop, d)
+    return guest

@@ -27,7 +27,7 @@ import pytest
 from vivarium.errors import VMError
 from vivarium.net import control, netns, sniff
 
-from .fakenet import FakeDNS, Guest, Hosts, LoopbackServer
+from .fakenet import FakeDNS, Guest, Hosts, LoopbackServer, fence
 
 
 def greet_then_echo(conn: socket.socket) -> None:
@@ -59,13 +59,7 @@ def gw(tmp_path: Path) -> Iterator[Stage]:
         echo = hosts.server(greet_then_echo)
         stack.callback(echo.close)
         control.write_policy(tmp_path, "lan-block", [], [f"{SRV}/32"], [], dns_server.address)
-        (tmp_path / "qemu.pid").write_text(f"{os.getpid()}\n")
-        netns.start(tmp_path, tmp_path / "qemu.pid")
-        stack.callback(netns.stop, tmp_path)
-        guest = Guest(tmp_path)
-        stack.callback(guest.close)
-        control.start(tmp_path, tmp_path / "qemu.pid")
-        stack.callback(control.stop, tmp_path)
+        guest = fence(tmp_path, stack)
         yield Stage(tmp_path, dns_server, echo, guest, hosts)
     assert control.pid(tmp_path) is None and netns.pid(tmp_path) is None
 

@@ -148,7 +148,7 @@ def placeholder(d: state.InstanceDir, name: str, real: str) -> str:
     except (OSError, ValueError):
         kept = {}
     ph = kept.get(name)
-    if not isinstance(ph, str) or len(ph) != len(make_placeholder(real)):
+    if not isinstance(ph, str) or len(ph) != max(len(real), 16):  # the length make_placeholder gives `real`
         ph = kept[name] = make_placeholder(real)
         state.write_atomic(path, json.dumps(kept, indent=1) + "\n", 0o600)
     return ph
