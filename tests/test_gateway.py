@@ -117,9 +117,37 @@ def test_denied_http_gets_a_403_that_says_why(gw: Stage) -> None:
     reply = recv_all(s).decode()
     assert reply.startswith("HTTP/1.1 403 Forbidden")
     assert "router.lan (192.168.77.1:80)" in reply and "deny private 192.168.0.0/16" in reply
+    assert "no `vivarium egress allow` opens it" in reply  # an address denied as such: say so, not a command that fails
     wait_for(lambda: log(gw.d))
     (r,) = log(gw.d)
     assert (r["decision"], r["rule"], r["name"], r["name_from"]) == ("deny", "deny private 192.168.0.0/16", "router.lan", "host")
+
+
+def test_denied_https_gets_the_403_over_tls_from_the_sandbox_ca(gw: Stage) -> None:
+    """A TLS client the fence denies: a certificate for the name in its ClientHello, from the sandbox's CA
+    (which its guest trusts), then the same 403 page, naming the rule and what would open it."""
+    control.change_rule(gw.d, "deny", "*.blocked.test")
+    time.sleep(0.3)
+    client = ssl.create_default_context(cafile=str(gw.d / "ca.crt"))
+    pages = []
+    for dst, port, name in ((SRV, 443, "www.blocked.test"), ("192.168.77.1", 443, "router.lan")):
+        with client.wrap_socket(gw.guest.connect(dst, port), server_hostname=name) as tls:
+            tls.sendall(f"GET / HTTP/1.1\r\nHost: {name}\r\n\r\n".encode())
+            page = b""
+            while more := tls.recv(65536):
+                page += more
+        pages.append(page.decode())
+    blocked, lan = pages
+    assert blocked.startswith("HTTP/1.1 403 Forbidden") and f"www.blocked.test ({SRV}:443)" in blocked
+    assert "deny *.blocked.test (cli)" in blocked and f"vivarium egress allow {gw.d.name} *.blocked.test" in blocked
+    assert lan.startswith("HTTP/1.1 403 Forbidden") and "deny private 192.168.0.0/16" in lan
+    # a client that does not trust the sandbox's CA meets a failed handshake, and nothing else
+    with pytest.raises(ssl.SSLCertVerificationError):
+        ssl.create_default_context().wrap_socket(gw.guest.connect(SRV, 443), server_hostname="www.blocked.test")
+    wait_for(lambda: len([r for r in log(gw.d) if r["kind"] == "tcp"]) >= 3)
+    records = [r for r in log(gw.d) if r["kind"] == "tcp"]
+    assert [(r["decision"], r["name"]) for r in records] == [("deny", "www.blocked.test"), ("deny", "router.lan"), ("deny", "www.blocked.test")]
+    assert int(str(records[0]["received"])) > 0 and records[2]["received"] == 0
 
 
 def test_denied_non_http_is_just_closed(gw: Stage) -> None:
@@ -224,8 +252,11 @@ def test_allowlist_sni_and_address_must_agree(gw: Stage) -> None:
         return recv_all(s)
 
     assert attempt(SRV, "good.test").startswith(b"hello\n")  # listed name, its own address
-    assert attempt(SRV, "other.test") == b""  # the allowed address, an unlisted name
-    assert attempt(STRAY, "good.test") == b""  # a listed name, an address it never resolved to
+    # the allowed address, an unlisted name; a listed name, an address it never resolved to: the server hears
+    # nothing, the client meets the gateway's own TLS (the start of its 403 page, terminate.deny)
+    for dst, name in ((SRV, "other.test"), (STRAY, "good.test")):
+        reply = attempt(dst, name)
+        assert reply.startswith(b"\x16\x03") and b"hello\n" not in reply
     tcp = [r for r in log(d) if r["kind"] == "tcp"]
     assert [(r["decision"], r["name"], r["name_from"]) for r in tcp] == [
         ("allow", "good.test", "sni"),
@@ -442,12 +473,17 @@ def test_a_secret_goes_in_for_its_host_only_and_is_masked_on_the_way_back(gw: St
         for s in (key, other):
             control.give_secret(gw.d, s)
         client = ssl.create_default_context(cafile=str(gw.d / "ca.crt"))  # what the guest trusts: its sandbox's CA
-        with client.wrap_socket(gw.guest.connect(SRV, server.port), server_hostname="api.test") as tls:
-            tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.test\r\nx-api-key: " + key.placeholder.encode()
-                        + b"\r\nx-other: " + other.placeholder.encode() + b"\r\n\r\n")  # fmt: skip
-            answer = b""
-            while more := tls.recv(65536):
-                answer += more
+
+        def call() -> bytes:
+            with client.wrap_socket(gw.guest.connect(SRV, server.port), server_hostname="api.test") as tls:
+                tls.sendall(b"GET /v1/models HTTP/1.1\r\nHost: api.test\r\nx-api-key: " + key.placeholder.encode()
+                            + b"\r\nx-other: " + other.placeholder.encode() + b"\r\n\r\n")  # fmt: skip
+                answer = b""
+                while more := tls.recv(65536):
+                    answer += more
+            return answer
+
+        answer = call()
         assert real.encode() in heard[0] and key.placeholder.encode() not in heard[0]  # the real value went in ...
         assert other.placeholder.encode() in heard[0] and other_real.encode() not in heard[0]  # ... only for its host
         assert b"you sent:" in answer and real.encode() not in answer and key.placeholder.encode() in answer  # masked back
@@ -461,5 +497,15 @@ def test_a_secret_goes_in_for_its_host_only_and_is_masked_on_the_way_back(gw: St
         # a secret the gateway cannot use is refused in one line
         with pytest.raises(VMError, match="did not take secret BAD"):
             control.give_secret(gw.d, Secret("BAD", "short", "v", ("api.test",)))
+        # the serving process killed (what a guest that crashed it would do): the one started again holds the
+        # secrets too (the supervisor keeps them), and the API still hears the real value, not the placeholder
+        first = control.child_pid(gw.d)
+        assert first is not None
+        os.kill(first, signal.SIGKILL)
+        wait_for(lambda: control.child_pid(gw.d) not in (None, first) and control.serving(gw.d), timeout=10)
+        answer = call()
+        assert len(heard) == 2 and real.encode() in heard[1] and key.placeholder.encode() not in heard[1], heard[1]
+        assert key.placeholder.encode() in answer and real.encode() not in answer
+        assert (gw.d / "secrets.sock").stat().st_mode & 0o077 == 0  # owner-only
     finally:
         server.close()

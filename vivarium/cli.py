@@ -105,10 +105,13 @@ VERBS: tuple[Verb, ...] = (
     Verb("reset", "back to clean: a new copy of the ready template (or of the image); restarts it if it ran", (NAME, TIMEOUT), box.cmd_reset),
     Verb("run", "run CMD (an agent) in a tmux session in the sandbox; up first if needed", (
         NAME,
-        arg("--env", action="append", default=[], metavar="VAR", help="copy this host variable into CMD's environment only"),
+        arg("--env", action="append", default=[], metavar="VAR",
+            help="copy this host variable into CMD's environment only (not for secrets: the agent can read it)"),
+        arg("--secret", action="append", default=[], metavar="NAME",
+            help="a [[secret]] (or a preset: ANTHROPIC_API_KEY, ...): CMD gets a placeholder, the gateway puts the value in for its hosts"),
         arg("-d", "--detach", action="store_true", help="leave it running in the background"),
         arg("--session", help="session name (default: the command's name)"),
-    ), box.cmd_run, settings=True, usage="vivarium run [NAME] [--env VAR]... [-d] [--session S] -- CMD...", takes_command=True),
+    ), box.cmd_run, settings=True, usage="vivarium run [NAME] [--env VAR]... [--secret NAME]... [-d] [--session S] -- CMD...", takes_command=True),
     Verb("attach", "reattach to a session started by `run`", (NAMED, arg("session", nargs="?")), box.cmd_attach),
     Verb("sessions", "list the sandbox's sessions", (NAME, JSON), box.cmd_sessions),
     Verb("port", "add, remove or list forwarded ports at runtime", (NAMED,), box.cmd_port, sub_dest="port_verb", sub=(

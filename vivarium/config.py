@@ -90,6 +90,7 @@ class NetworkSettings:
     allow_cidrs: tuple[str, ...]
     deny_cidrs: tuple[str, ...]
     dns_upstream: str
+    upstream_ca: str = ""
 
 
 @dataclass(frozen=True)
@@ -232,6 +233,7 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("network", "allow_cidrs", [], str_list(check_cidr), "address ranges opened on purpose"),
     Setting("network", "deny_cidrs", [], str_list(check_cidr), "address ranges denied on top"),
     Setting("network", "dns_upstream", "", parse_upstream, 'DNS server the gateway asks ("" = the host\'s)'),
+    Setting("network", "upstream_ca", "", lambda v, w: v if v == "" else parse_abs(v, w), 'CA file for servers a secret goes to ("" = the host\'s)'),
     Setting("image", "suite", "bookworm", parse_str, "Debian suite", "--suite", "SUITE"),
     Setting("image", "mirror", "", parse_str, 'Debian mirror ("" = the host\'s apt mirror)', "--mirror", "URL"),
     Setting("image", "packages", [], str_list(check_package), "extra apt packages", "--package", "PKG", repeat=True),

@@ -26,6 +26,7 @@ from vivarium.image.build import Image
 from vivarium.image.recipe import AGENT_DOMAINS
 from vivarium.net import control as fence
 from vivarium.net import netns
+from vivarium.net.ca import CA
 from vivarium.progress import Progress
 from vivarium.run import run
 from vivarium.share import virtiofs, writeback
@@ -151,7 +152,7 @@ def _launch_gateway(how: Launch) -> subprocess.Popen[bytes]:
     for agent in how.image.manifest.get("agents") or {}:
         allow += [(domain, agent) for domain in AGENT_DOMAINS.get(agent, ()) if domain not in denied]
     allow += live["allow"]
-    fence.write_policy(d.path, n.mode, allow, n.allow_cidrs, n.deny_cidrs, n.dns_upstream, live["deny"])
+    fence.write_policy(d.path, n.mode, allow, n.allow_cidrs, n.deny_cidrs, n.dns_upstream, live["deny"], n.upstream_ca)
     how.progress("start", f"starting the egress gateway ({n.mode})")
     return fence.launch(d.path, d.pidfile)
 
@@ -230,6 +231,8 @@ def _write_fw_cfg(how: Launch, user: str, shares: Sequence[virtiofs.ShareSpec] =
         # one line per share: tag, mode, mount point (paths with spaces are fine: the last field)
         "shares": "".join(f"{sh.tag} {sh.mode} {sh.guest}\n" for sh in shares),
         "kube_link": str(shares[0].guest) if shares and how.config.kube.link_into_share else "",
+        # the sandbox's own CA (its key stays here): the gateway's certificates for a secret's hosts
+        "ca": CA.of(how.dir.path, how.name).cert_pem(),
     }
     out = []
     for name, text in files.items():

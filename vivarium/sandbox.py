@@ -261,14 +261,14 @@ class Sandbox:
         run = self.record().run
         return run.shares if run else ()
 
-    def start_session(self, command: Sequence[str], *, session: str, env_names: Sequence[str] = ()) -> None:
+    def start_session(self, command: Sequence[str], *, session: str, env_names: Sequence[str] = (), secrets: Sequence[str] = ()) -> None:
         """Start `command` as the agent user in a detached tmux session, in workdir().
 
-        Variables named in env_names travel from this process's environment over
-        ssh's stdin into that session's environment only: never on a command line
-        on the host, never on the guest's disk.
-        """
-        sessions.start(self.exec, self.workdir(), command, session=session, env_names=env_names)
+        Variables named in env_names travel from this process's environment over ssh's stdin into that
+        session's environment only. Each of `secrets` (a [[secret]] or a preset) is read on the host and
+        handed to the gateway; the session gets its placeholder, the gateway puts the value in for its hosts."""
+        held = sessions.load_secrets(self.dir, self.config.secret, secrets)
+        sessions.start(self.exec, self.workdir(), command, session=session, env_names=env_names, placeholders=held)
 
     def attach_argv(self, session: str | None = None) -> list[str]:
         return sessions.attach_argv(self.target(), session)

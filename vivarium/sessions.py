@@ -7,12 +7,14 @@ import os
 import re
 import shlex
 import subprocess
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
 
-from vivarium import ssh
+from vivarium import credentials, ssh, state
 from vivarium.errors import InstanceError, UsageError
+from vivarium.net import control
+from vivarium.net.inject import Secret
 from vivarium.record import Shared
 
 
@@ -34,19 +36,33 @@ def workdir(shares: Sequence[Shared]) -> str:
     return shares[0].guest if shares else "~"
 
 
-def start(exec_: Exec, work: str, command: Sequence[str], *, session: str, env_names: Sequence[str] = ()) -> None:
+def load_secrets(d: state.InstanceDir, configured: Sequence[credentials.SecretSpec], names: Sequence[str]) -> dict[str, str]:
+    """Read each secret on the host, hand it to the sandbox's gateway; name → the placeholder the session gets."""
+    held = {}
+    for name in names:
+        spec = credentials.find(tuple(configured), name)
+        value = credentials.read(spec)
+        placeholder = credentials.placeholder(d, name, value)
+        control.give_secret(d.path, Secret(name, placeholder, value, spec.hosts, spec.header or None))
+        held[name] = placeholder
+    return held
+
+
+def start(exec_: Exec, work: str, command: Sequence[str], *, session: str, env_names: Sequence[str] = (),
+          placeholders: Mapping[str, str] | None = None) -> None:  # fmt: skip
     """`command` as the agent user in a detached tmux session, in `work`; the variables named in env_names go
-    from this process's environment over ssh's stdin into that session only."""
+    from this process's environment over ssh's stdin into that session only, and so do `placeholders`."""
     for name in env_names:
         if not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", name):
             raise UsageError(f"--env {name!r} is not a variable name")
         if name not in os.environ:
             raise UsageError(f"--env {name}: that variable is not set here")
-    reads = "".join(f"IFS= read -r v{i}; " for i in range(len(env_names)))
-    env = "".join(f'-e {name}="$v{i}" ' for i, name in enumerate(env_names))
+    values = {name: os.environ[name] for name in env_names} | dict(placeholders or {})
+    reads = "".join(f"IFS= read -r v{i}; " for i in range(len(values)))
+    env = "".join(f'-e {name}="$v{i}" ' for i, name in enumerate(values))
     cd = 'cd "$HOME"' if work == "~" else f"cd {shlex.quote(work)}"
     script = f"{reads}{cd} && exec tmux new-session -d -s {shlex.quote(session)} {env}-- {shlex.join(command)}"
-    stdin = "".join(os.environ[name] + "\n" for name in env_names)
+    stdin = "".join(value + "\n" for value in values.values())
     r = exec_(["sh", "-c", script], capture=True, input=stdin)
     if r.returncode != 0:
         raise InstanceError(f"could not start session {session!r}: {r.stderr.strip() or f'exit code {r.returncode}'}")

@@ -6,7 +6,9 @@ user=$1 uid=$2
 
 # Modes git cannot carry.
 chmod 0440 /etc/sudoers.d/vivarium
-chmod 0755 /usr/local/lib/vivarium/boot-setup /usr/local/lib/vivarium/control
+chmod 0755 /usr/local/lib/vivarium/boot-setup /usr/local/lib/vivarium/control /etc/ca-certificates/update.d/vivarium-sandbox-ca
+# Where each sandbox's CA goes (setup.sh: setup_ca); a file of the image's would be no sandbox's.
+mkdir -p /etc/ssl/vivarium
 
 # The agent user: passwordless sudo, in the docker group, uid as on the host.
 useradd --create-home --uid "$uid" --user-group --groups sudo,docker --shell /bin/bash "$user"

@@ -1,4 +1,5 @@
-"""A sandbox's own certificate authority: what lets the gateway speak TLS to the guest for a secret's host.
+"""A sandbox's own certificate authority: what lets the gateway speak TLS to the guest for a secret's host,
+and show a denied HTTPS client the 403 page that says why.
 
 Made at a sandbox's first start and kept in its directory on the host, the key owner-only: it never
 enters the guest, which gets only the certificate for its trust store. The CA may sign nothing but
@@ -27,6 +28,7 @@ CERT = "ca.crt"
 KEY = "ca.key"
 CA_DAYS = 3650
 LEAF_DAYS = 7
+MAX_CONTEXTS = 256  # server certificates kept in memory (made on demand, for a secret's host or a denial page)
 ALPN = ("http/1.1",)  # what the gateway parses
 SIGNS_CERTIFICATES = x509.KeyUsage(
     digital_signature=True,
@@ -129,5 +131,7 @@ class CA:
                 (Path(tmp) / "c.pem").write_bytes(chain)
                 (Path(tmp) / "k.pem").write_bytes(key)
                 ctx.load_cert_chain(Path(tmp) / "c.pem", Path(tmp) / "k.pem")
+            while len(self._contexts) >= MAX_CONTEXTS:  # a guest naming host after host: the oldest go
+                del self._contexts[next(iter(self._contexts))]
             self._contexts[host] = ctx
         return ctx

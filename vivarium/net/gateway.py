@@ -142,8 +142,9 @@ class Audit:
 
 
 class Gateway:
-    def __init__(self, directory: Path) -> None:
+    def __init__(self, directory: Path, secrets_fd: int | None = None) -> None:
         self.dir = directory
+        self.secrets_fd = secrets_fd
         self.settings = Settings.load(directory / POLICY)
         self.resolver = dns_.Resolver(self.settings.dns_upstream)
         self.names = NameMap()
@@ -151,7 +152,7 @@ class Gateway:
         self.active = 0
         self.serial = 0
         self.router = Router()
-        self.secrets: dict[str, Secret] = {}  # handed over by `run --secret`, kept in memory only
+        self.secrets: dict[str, Secret] = {}  # from the supervisor (`run --secret`), kept in memory only
         self._ca: CA | None = None
 
     def reload(self) -> None:
@@ -172,21 +173,16 @@ class Gateway:
         await loop.create_datagram_endpoint(lambda: dns_.OverUDP(self.query), sock=dns_udp)
         dns_server = await asyncio.start_server(self._dns_tcp, sock=dns_tcp)
         server = await asyncio.start_server(self._handle, sock=tcp, limit=CHUNK)
-        (self.dir / SECRETS_SOCKET).unlink(missing_ok=True)
-        old = os.umask(0o077)  # the socket that takes real values: owner-only
-        try:
-            secrets_server = await asyncio.start_unix_server(
-                lambda r, w: terminate.take_secret(self.secrets, r, w), path=str(self.dir / SECRETS_SOCKET)
-            )
-        finally:
-            os.umask(old)
+        taking = None
+        if self.secrets_fd is not None:  # the supervisor's end: the secrets it holds, now and as they come
+            r, w = await asyncio.open_unix_connection(sock=socket.socket(fileno=self.secrets_fd))
+            taking = asyncio.ensure_future(terminate.take_secret(self.secrets, r, w))
         _ = self.ca  # made (or read) before any connection: its certificate is what the guest trusts
         state.write_pid(self.dir / SERVING)
-        async with server, dns_server, secrets_server:
+        async with server, dns_server:
             await server.serve_forever()
-
-    async def _take_secret(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-        await terminate.take_secret(self.secrets, reader, writer)
+        if taking is not None:
+            taking.cancel()
 
     @property
     def ca(self) -> CA:
@@ -339,11 +335,13 @@ class Gateway:
         error = None
         try:
             if not decision.allow:
+                reply = relay.forbidden(str(dst), port, name, decision, self.dir.name)
                 if first and looks_like_http(first):
-                    reply = relay.forbidden(str(dst), port, name, decision)
                     writer.write(reply)
                     await writer.drain()
                     received = len(reply)
+                elif seen is not None and seen[1] == "sni":  # the same page over TLS, from the sandbox's CA
+                    received = await terminate.deny(self.ca, reader, writer, first, seen[0], reply)
                 return
             held = [s for s in self.secrets.values() if name and source == "sni" and s.goes_to(name, port)]
             if held and name:

@@ -18,12 +18,24 @@ Decide = Callable[[IPAddress, int, "tuple[str, str] | None"], "tuple[Decision, s
 Recheck = Callable[[bytes, asyncio.StreamReader], Awaitable[bytes | None]]
 
 
-def forbidden(dst: str, port: int, name: str | None, decision: Decision) -> bytes:
-    """The 403 a denied plain-HTTP request gets."""
+def forbidden(dst: str, port: int, name: str | None, decision: Decision, sandbox: str) -> bytes:
+    """The 403 a denied HTTP request gets (over TLS too, terminate.deny): what, by which rule, what would open it.
+    For the agent to read and pass on, rather than a closed connection it would take for a network fault."""
     target = f"{name} ({dst}:{port})" if name else f"{dst}:{port}"
-    body = f"vivarium: egress to {target} denied by the sandbox's network fence: {decision.rule}\n".encode()
+    body = (f"vivarium: egress to {target} denied by the sandbox's network fence: {decision.rule}\n"
+            f"{how_to_open(decision.rule, name, sandbox)}\n").encode()  # fmt: skip
     head = f"HTTP/1.1 403 Forbidden\r\nContent-Type: text/plain\r\nContent-Length: {len(body)}\r\nConnection: close\r\n\r\n"
     return head.encode() + body
+
+
+def how_to_open(rule: str, name: str | None, sandbox: str) -> str:
+    """What the user (not the guest) could run to open what `rule` denied."""
+    if rule.startswith("deny allowlist:") and name:
+        return f"to open it, the user runs on the host: vivarium egress allow {sandbox} {name}"
+    for source in ("config", "cli", "agent"):  # a deny rule: "deny PATTERN (SOURCE)"
+        if rule.endswith(f" ({source})"):
+            return f"to open it, the user runs on the host: vivarium egress allow {sandbox} {rule[5 : -len(source) - 3]}"
+    return "no `vivarium egress allow` opens it: the address itself is denied (network.allow_cidrs in vivarium.toml opens a range on purpose)"
 
 
 class RequestGuard:

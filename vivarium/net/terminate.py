@@ -1,10 +1,12 @@
 """Where the gateway speaks TLS itself: a connection to a secret's host, named in its ClientHello, while a
-session holds that secret. Everything else is relayed as bytes (gateway.py) and never decrypted.
+session holds that secret, and a connection the fence denies (its 403 page, deny()). Everything else is
+relayed as bytes (gateway.py) and never decrypted.
 
 The guest's TLS ends at a certificate for the host from the sandbox's own CA (ca.py; the guest trusts it),
 the server's is checked against the host's trust store; each request head is rewritten with the secrets
 (inject.py: for their hosts only, headers only) and the secrets' values are masked out of what comes back.
-Real values come in over an owner-only unix socket from `run --secret` and stay in this process's memory.
+Real values come from `run --secret` over an owner-only unix socket the supervisor serves, which holds them
+in memory and hands them to each serving process it starts (supervisor.py); they are never written down.
 """
 
 from __future__ import annotations
@@ -23,19 +25,31 @@ from vivarium.net.tls import TLSStream
 CHUNK = 65536
 HANDSHAKE_TIMEOUT = 10.0
 CONNECT_TIMEOUT = 10.0
+HEAD_LIMIT = 65536  # what a denied client's request head is read up to, before its 403
+
+
+def parse_secret(line: bytes) -> Secret:
+    """One secret as `run --secret` hands it over: a JSON line of name, placeholder, value, hosts, header.
+    ValueError saying why it cannot be used."""
+    try:
+        d = json.loads(line)
+        s = Secret(str(d["name"]), str(d["placeholder"]), str(d["value"]), tuple(str(h) for h in d["hosts"]),
+                   str(d["header"]).lower() if d.get("header") else None)  # fmt: skip
+    except (ValueError, KeyError, TypeError) as e:
+        raise ValueError(f"not a secret: {e}") from None
+    if len(s.placeholder) < 16 or not s.value or not s.hosts:
+        raise ValueError("a placeholder of 16 characters or more, a value and hosts are needed")
+    return s
 
 
 async def take_secret(secrets: dict[str, Secret], reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
-    """One secret per line, as JSON: name, placeholder, value, hosts, header. Replies "ok" or why not."""
+    """Secrets from the supervisor (which holds them across restarts of this process), one JSON line each;
+    replies "ok" or why not to each."""
     try:
         while line := await reader.readline():
             try:
-                d = json.loads(line)
-                s = Secret(str(d["name"]), str(d["placeholder"]), str(d["value"]), tuple(str(h) for h in d["hosts"]),
-                                  str(d["header"]).lower() if d.get("header") else None)  # fmt: skip
-                if len(s.placeholder) < 16 or not s.value or not s.hosts:
-                    raise ValueError("a placeholder of 16 characters or more, a value and hosts are needed")
-            except (ValueError, KeyError, TypeError) as e:
+                s = parse_secret(line)
+            except ValueError as e:
                 writer.write(f"refused: {e}\n".encode())
             else:
                 secrets[s.name] = s
@@ -85,6 +99,24 @@ async def inject(ca: CA, upstream_ca: str, held: list[Secret], reader: asyncio.S
     elif failed is not None and not isinstance(failed, (OSError, ssl.SSLError, asyncio.IncompleteReadError)):
         raise failed
     return counts[0], counts[1], error
+
+
+async def deny(ca: CA, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes, name: str, reply: bytes) -> int:
+    """A denied TLS connection named `name` in its ClientHello: a certificate for it from the sandbox's CA, the
+    client's request head read, `reply` (the 403 page) sent, the connection closed. The bytes sent, if any."""
+    tls = TLSStream(ca.server_context(name), reader, writer, first)
+    try:
+        await tls.handshake(HANDSHAKE_TIMEOUT)
+        head = b""
+        async with asyncio.timeout(HANDSHAKE_TIMEOUT):
+            while b"\r\n\r\n" not in head and len(head) < HEAD_LIMIT and (more := await tls.read()):
+                head += more
+        await tls.write(reply)
+    except (ssl.SSLError, OSError, TimeoutError):
+        return 0  # a client that does not trust the sandbox's CA (or speaks no HTTP) meets a closed connection
+    finally:
+        await tls.close()
+    return len(reply)
 
 
 async def _pump_requests(tls: TLSStream, up: asyncio.StreamWriter, rewriter: RequestRewriter, record: dict[str, Any],

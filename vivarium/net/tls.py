@@ -1,8 +1,8 @@
 """TLS spoken by the gateway itself, over a guest connection whose first bytes (the ClientHello, read to learn
 its SNI) were already taken from the stream: an ssl.SSLObject over memory buffers, fed by hand.
 
-Used only where the gateway terminates TLS (a secret's host, net/inject.py); every other connection is
-relayed as bytes and never decrypted.
+Used only where the gateway terminates TLS (a secret's host, and a denied connection's 403 page:
+terminate.py); every other connection is relayed as bytes and never decrypted.
 """
 
 from __future__ import annotations

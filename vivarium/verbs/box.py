@@ -65,7 +65,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         with PhaseDisplay(f"up {args.name}", err) as show:
             box.up(progress=show)
     session = args.session or os.path.basename(cmd[0]) or "agent"
-    box.start_session(cmd, session=session, env_names=args.env)
+    box.start_session(cmd, session=session, env_names=args.env, secrets=args.secret)
     if args.detach:
         err.print(f"started {session!r} in sandbox {args.name!r}; `vivarium attach {args.name} {session}` to see it")
         return 0

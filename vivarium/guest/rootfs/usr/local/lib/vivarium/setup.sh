@@ -129,6 +129,21 @@ setup_shares() {  # DIR: shared host directories (virtiofs), one "TAG MODE PATH"
     done < "$1/shares/raw"
 }
 
+setup_ca() {  # DIR: the sandbox's CA (its gateway's: a secret's hosts, denial pages) joins the system's trust
+    # store, on the disk (a template's copy replaces the template's). The bundle keeps it through apt:
+    # /etc/ca-certificates/update.d/vivarium-sandbox-ca puts it back after update-ca-certificates.
+    [ -s "$1/ca/raw" ] || return 0
+    { printf '%s\n' "$SANDBOX_CA_MARK"; while IFS= read -r line; do printf '%s\n' "$line"; done < "$1/ca/raw"; } > "$SANDBOX_CA"
+    bundle_ca
+}
+
+SANDBOX_CA=/etc/ssl/vivarium/sandbox-ca.crt  # NODE_EXTRA_CA_CERTS in /etc/environment
+SANDBOX_CA_MARK="# vivarium sandbox CA"
+
+bundle_ca() {  # the system bundle less any earlier sandbox CA (from the mark on), plus this one: one process
+    sed -i -e "\$r $SANDBOX_CA" -e "/^$SANDBOX_CA_MARK\$/,\$d" /etc/ssl/certs/ca-certificates.crt
+}
+
 setup_kube_link() {  # DIR: kube.link_into_share (the origin's way): ~/.kube lives in the project share,
     # so the kubeconfig Kind writes inside is the host's to use too.
     klink=""
