@@ -487,6 +487,7 @@ def test_a_secret_goes_in_for_its_host_only_and_is_masked_on_the_way_back(gw: St
         assert real.encode() in heard[0] and key.placeholder.encode() not in heard[0]  # the real value went in ...
         assert other.placeholder.encode() in heard[0] and other_real.encode() not in heard[0]  # ... only for its host
         assert b"you sent:" in answer and real.encode() not in answer and key.placeholder.encode() in answer  # masked back
+        wait_for(lambda: any(r["kind"] == "tcp" and r.get("port") == server.port for r in log(gw.d)))  # written as it ends
         (rec,) = [r for r in log(gw.d) if r["kind"] == "tcp" and r.get("port") == server.port]
         assert rec["secrets"] == ["KEY"] and rec["withheld"] == ["OTHER"] and rec["name"] == "api.test"
         assert real not in (gw.d / "egress.log").read_text() and real not in (gw.d / "policy.json").read_text()

@@ -72,15 +72,20 @@ async def inject(ca: CA, upstream_ca: str, held: list[Secret], reader: asyncio.S
     ctx = ssl.create_default_context(cafile=upstream_ca or None)
     ctx.set_alpn_protocols(list(ALPN))
     try:
-        up_reader, up_writer = await asyncio.wait_for(
-            asyncio.open_connection(str(dst), port, ssl=ctx, server_hostname=name, limit=CHUNK), CONNECT_TIMEOUT
-        )
-    except (OSError, TimeoutError, ssl.SSLError) as e:
+        up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(str(dst), port, limit=CHUNK), CONNECT_TIMEOUT)
+    except (OSError, TimeoutError) as e:
+        await tls.close()
+        return 0, 0, f"connect: {e}"
+    up = TLSStream(ctx, up_reader, up_writer, server_hostname=name)
+    try:
+        await up.handshake(HANDSHAKE_TIMEOUT)
+    except (ssl.SSLError, OSError, TimeoutError) as e:
+        up_writer.close()
         await tls.close()
         return 0, 0, f"connect: {e}"
     counts = [0, 0]
-    requests = asyncio.ensure_future(_pump_requests(tls, up_writer, RequestRewriter(name, port, held), record, counts))
-    responses = asyncio.ensure_future(_pump_responses(up_reader, tls, Masker(held), counts))
+    requests = asyncio.ensure_future(_pump_requests(tls, up, up_writer, RequestRewriter(name, port, held), record, counts))
+    responses = asyncio.ensure_future(_pump_responses(up, tls, Masker(held), counts))
     try:
         # the server done (it closed): so is the guest's connection; the guest done: the server hears no more
         first_done, _ = await asyncio.wait({requests, responses}, return_when=asyncio.FIRST_COMPLETED)
@@ -119,8 +124,8 @@ async def deny(ca: CA, reader: asyncio.StreamReader, writer: asyncio.StreamWrite
     return len(reply)
 
 
-async def _pump_requests(tls: TLSStream, up: asyncio.StreamWriter, rewriter: RequestRewriter, record: dict[str, Any],
-                         counts: list[int]) -> None:  # fmt: skip
+async def _pump_requests(tls: TLSStream, up: TLSStream, up_writer: asyncio.StreamWriter, rewriter: RequestRewriter,
+                         record: dict[str, Any], counts: list[int]) -> None:  # fmt: skip
     try:
         while data := await tls.read():
             out, notes = rewriter.feed(data)
@@ -128,15 +133,14 @@ async def _pump_requests(tls: TLSStream, up: asyncio.StreamWriter, rewriter: Req
                 for key, names in (("secrets", n.injected), ("withheld", n.withheld)):
                     record.setdefault(key, [])
                     record[key] += [x for x in names if x not in record[key]]
-            up.write(out)
-            await up.drain()
+            await up.write(out)
             counts[0] += len(out)
     finally:
-        up.close()  # TLS has no half-close: the client is done, the server hears no more
+        up_writer.close()  # TLS has no half-close: the client is done, the server hears no more
 
 
-async def _pump_responses(up: asyncio.StreamReader, tls: TLSStream, masker: Masker, counts: list[int]) -> None:
-    while data := await up.read(CHUNK):
+async def _pump_responses(up: TLSStream, tls: TLSStream, masker: Masker, counts: list[int]) -> None:
+    while data := await up.read():
         out = masker.feed(data)
         await tls.write(out)
         counts[1] += len(out)

@@ -1,5 +1,6 @@
 """TLS spoken by the gateway itself, over a guest connection whose first bytes (the ClientHello, read to learn
-its SNI) were already taken from the stream: an ssl.SSLObject over memory buffers, fed by hand.
+its SNI) were already taken from the stream, and to the server beyond it: an ssl.SSLObject over memory
+buffers, fed by hand.
 
 Used only where the gateway terminates TLS (a secret's host, and a denied connection's 403 page:
 terminate.py); every other connection is relayed as bytes and never decrypted.
@@ -15,11 +16,14 @@ READ = 65536
 
 
 class TLSStream:
-    """The server side of a TLS connection over `reader`/`writer`, starting with bytes already read."""
+    """The server side of a TLS connection over `reader`/`writer`, starting with bytes already read; or, given
+    `server_hostname`, the client side (the gateway's to a secret's server: leaner than asyncio's own TLS
+    transport, which costs a request through the injecting path more than the crypto does)."""
 
-    def __init__(self, ctx: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, initial: bytes = b"") -> None:
+    def __init__(self, ctx: ssl.SSLContext, reader: asyncio.StreamReader, writer: asyncio.StreamWriter, initial: bytes = b"",
+                 *, server_hostname: str | None = None) -> None:  # fmt: skip
         self.incoming, self.outgoing = ssl.MemoryBIO(), ssl.MemoryBIO()
-        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=True)
+        self.obj = ctx.wrap_bio(self.incoming, self.outgoing, server_side=server_hostname is None, server_hostname=server_hostname)
         self.reader, self.writer = reader, writer
         if initial:
             self.incoming.write(initial)
@@ -49,7 +53,7 @@ class TLSStream:
                 except ssl.SSLWantReadError:
                     await self._flush()
                     if not await self._fill():
-                        raise ConnectionResetError("the client closed during the TLS handshake") from None
+                        raise ConnectionResetError("the peer closed during the TLS handshake") from None
 
         await asyncio.wait_for(go(), timeout)
 
@@ -62,7 +66,8 @@ class TLSStream:
         while True:
             try:
                 data = self.obj.read(READ)
-                await self._flush()  # a read may have produced a reply (a key update)
+                if self.outgoing.pending:  # a read may have produced a reply (a key update)
+                    await self._flush()
                 return data
             except ssl.SSLWantReadError:
                 await self._flush()
