@@ -170,3 +170,12 @@ def test_a_full_disk_is_one_line_with_a_hint(tmp_path: Path, monkeypatch: pytest
     err = capsys.readouterr().err
     assert err.startswith("error: No space left on device: ") and "disk.qcow2" in err
     assert "hint: free some disk space" in err and "Traceback" not in err
+
+
+def test_log_caps_default_and_refuse_a_size_too_small(tmp_path: Path) -> None:
+    c = cfg.load(None, cwd=tmp_path, host=HOST)
+    assert c.logs == cfg.LogSettings(console_size=10 << 20, console_keep=3, audit_size=100 << 20, audit_keep=5)
+    c = cfg.load(write(tmp_path, '[logs]\nconsole_size = "1M"\naudit_keep = 0\n'), host=HOST)
+    assert (c.logs.console_size, c.logs.audit_keep) == (1 << 20, 0)
+    with pytest.raises(ConfigError, match=r"logs\.audit_size: 1K is too small for a log"):
+        cfg.load(write(tmp_path, '[logs]\naudit_size = "1K"\n'), host=HOST)

@@ -25,6 +25,7 @@ import dns.rcode
 import pytest
 
 from vivarium.errors import VMError
+from vivarium.logfile import Cap
 from vivarium.net import control, netns, sniff
 
 from .fakenet import FakeDNS, Guest, Hosts, LoopbackServer, fence
@@ -510,3 +511,27 @@ def test_a_secret_goes_in_for_its_host_only_and_is_masked_on_the_way_back(gw: St
         assert (gw.d / "secrets.sock").stat().st_mode & 0o077 == 0  # owner-only
     finally:
         server.close()
+
+
+def test_a_guest_asking_for_name_after_name_stays_within_the_audit_cap(gw: Stage) -> None:
+    """Unique names, one query each, as fast as one client asks: the audit log rotates at its cap."""
+    upstream = json.loads((gw.d / "policy.json").read_text())["dns_upstream"]
+    control.write_policy(gw.d, "lan-block", [], [f"{SRV}/32"], [], upstream, audit=Cap(64 << 10, 1))
+    control.reload(gw.d)
+    # the cap is read when the serving process starts: a new one (the supervisor starts it again)
+    child = control.child_pid(gw.d)
+    assert child is not None
+    os.kill(child, signal.SIGKILL)
+    wait_for(lambda: control.child_pid(gw.d) not in (None, child) and control.serving(gw.d), timeout=10)
+    deadline = time.monotonic() + 60
+    with gw.guest.sock(socket.SOCK_DGRAM) as s:
+        s.settimeout(5)
+        for i in range(1500):
+            s.sendto(dns.message.make_query(f"n{i}.flood.test", "A").to_wire(), ("192.0.2.53", 53))
+            s.recvfrom(65535)
+            assert time.monotonic() < deadline
+    files = [gw.d / "egress.log", gw.d / "egress.log.1"]
+    assert all(f.exists() for f in files) and not (gw.d / "egress.log.2").exists()
+    assert sum(f.stat().st_size for f in files) <= 2 * (64 << 10)
+    names = [r["name"] for r in control.records(gw.d) if r["kind"] == "dns"]
+    assert names[-1] == "n1499.flood.test" and len(names) > 300  # the newest are kept, read across the rotation

@@ -15,10 +15,10 @@ ROOT = Path(__file__).resolve().parent.parent / "vivarium"
 
 # Lowest first. A module may import modules of its own layer or of layers below it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "printable", "progress", "run", "guest", "image", "record", "host"),
+    ("errors", "printable", "progress", "run", "guest", "image", "record", "host", "defaults", "logfile"),
     ("state", "net.routes", "net.policy", "values", "credentials", "config", "trust"),
-    ("vm.accel", "vm.caps", "vm.channel", "vm.machine", "vm.memory", "vm.qemu", "net.sniff", "net.dns", "net.ca", "net.inject", "net.tls",
-     "net.relay", "image.recipe", "image.initrd", "image.mmdebstrap", "share.confine", "share.review", "share.writeback",
+    ("vm.accel", "vm.caps", "vm.channel", "vm.machine", "vm.memory", "vm.qemu", "vm.console", "net.sniff", "net.dns", "net.ca", "net.inject",
+     "net.tls", "net.relay", "image.recipe", "image.initrd", "image.mmdebstrap", "share.confine", "share.review", "share.writeback",
      "ssh", "kube"),
     ("net.netns", "net.terminate", "net.gateway", "net.supervisor", "net.control", "net.__main__", "image.build", "share.virtiofs",
      "share.changesets", "ports", "snapshots", "template", "sessions"),

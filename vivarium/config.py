@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from vivarium.credentials import SecretSpec, dump_secrets, parse_secrets
+from vivarium.defaults import DEFAULT_DOWNLOADS, ORIGIN_FORWARDS
 from vivarium.errors import ConfigError
 from vivarium.host import Host, guest_uid
 from vivarium.values import (
@@ -109,6 +110,16 @@ class KubeSettings:
 
 
 @dataclass(frozen=True)
+class LogSettings:
+    """Caps on the host files a guest fills: bytes before a log rotates, rotated files kept."""
+
+    console_size: int
+    console_keep: int
+    audit_size: int
+    audit_keep: int
+
+
+@dataclass(frozen=True)
 class Config:
     vm: VMSettings
     forward: tuple[Forward, ...]
@@ -116,6 +127,7 @@ class Config:
     network: NetworkSettings
     image: ImageSettings
     kube: KubeSettings
+    logs: LogSettings
     secret: tuple[SecretSpec, ...] = ()  # what the gateway may inject, and for which hosts (credentials.py)
     uid: int = 1000  # the agent user's uid in the guest: the host user's, unless that is root
     source: Path | None = None  # the file it came from, if any
@@ -126,6 +138,14 @@ class Config:
 
 
 parse_cpus = int_in(1, 1024, "a CPU count")
+parse_keep = int_in(0, 100, "a count of files")
+
+
+def parse_log_size(value: object, where: str) -> int:
+    size: int = parse_size(value, where)
+    if size < 64 << 10:
+        raise ConfigError(f"{where}: {format_size(size)} is too small for a log", hint="64K or more, e.g. 10M")
+    return size
 
 
 parse_forwards = table_list({"host": parse_port, "guest": parse_port, "bind": parse_bind}, ("host", "guest"), Forward)
@@ -187,29 +207,6 @@ class Setting:
         return f"{self.section}.{self.key}" if self.section else self.key
 
 
-ORIGIN_FORWARDS = [
-    {"host": 2222, "guest": 22},  # SSH
-    {"host": 45631, "guest": 45631},  # Kind API server
-    {"host": 33000, "guest": 3000},  # general (the origin's Grafana)
-]
-
-# Official release binaries, pinned (kind v0.26.0 runs Kubernetes 1.32 nodes;
-# kubectl matches). Fetched at build time and verified.
-DEFAULT_DOWNLOADS = [
-    {
-        "name": "kind",
-        "url": "https://github.com/kubernetes-sigs/kind/releases/download/v0.26.0/kind-linux-amd64",
-        "sha256": "d445b44c28297bc23fd67e51cc24bb294ae7b977712be2d4d312883d0835829b",
-        "dest": "/usr/local/bin/kind",
-    },
-    {
-        "name": "kubectl",
-        "url": "https://dl.k8s.io/release/v1.32.1/bin/linux/amd64/kubectl",
-        "sha256": "e16c80f1a9f94db31063477eb9e61a2e24c1a4eee09ba776b029048f5369db0c",
-        "dest": "/usr/local/bin/kubectl",
-    },
-]
-
 SETTINGS: tuple[Setting, ...] = (
     Setting("vm", "memory", "16G", parse_size, "guest memory (clamped to the host)", "--memory", "SIZE", dump=format_size),
     Setting("vm", "cpus", 16, parse_cpus, "virtual CPUs (clamped to the host)", "--cpus", "N"),
@@ -241,10 +238,14 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("image", "setup", "", parse_str, "script run inside the image at build time"),
     Setting("image", "download", DEFAULT_DOWNLOADS, parse_downloads, "binaries fetched at build time", dump=dump_tables),
     Setting("kube", "link_into_share", False, parse_bool, "symlink ~/.kube/config into the share"),
+    Setting("logs", "console_size", "10M", parse_log_size, "the console log rotates at this size", dump=format_size),
+    Setting("logs", "console_keep", 3, parse_keep, "rotated console logs kept"),
+    Setting("logs", "audit_size", "100M", parse_log_size, "the egress audit log rotates at this size", dump=format_size),
+    Setting("logs", "audit_keep", 5, parse_keep, "rotated audit logs kept"),
     Setting("", "secret", [], parse_secrets, "secrets the gateway puts into requests to their hosts", dump=dump_secrets),
 )
 
-SECTIONS = {"vm": VMSettings, "network": NetworkSettings, "image": ImageSettings, "kube": KubeSettings}
+SECTIONS = {"vm": VMSettings, "network": NetworkSettings, "image": ImageSettings, "kube": KubeSettings, "logs": LogSettings}
 
 
 # ------------------------------------------------------------------ loading

@@ -43,6 +43,7 @@ class Status:
     agents: dict[str, str]
     network: str  # the fence's mode, or "unfenced"
     gateway: int | None  # the egress gateway's pid while running
+    disk_used: str  # what its directory takes on the host's disk (disks, snapshots, logs), not their virtual size
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -72,7 +73,17 @@ def status(d: state.InstanceDir, agents: Callable[[str], dict[str, str]]) -> Sta
         agents=agents(made.image),
         network=run.network if run else "",
         gateway=fence.pid(d.path) if pid else None,
+        disk_used=values.format_size(_on_disk(d.path)),
     )
+
+
+def _on_disk(path: Path) -> int:
+    """Bytes the files under `path` take on the disk (sparse ones count what they hold)."""
+    total = 0
+    for p in path.rglob("*"):
+        with contextlib.suppress(OSError):  # gone meanwhile
+            total += p.lstat().st_blocks * 512
+    return total
 
 
 def frozen_config(d: state.InstanceDir) -> cfg.Config | None:

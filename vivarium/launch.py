@@ -12,6 +12,7 @@ import contextlib
 import dataclasses
 import os
 import secrets
+import shutil
 import subprocess
 import time
 from collections.abc import Sequence
@@ -19,7 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from vivarium import config as cfg
-from vivarium import ports, record, ssh, state
+from vivarium import logfile, ports, record, ssh, state, values
 from vivarium import template as template_mod
 from vivarium.errors import VMError
 from vivarium.image.build import Image
@@ -27,11 +28,11 @@ from vivarium.image.recipe import AGENT_DOMAINS
 from vivarium.net import control as fence
 from vivarium.net import netns
 from vivarium.net.ca import CA
-from vivarium.progress import Progress
+from vivarium.progress import WARNING, Progress
 from vivarium.run import run
 from vivarium.share import virtiofs, writeback
 from vivarium.vm import accel as accel_mod
-from vivarium.vm import caps, channel, machine, memory
+from vivarium.vm import caps, channel, console, machine, memory
 from vivarium.vm.qemu import MachineSpec
 
 # The guest prints these on its serial console as it comes up.
@@ -91,17 +92,20 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
         else:
             ram = memory.new_memfd(f"vivarium-{how.name}", c.vm.memory >> 20 << 20)
         fds.callback(os.close, ram)
+        if saved is None:
+            rec = _resize_disk(d, c.vm.disk, rec)
+            logfile.remove(d.serial)
+        _check_space(how)
+        serial = console.start(d.serial, logfile.Cap(c.logs.console_size, c.logs.console_keep))
+        fds.callback(os.close, serial)  # QEMU's exit (or its failure to start) then ends the console's keeper
         spec = MachineSpec(
             name=how.name, kernel=how.image.kernel, initrd=how.image.initrd, disk=d.disk, swap=d.swap,
             memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
             forwards=tuple(forwards), qmp=d.qmp, serial=d.serial, pidfile=d.pidfile, log=d.log,
-            fw_cfg=fw, fence_tap=tap, control=d.control, ram_fd=ram,
+            fw_cfg=fw, fence_tap=tap, control=d.control, ram_fd=ram, serial_fd=serial,
             shares=() if template else tuple((sh.tag, sh.socket) for sh in shares),  # a template's are plugged in
             extra=("-incoming", "defer") if saved else (), machine=qemu_caps.machine,
         )  # fmt: skip
-        if saved is None:
-            rec = _resize_disk(d, c.vm.disk, rec)
-            d.serial.unlink(missing_ok=True)
         progress("kernel", f"starting QEMU ({acc.name})" if saved is None else f"restoring the saved state ({acc.name})")
         qemu = machine.start(spec)
         held.callback(qemu.close)
@@ -152,7 +156,8 @@ def _launch_gateway(how: Launch) -> subprocess.Popen[bytes]:
     for agent in how.image.manifest.get("agents") or {}:
         allow += [(domain, agent) for domain in AGENT_DOMAINS.get(agent, ()) if domain not in denied]
     allow += live["allow"]
-    fence.write_policy(d.path, n.mode, allow, n.allow_cidrs, n.deny_cidrs, n.dns_upstream, live["deny"], n.upstream_ca)
+    fence.write_policy(d.path, n.mode, allow, n.allow_cidrs, n.deny_cidrs, n.dns_upstream, live["deny"], n.upstream_ca,
+                       logfile.Cap(how.config.logs.audit_size, how.config.logs.audit_keep))  # fmt: skip
     how.progress("start", f"starting the egress gateway ({n.mode})")
     return fence.launch(d.path, d.pidfile)
 
@@ -180,6 +185,16 @@ def _become(how: Launch, shares: Sequence[virtiofs.ShareSpec], fw: Sequence[tupl
     except VMError as e:
         raise VMError(f"sandbox {how.name!r} restored from its template but could not take its own identity: {e}",
                       hint=f"`vivarium destroy {how.name}` and `vivarium up --cold {how.name}`") from None  # fmt: skip
+
+
+def _check_space(how: Launch) -> None:
+    """One line when the sandbox's disks could grow past the space left where they live."""
+    d, vm = how.dir, how.config.vm
+    used = sum(p.stat().st_blocks * 512 for p in (d.disk, d.swap) if p.exists())
+    free = shutil.disk_usage(d.path).free
+    if vm.disk + vm.swap > free + used:
+        how.progress(WARNING, f"sandbox {how.name!r} may grow to {values.format_size(vm.disk + vm.swap)} of disk and swap; "
+                              f"{values.format_size(free)} is free under {d.path.parent} (vm.disk, vm.swap)")  # fmt: skip
 
 
 def _resize_disk(d: state.InstanceDir, disk: int, rec: record.Record) -> record.Record:

@@ -9,10 +9,12 @@ from types import TracebackType
 
 from rich import progress as rich_progress
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import SpinnerColumn, TaskID, TextColumn, TimeElapsedColumn
 
 # What long work reports to: progress(phase, detail).
 Progress = Callable[[str, str], None]
+WARNING = "warning"  # not a phase: a line the user should read, shown as it is
 
 
 def quiet(phase: str, detail: str) -> None:
@@ -49,6 +51,9 @@ class PhaseDisplay:
         return self
 
     def __call__(self, phase: str, detail: str) -> None:
+        if phase == WARNING:  # a line of its own, kept above the live one
+            self.console.print(f"[yellow]warning:[/] {escape(detail)}")
+            return
         if self._progress is not None and self._task is not None:
             self._progress.update(self._task, description=f"{self.what} · [bold]{phase}[/] · {detail[:70]}")
         elif phase != self.phase:

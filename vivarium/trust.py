@@ -20,6 +20,7 @@ from pathlib import Path
 
 from vivarium import config as cfg
 from vivarium import state
+from vivarium.defaults import DEFAULT_DOWNLOADS
 from vivarium.errors import ConfigError
 
 
@@ -93,7 +94,7 @@ def reaching_out(config: cfg.Config) -> list[str]:
             out.append(f"listens on {f.bind}:{f.host} (reachable from your network) for guest port {f.guest}")
     if config.image.setup:
         out.append(f"runs at build time, as root in the image: {config.image.setup!r}")
-    default_urls = {d["url"] for d in cfg.DEFAULT_DOWNLOADS}
+    default_urls = {d["url"] for d in DEFAULT_DOWNLOADS}
     for d in config.image.download:
         if d.url not in default_urls:
             out.append(f"downloads {d.name} from {d.url} into {d.dest}")

@@ -25,8 +25,9 @@ from typing import Any
 import dns.message
 import dns.rdatatype
 
-from vivarium import state, values
+from vivarium import logfile, state, values
 from vivarium.errors import InstanceError, UsageError, VMError
+from vivarium.logfile import Cap
 from vivarium.net import dns as dns_
 from vivarium.net import gateway
 from vivarium.net.inject import Secret
@@ -36,8 +37,8 @@ from vivarium.net.routes import Router
 
 def write_policy(directory: Path, mode: str, allow: Iterable[tuple[str, str]], allow_cidrs: Iterable[str],
                  deny_cidrs: Iterable[str], dns_upstream: str, deny: Iterable[tuple[str, str]] = (),
-                 upstream_ca: str = "") -> None:  # fmt: skip
-    """The policy the gateway enforces; `allow`/`deny` are (rule, who added it)."""
+                 upstream_ca: str = "", audit: Cap = gateway.AUDIT_CAP) -> None:  # fmt: skip
+    """The policy the gateway enforces; `allow`/`deny` are (rule, who added it); `audit`: the audit log's cap."""
     data = {
         "mode": mode,
         "allow": [{"rule": r, "source": s} for r, s in allow],
@@ -46,6 +47,7 @@ def write_policy(directory: Path, mode: str, allow: Iterable[tuple[str, str]], a
         "deny_cidrs": list(deny_cidrs),
         "dns_upstream": dns_upstream,
         "upstream_ca": upstream_ca,
+        "audit": {"size": audit.size, "keep": audit.keep},
     }
     _write(directory / gateway.POLICY, data)
 
@@ -188,21 +190,11 @@ def reload(directory: Path) -> bool:
 
 
 def records(directory: Path, *, follow: bool = False) -> Iterator[dict[str, Any]]:
-    """The audit log's records, oldest first; with follow, wait for new ones for ever.
+    """The audit log's records, oldest first, across its rotation; with follow, wait for new ones for ever.
     A line still being written is read once it is whole."""
-    path = directory / gateway.AUDIT
-    pos = 0
-    while True:
-        if path.exists():
-            with path.open() as f:
-                f.seek(pos)
-                while (line := f.readline()).endswith("\n"):
-                    pos = f.tell()
-                    with contextlib.suppress(ValueError):
-                        yield json.loads(line)
-        if not follow:
-            return
-        time.sleep(0.3)
+    for line in logfile.lines(directory / gateway.AUDIT, follow=follow):
+        with contextlib.suppress(ValueError):
+            yield json.loads(line)
 
 
 def check(directory: Path, host: str, port: int) -> list[tuple[str, str, Decision]]:

@@ -42,6 +42,7 @@ import dns.rdatatype
 import dns.rrset
 
 from vivarium import state
+from vivarium.logfile import Cap, Rotating
 from vivarium.net import dns as dns_
 from vivarium.net import netns, relay, terminate
 from vivarium.net.ca import CA
@@ -53,6 +54,7 @@ from vivarium.net.sniff import looks_like_http, name_in, read_head
 SERVING = "gateway.serving"  # the serving child's pid, once it listens
 POLICY = "policy.json"
 AUDIT = "egress.log"
+AUDIT_CAP = Cap(100 << 20, 5)  # logs.audit_size, logs.audit_keep by default
 PIDFILE = "gateway.pid"  # the supervisor's
 SECRETS_SOCKET = "secrets.sock"  # where `run --secret` hands the gateway a real value (owner-only)
 CHILD_PIDFILE = "gateway-child.pid"  # the serving process's
@@ -83,6 +85,7 @@ class Settings:
     policy: Policy
     dns_upstream: str = ""
     upstream_ca: str = ""  # where the gateway terminates TLS: the CA file upstream certificates are checked against ("" = the host's)
+    audit: Cap = AUDIT_CAP
 
     @classmethod
     def load(cls, path: Path) -> Settings:
@@ -93,7 +96,9 @@ class Settings:
         def rules(verb: str) -> tuple[AllowRule, ...]:
             return tuple(AllowRule.parse(r["rule"], r.get("source", "config")) for r in data.get(verb, ()))
 
-        return cls(replace(policy, allow=rules("allow"), deny=rules("deny")), data.get("dns_upstream", ""), data.get("upstream_ca", ""))
+        audit = data.get("audit") or {}
+        cap = Cap(int(audit.get("size", AUDIT_CAP.size)), int(audit.get("keep", AUDIT_CAP.keep)))
+        return cls(replace(policy, allow=rules("allow"), deny=rules("deny")), data.get("dns_upstream", ""), data.get("upstream_ca", ""), cap)
 
 
 # ------------------------------------------------------------------ names
@@ -129,13 +134,15 @@ class NameMap:
 
 
 class Audit:
-    def __init__(self, path: Path) -> None:
-        self.path = path
-        self._f = path.open("a", buffering=1)
+    """The audit log: a JSON line per record, rotated at its cap (logs.audit_size; a guest asking for name
+    after name must not fill the host's disk)."""
+
+    def __init__(self, path: Path, cap: Cap) -> None:
+        self._log = Rotating(path, cap)
 
     def write(self, record: dict[str, Any]) -> None:
         record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **record}
-        self._f.write(json.dumps(record, separators=(",", ":")) + "\n")
+        self._log.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
 
 
 # ------------------------------------------------------------------ the gateway
@@ -148,7 +155,7 @@ class Gateway:
         self.settings = Settings.load(directory / POLICY)
         self.resolver = dns_.Resolver(self.settings.dns_upstream)
         self.names = NameMap()
-        self.audit = Audit(directory / AUDIT)
+        self.audit = Audit(directory / AUDIT, self.settings.audit)
         self.active = 0
         self.serial = 0
         self.router = Router()

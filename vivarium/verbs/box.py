@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import codecs
 import os
 import subprocess
 import sys
@@ -12,7 +13,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from vivarium import kube, values
+from vivarium import kube, logfile, values
 from vivarium.errors import UsageError, VivariumError
 from vivarium.printable import printable
 from vivarium.progress import PhaseDisplay
@@ -137,18 +138,13 @@ def cmd_logs(args: argparse.Namespace) -> int:
     box = Sandbox(args.name)
     box.record()  # one line if there is no such sandbox
     path = box.dir.serial
-    if not path.exists():
+    if not logfile.all_of(path):
         err.print("no console log yet")
         return 0
-    with path.open(errors="replace") as f:
-        sys.stdout.write(printable(f.read(), lines=True))  # the guest's console: shown, never obeyed by the terminal
-        while args.follow:
-            line = f.readline()
-            if line:
-                sys.stdout.write(printable(line, lines=True))
-                sys.stdout.flush()
-            else:
-                time.sleep(0.3)
+    text = codecs.getincrementaldecoder("utf-8")(errors="replace")
+    for data in logfile.chunks(path, follow=args.follow):  # the rotated files first, oldest first
+        sys.stdout.write(printable(text.decode(data), lines=True))  # the guest's console: shown, never obeyed by the terminal
+        sys.stdout.flush()
     return 0
 
 

@@ -79,7 +79,7 @@ def start(spec: MachineSpec) -> Process:
     if spec.control is not None:
         channel.make(spec.control)
     try:
-        run(qemu_argv(spec), timeout=60, pass_fds=tuple(fd for fd in (spec.ram_fd, spec.fence_tap) if fd is not None))
+        run(qemu_argv(spec), timeout=60, pass_fds=tuple(fd for fd in (spec.ram_fd, spec.fence_tap, spec.serial_fd) if fd is not None))
     except CommandFailed as e:
         lines = [ln.removeprefix("qemu-system-x86_64: ") for ln in e.output.strip().splitlines() if ln.strip()]
         raise VMError(f"QEMU did not start: {printable(lines[-1]) if lines else f'exit code {e.returncode}'}",

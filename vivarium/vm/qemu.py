@@ -78,6 +78,9 @@ class MachineSpec:
     # Guest RAM from this (inherited) memfd, as a memory-backend-file (vm/memory.py says why a file):
     # empty for a boot, a template's or snapshot's memory copied in for a restore. None: a memfd of QEMU's own.
     ram_fd: int | None = None
+    # The console into this (inherited) pipe, whose reader keeps it rotated (vm/console.py). None: straight
+    # into `serial` (a file that grows for as long as the guest prints: builds and tests only).
+    serial_fd: int | None = None
     extra: tuple[str, ...] = field(default=())
     # The versioned machine type (what q35 stands for in this QEMU: caps.py), so that a saved state names it.
     machine: str = "q35"
@@ -119,7 +122,7 @@ def qemu_argv(spec: MachineSpec, *, daemonize: bool = True) -> list[str]:
         "-device", "vmgenid,guid=auto",
         # Empty PCIe slots for devices plugged in at run time (shares of a restored template).
         *(x for i in range(HOTPLUG_SLOTS) for x in ("-device", f"pcie-root-port,id=hp{i},chassis={i + 1},slot={i + 1}")),
-        "-chardev", f"file,id=serial0,path={_escape(spec.serial)}",
+        "-chardev", f"file,id=serial0,path={f'/dev/fd/{spec.serial_fd}' if spec.serial_fd is not None else _escape(spec.serial)}",
         "-serial", "chardev:serial0",
         "-qmp", f"unix:{_escape(spec.qmp)},server=on,wait=off",
         "-pidfile", str(spec.pidfile),

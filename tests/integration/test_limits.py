@@ -1,0 +1,113 @@
+"""What a hostile guest can make the host keep: attacks from root in the guest (its firewall flushed) that
+try to fill the host's disk through the files a sandbox writes there (issue 16: bounded host disk use).
+
+The sandbox here has small caps (logs.*), so that an attack bounded in time still goes well past them."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vivarium import Sandbox, logfile
+from vivarium.ports import free_port
+
+from ..fakenet import PUBLIC, FakeNet
+from .conftest import vv, write_config
+
+pytestmark = pytest.mark.integration
+
+CAP = 256 << 10  # each log's size before it rotates; one rotated file kept
+
+
+@pytest.fixture(scope="module")
+def capped(project: Path, built: object, net: FakeNet) -> Iterator[Sandbox]:
+    assert net.dns is not None
+    d = project.parent / "limits-project"
+    d.mkdir(exist_ok=True)
+    write_config(
+        d,
+        f"""share = []
+[vm]
+memory = "1G"
+cpus = 2
+disk = "10G"
+swap = "256M"
+[[forward]]
+host = {free_port()}
+guest = 22
+[network]
+allow_cidrs = ["{PUBLIC}/32"]
+dns_upstream = "{net.dns.address}"
+[logs]
+console_size = "256K"
+console_keep = 1
+audit_size = "256K"
+audit_keep = 1
+""",
+    )
+    vv("up", "limits", cwd=d)
+    box = Sandbox("limits")
+    yield box
+    box.destroy()
+
+
+def on_host(path: Path) -> int:
+    """Bytes the log at `path` takes on the host, all its files."""
+    return sum(p.stat().st_size for p in logfile.all_of(path))
+
+
+def test_a_guest_printing_to_its_console_for_ever_stays_within_the_cap(capped: Sandbox) -> None:
+    box = capped
+    line = "the console, again and again " * 3
+    r = box.exec(["sudo", "sh", "-c", f'nft flush ruleset; timeout 60 sh -c \'yes "{line}" > /dev/ttyS0\'; echo done'],
+                 capture=True, timeout=180)  # fmt: skip
+    assert "done" in r.stdout, r.stderr
+    serial = box.dir.serial
+    files = logfile.all_of(serial)
+    assert [p.name for p in files] == ["serial.log.1", "serial.log"], files  # it wrote more than the cap: rotated
+    assert on_host(serial) <= 2 * CAP
+    assert line in logfile.read(serial).decode(errors="replace")
+    # `vivarium logs` reads across the rotation, and the sandbox works on
+    logs = vv("logs", "limits").stdout
+    assert line in logs and len(logs) > CAP
+    assert box.exec(["true"]).returncode == 0
+
+
+FLOOD = r"""
+import socket, struct, sys, time
+count, limit = int(sys.argv[1]), float(sys.argv[2])
+s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM)
+s.setblocking(False)
+sent, answered, started = 0, 0, time.monotonic()
+while sent < count and time.monotonic() - started < limit:
+    name = b"".join(bytes([len(p)]) + p for p in (b"n%d" % sent, b"flood", b"test")) + b"\0"
+    try:
+        s.sendto(struct.pack("!HHHHHH", sent & 0xFFFF, 0x0100, 1, 0, 0, 0) + name + b"\0\1\0\1", ("192.0.2.53", 53))
+        sent += 1
+    except BlockingIOError:
+        time.sleep(0.001)
+    try:
+        while s.recv(4096):
+            answered += 1
+    except BlockingIOError:
+        pass
+print(sent, answered)
+"""
+
+
+def test_a_guest_asking_for_unique_names_as_fast_as_it_can_stays_within_the_cap(capped: Sandbox) -> None:
+    box = capped
+    r = box.exec(["sudo", "sh", "-c", 'nft flush ruleset; exec python3 -c "$0" 200000 90', FLOOD], capture=True, timeout=300)
+    assert r.returncode == 0, r.stderr
+    sent, answered = map(int, r.stdout.split())
+    audit = box.dir.path / "egress.log"
+    assert [p.name for p in logfile.all_of(audit)] == ["egress.log.1", "egress.log"]  # more than the cap: rotated
+    assert on_host(audit) <= 2 * CAP, on_host(audit)
+    assert answered > 1000, (sent, answered)
+    # the newest records are there, whole, read across the rotation; the fence still answers
+    names = [json.loads(ln)["name"] for ln in logfile.lines(audit) if b'"kind":"dns"' in ln]
+    assert names and all(n.endswith(".flood.test") for n in names[-100:])
+    assert box.exec(["getent", "hosts", "public.test"]).returncode == 0

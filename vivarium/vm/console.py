@@ -1,0 +1,56 @@
+"""The guest's serial console on the host, within a size: QEMU writes it into a pipe; a small process of
+its own (one per running sandbox, gone at once when QEMU is: the pipe's end) writes it to the console log,
+rotated at `logs.console_size` with `logs.console_keep` old files (logfile.py).
+
+A file chardev would grow for as long as the guest prints: a guest writing to /dev/ttyS0 for ever would
+fill the host's disk. A pipe also holds the guest back to the pace the host writes at, rather than
+dropping what it says.
+"""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+from vivarium.logfile import Cap, Rotating
+
+
+def start(path: Path, cap: Cap) -> int:
+    """Start the console's keeper for the log at `path`; returns the pipe's write end, for QEMU (the caller
+    closes it once QEMU has it: then QEMU's exit is the keeper's end)."""
+    r, w = os.pipe2(os.O_CLOEXEC)
+    try:
+        # it detaches at once (its first half exits): nobody need reap it
+        subprocess.run([sys.executable, "-m", "vivarium.vm.console", str(path), str(cap.size), str(cap.keep)],
+                       stdin=r, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, check=True, timeout=30)  # fmt: skip
+    except BaseException:
+        os.close(w)
+        raise
+    finally:
+        os.close(r)
+    return w
+
+
+def keep(path: Path, cap: Cap, source: int = 0) -> None:
+    """Copy what comes from `source` into the rotating log until it ends."""
+    log = Rotating(path, cap)
+    try:
+        while data := os.read(source, 65536):
+            log.write(data)
+    finally:
+        log.close()
+
+
+def main(argv: list[str]) -> int:
+    path, size, count = Path(argv[0]), int(argv[1]), int(argv[2])
+    if os.fork():
+        os._exit(0)
+    os.setsid()  # not the terminal's: a ^C meant for the CLI is not for it
+    keep(path, Cap(size, count))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main(sys.argv[1:]))
