@@ -17,8 +17,8 @@ ROOT = Path(__file__).resolve().parent.parent / "vivarium"
 LAYERS: tuple[tuple[str, ...], ...] = (
     ("errors", "printable", "progress", "run", "guest", "image", "record", "host", "defaults", "logfile"),
     ("state", "net.routes", "net.policy", "values", "credentials", "config", "trust"),
-    ("vm.accel", "vm.caps", "vm.channel", "vm.machine", "vm.memory", "vm.qemu", "vm.console", "net.sniff", "net.dns", "net.ca", "net.inject",
-     "net.tls", "net.relay", "image.recipe", "image.initrd", "image.mmdebstrap", "share.confine", "share.review", "share.writeback",
+    ("vm.accel", "vm.caps", "vm.channel", "vm.machine", "vm.memory", "vm.qemu", "vm.console", "vm.spawn", "net.sniff", "net.dns", "net.ca",
+     "net.inject", "net.tls", "net.relay", "image.recipe", "image.initrd", "image.mmdebstrap", "share.confine", "share.review", "share.writeback",
      "ssh", "kube"),
     ("net.netns", "net.terminate", "net.gateway", "net.supervisor", "net.control", "net.__main__", "image.build", "share.virtiofs",
      "share.changesets", "ports", "snapshots", "template", "sessions"),

@@ -53,7 +53,8 @@ def fake_qemu(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, script: str) -> N
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     answers = ('case "$1" in --version) echo "QEMU emulator version 7.2.22"; exit 0;;\n'  # what caps.py asks
-               '-machine) echo "q35  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-7.2)"; exit 0;; esac\n')  # fmt: skip
+               '-machine) echo "q35  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-7.2)"; exit 0;;\n'
+               '-sandbox) exit 1;; esac\n')  # a QEMU without its seccomp filter  # fmt: skip
     (bin_dir / "qemu-system-x86_64").write_text("#!/bin/sh\n" + answers + script)
     (bin_dir / "qemu-system-x86_64").chmod(0o755)
     (bin_dir / "qemu-img").symlink_to("/bin/true")
@@ -100,7 +101,7 @@ def test_a_guest_that_never_gets_ready_unwinds_everything(
     how, rec = box
     # "starts", writes its pid file, then is gone: the launch sees QEMU exit while booting
     fake_qemu(tmp_path, monkeypatch, 'for a; do case "$prev" in -pidfile) echo $$ > "$a";; esac; prev=$a; done\nexit 0\n')
-    with pytest.raises(VMError, match=r"QEMU started but exited at once|QEMU exited while"):
+    with pytest.raises(VMError, match=r"QEMU did not start|QEMU started but exited at once|QEMU exited while"):
         launch.start(how, rec, auto_ports=True, timeout=5)
     assert_nothing_left(how)
 
@@ -155,8 +156,11 @@ def test_a_share_that_cannot_be_served_is_an_error_unless_no_share_says_so(
     assert_nothing_left(how)
 
 
-LINGERING_QEMU = (  # "daemonizes": a child that stays under QEMU's command line, named in the pid file
-    'for a; do case "$prev" in -pidfile) pf=$a;; esac; prev=$a; done\n( sleep 20; true ) >/dev/null 2>&1 </dev/null &\necho $! > "$pf"\nexit 0\n'
+LINGERING_QEMU = (  # starts: its pid file, a QMP greeting (vm/spawn.py waits for it), then it runs on
+    'for a; do case "$prev" in -pidfile) pf=$a;; -qmp) q=${a#unix:}; q=${q%%,*};; esac; prev=$a; done\necho $$ > "$pf"\n'
+    "exec python3 -c 'import socket, sys, time\n"
+    "s = socket.socket(socket.AF_UNIX)\ns.bind(sys.argv[1])\ns.listen()\nc, _ = s.accept()\n"
+    'c.sendall(b"{\\"QMP\\": {}}\\r\\n")\ntime.sleep(20)\' "$q" "$@"\n'
 )
 
 

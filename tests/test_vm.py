@@ -13,7 +13,7 @@ import pytest
 from vivarium import ssh
 from vivarium.errors import UsageError, VMError
 from vivarium.vm import accel, machine
-from vivarium.vm.qemu import FENCE_MAC, MachineSpec, PortForward, qemu_argv
+from vivarium.vm.qemu import FENCE_MAC, SECCOMP, MachineSpec, PortForward, qemu_argv
 
 
 def spec(tmp_path: Path, **kw: object) -> MachineSpec:
@@ -37,7 +37,8 @@ def opt(argv: list[str], flag: str) -> list[str]:
 def test_qemu_argv(tmp_path: Path) -> None:
     argv = qemu_argv(spec(tmp_path))
     assert argv[0] == "qemu-system-x86_64"
-    assert "-nodefaults" in argv and "-daemonize" in argv
+    assert "-nodefaults" in argv and "-daemonize" not in argv  # vm/spawn.py: a daemonizing QEMU could have no seccomp filter
+    assert "-sandbox" not in argv and opt(qemu_argv(spec(tmp_path, seccomp=True)), "-sandbox") == [SECCOMP]
     assert opt(argv, "-m") == ["2048M"] and opt(argv, "-smp") == ["2"]
     assert opt(argv, "-netdev") == ["user,id=net0,hostfwd=tcp:127.0.0.1:2222-:22,hostfwd=tcp:0.0.0.0:8080-:80"]
     assert f"name=opt/vivarium/user,file={tmp_path}/fw/user" in opt(argv, "-fw_cfg")
@@ -59,9 +60,8 @@ def test_fenced_network_is_restricted_with_one_way_out(tmp_path: Path) -> None:
 
 
 def test_qemu_argv_escapes_commas(tmp_path: Path) -> None:
-    argv = qemu_argv(spec(tmp_path, disk=Path("/a,b/disk.qcow2")), daemonize=False)
+    argv = qemu_argv(spec(tmp_path, disk=Path("/a,b/disk.qcow2")))
     assert "file=/a,,b/disk.qcow2" in opt(argv, "-drive")[0]
-    assert "-daemonize" not in argv
 
 
 def test_accel_override(monkeypatch: pytest.MonkeyPatch) -> None:
@@ -164,6 +164,7 @@ def test_the_host_qemu_is_probed_once_and_named_by_version_and_machine(tmp_path:
     assert q.machine.removeprefix("pc-q35-") == ".".join(q.version.split(".")[:2])  # this QEMU's own newest q35
     assert json.loads((tmp_path / "cache" / "qemu.json").read_text())["machine"] == q.machine
     assert caps.probe() == q  # from the cache now
+    assert q.seccomp  # Debian's QEMU (12 and 13) is built with its seccomp filter
     assert caps.version_of("QEMU emulator version 10.0.3 (Debian 1:10.0.3+ds-1)\nCopyright") == "10.0.3"
     assert caps.machine_of("pc-q35-10.0   Standard PC\nq35                  Standard PC (Q35 + ICH9, 2009) (alias of pc-q35-10.0)\n") == "pc-q35-10.0"
     with pytest.raises(VMError, match="no q35 machine"):

@@ -104,7 +104,7 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
             forwards=tuple(forwards), qmp=d.qmp, serial=d.serial, pidfile=d.pidfile, log=d.log,
             fw_cfg=fw, fence_tap=tap, control=d.control, ram_fd=ram, serial_fd=serial,
             shares=() if template else tuple((sh.tag, sh.socket) for sh in shares),  # a template's are plugged in
-            extra=("-incoming", "defer") if saved else (), machine=qemu_caps.machine,
+            extra=("-incoming", "defer") if saved else (), machine=qemu_caps.machine, seccomp=qemu_caps.seccomp,
         )  # fmt: skip
         progress("kernel", f"starting QEMU ({acc.name})" if saved is None else f"restoring the saved state ({acc.name})")
         qemu = machine.start(spec)

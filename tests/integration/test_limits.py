@@ -111,3 +111,16 @@ def test_a_guest_asking_for_unique_names_as_fast_as_it_can_stays_within_the_cap(
     names = [json.loads(ln)["name"] for ln in logfile.lines(audit) if b'"kind":"dns"' in ln]
     assert names and all(n.endswith(".flood.test") for n in names[-100:])
     assert box.exec(["getent", "hosts", "public.test"]).returncode == 0
+
+
+def test_qemu_runs_under_its_seccomp_filter(capped: Sandbox) -> None:
+    """What QEMU may do once a guest has taken it over (issue 16, 3.): no program started, no uid changed.
+    The filter's mode (2: a filter) is the kernel's word; snapshots still work without `exec:` migration."""
+    pid = capped.pid()
+    assert pid is not None
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    assert status["Seccomp"].strip() == "2", status.get("Seccomp")
+    vv("snapshot", "limits", "save", "s1")
+    assert capped.exec(["sh", "-c", "echo after > /tmp/mark"]).returncode == 0
+    vv("snapshot", "limits", "restore", "s1")
+    assert capped.exec(["test", "-e", "/tmp/mark"]).returncode == 1  # back to before the mark

@@ -1,4 +1,5 @@
-"""What this host's QEMU is: its version and the versioned machine type that `q35` stands for.
+"""What this host's QEMU is: its version, the versioned machine type that `q35` stands for, and whether
+it has its seccomp filter.
 
 Probed once per QEMU binary (its path, size and mtime) and cached beside the accelerator probe. A
 saved state only loads into the QEMU and machine type that saved it, so templates are keyed by them
@@ -24,6 +25,7 @@ MACHINE_ALIAS = "q35"
 class Qemu:
     version: str  # "7.2.22"
     machine: str  # what q35 stands for in it: "pc-q35-7.2"
+    seccomp: bool = False  # built with its seccomp filter (-sandbox)
 
     def at_least(self, major: int, minor: int) -> bool:
         have = tuple(int(x) for x in self.version.split(".")[:2])
@@ -39,8 +41,8 @@ def probe(*, use_cache: bool = True) -> Qemu:
     if use_cache:
         try:
             saved = json.loads(cache.read_text())
-            if saved.get("ident") == ident:
-                return Qemu(saved["version"], saved["machine"])
+            if saved.get("ident") == ident and isinstance(saved.get("seccomp"), bool):
+                return Qemu(saved["version"], saved["machine"], saved["seccomp"])
         except (OSError, ValueError, KeyError, TypeError):
             pass
     found = ask(binary)
@@ -51,7 +53,9 @@ def probe(*, use_cache: bool = True) -> Qemu:
 
 def ask(binary: str = "qemu-system-x86_64") -> Qemu:
     """Ask the QEMU binary itself (no cache)."""
-    return Qemu(version_of(run([binary, "--version"], timeout=30).stdout), machine_of(run([binary, "-machine", "help"], timeout=30).stdout))
+    version = version_of(run([binary, "--version"], timeout=30).stdout)
+    seccomp = run([binary, "-sandbox", "on", "-version"], timeout=30, check=False).returncode == 0  # "not supported" otherwise
+    return Qemu(version, machine_of(run([binary, "-machine", "help"], timeout=30).stdout), seccomp)
 
 
 def version_of(text: str) -> str:

@@ -1,9 +1,11 @@
 """A running QEMU: start it in the background, find it, talk QMP, stop it.
 
-QEMU daemonizes so it outlives the CLI. It is found again by its pid and its start time (kept in the
-instance's record) and then held by a pidfd, so that no signal reaches a process that reused its pid.
-Its own messages after it daemonized go to a log in the instance directory (QEMU's -D: it keeps stderr
-there instead of /dev/null), from which a failure's reason is shown.
+QEMU runs on its own (vm/spawn.py starts it in a session of its own, then leaves it) so it outlives the
+CLI, under its seccomp filter where it has one. It is found again by its pid and its start time (kept in
+the instance's record) and then held by a pidfd, so that no signal reaches a process that reused its pid.
+What it says on stdout and stderr goes to a log in the instance directory, from which a failure's reason
+is shown. Saved states go to and come from files QEMU is handed open (SCM_RIGHTS), as it may start no
+program (`exec:`).
 """
 
 from __future__ import annotations
@@ -12,9 +14,9 @@ import asyncio
 import contextlib
 import os
 import select
-import shlex
 import signal
-from collections.abc import Awaitable, Callable
+import sys
+from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
 
@@ -72,14 +74,16 @@ class Process:
 
 
 def start(spec: MachineSpec) -> Process:
-    """Start QEMU in the background; return it once it runs. Its messages after it daemonized go to spec.log."""
+    """Start QEMU in the background (vm/spawn.py); return it once it has started. Its messages go to spec.log."""
     spec.pidfile.unlink(missing_ok=True)
     spec.qmp.unlink(missing_ok=True)
     spec.log.unlink(missing_ok=True)
     if spec.control is not None:
         channel.make(spec.control)
+    fds = tuple(fd for fd in (spec.ram_fd, spec.fence_tap, spec.serial_fd) if fd is not None)
     try:
-        run(qemu_argv(spec), timeout=60, pass_fds=tuple(fd for fd in (spec.ram_fd, spec.fence_tap, spec.serial_fd) if fd is not None))
+        run([sys.executable, "-m", "vivarium.vm.spawn", str(spec.qmp), str(spec.log), ",".join(map(str, fds)), "--", *qemu_argv(spec)],
+            timeout=90, pass_fds=fds)  # fmt: skip
     except CommandFailed as e:
         lines = [ln.removeprefix("qemu-system-x86_64: ") for ln in e.output.strip().splitlines() if ln.strip()]
         raise VMError(f"QEMU did not start: {printable(lines[-1]) if lines else f'exit code {e.returncode}'}",
@@ -153,6 +157,26 @@ def hmp(sock: Path, line: str) -> str:
     return str(result or "").strip()
 
 
+MIGRATION_FD = "vivarium-migration"  # the name a saved state's file goes by in QEMU (getfd)
+
+
+@contextlib.contextmanager
+def _opened(path: Path, flags: int) -> Iterator[int]:
+    fd = os.open(path, flags | os.O_CLOEXEC, 0o600)
+    try:
+        yield fd
+    finally:
+        os.close(fd)
+
+
+async def _hand(client: QMPClient, fd: int, name: str) -> None:
+    """Give QEMU an open file (SCM_RIGHTS over its monitor) under `name`, replacing one of that name."""
+    with contextlib.suppress(ExecuteError):
+        await client.execute("closefd", {"fdname": name})
+    client.send_fd_scm(fd)
+    await client.execute("getfd", {"fdname": name})
+
+
 async def _migration_capabilities(client: QMPClient, without_ram: bool) -> None:
     """`events`: QEMU says how a migration went (MIGRATION events) instead of being asked over and over;
     x-ignore-shared: the stream leaves out the guest's RAM (shared memory), only device state goes."""
@@ -168,8 +192,9 @@ def save_memory(sock: Path, path: Path, timeout: float = 600.0, *, without_ram: 
     async def body(client: QMPClient) -> None:
         await _migration_capabilities(client, without_ram)
         events = EventListener(("MIGRATION", "SHUTDOWN"))
-        with client.listen(events):
-            await client.execute("migrate", {"uri": f"exec:cat > {shlex.quote(str(path))}"})
+        with client.listen(events), _opened(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC) as fd:
+            await _hand(client, fd, MIGRATION_FD)
+            await client.execute("migrate", {"uri": f"fd:{MIGRATION_FD}"})
             status = await _migration_end(client, events)
         if status != "completed":
             info = await client.execute("query-migrate")
@@ -217,8 +242,9 @@ def load(sock: Path, path: Path, *, without_ram: bool = False, timeout: float = 
     async def body(client: QMPClient) -> None:
         await _migration_capabilities(client, without_ram)
         events = EventListener(("MIGRATION", "RESUME", "SHUTDOWN"))
-        with client.listen(events):
-            await client.execute("migrate-incoming", {"uri": f"exec:cat {shlex.quote(str(path))}"})
+        with client.listen(events), _opened(path, os.O_RDONLY) as fd:
+            await _hand(client, fd, MIGRATION_FD)
+            await client.execute("migrate-incoming", {"uri": f"fd:{MIGRATION_FD}"})
             while True:
                 status = await client.execute("query-status")
                 if isinstance(status, dict) and status.get("status") == "running":
