@@ -184,9 +184,9 @@ hosts = ["www.public.test"]
         box.destroy()
 
 
-def test_the_guest_trusts_its_own_sandbox_ca_and_keeps_it_through_apt(box: Sandbox) -> None:
+def test_the_guest_trusts_its_own_sandbox_ca_and_keeps_it_through_apt_and_a_cold_boot(box: Sandbox) -> None:
     """The session's sandbox: its CA (not the template's) is in the system bundle, once, and stays there when
-    update-ca-certificates makes the bundle anew (as installing a package can)."""
+    update-ca-certificates makes the bundle anew (as installing a package can) and after a cold boot (fw_cfg)."""
     mine = (box.dir.path / "ca.crt").read_text().strip().splitlines()[1]
     read = ["sh", "-c", "cat /etc/ssl/certs/ca-certificates.crt; echo NODE=$NODE_EXTRA_CA_CERTS"]
     before = box.exec(read, capture=True).stdout
@@ -196,3 +196,7 @@ def test_the_guest_trusts_its_own_sandbox_ca_and_keeps_it_through_apt(box: Sandb
     assert r.returncode == 0, r.stderr
     after = box.exec(read, capture=True).stdout
     assert mine in after and after.count("# vivarium sandbox CA") == 1
+    box.stop()
+    box.up()  # a boot: the CA comes from fw_cfg this time
+    booted = box.exec(read, capture=True).stdout
+    assert mine in booted and booted.count("# vivarium sandbox CA") == 1

@@ -132,8 +132,12 @@ setup_shares() {  # DIR: shared host directories (virtiofs), one "TAG MODE PATH"
 setup_ca() {  # DIR: the sandbox's CA (its gateway's: a secret's hosts, denial pages) joins the system's trust
     # store, on the disk (a template's copy replaces the template's). The bundle keeps it through apt:
     # /etc/ca-certificates/update.d/vivarium-sandbox-ca puts it back after update-ca-certificates.
-    [ -s "$1/ca/raw" ] || return 0
-    { printf '%s\n' "$SANDBOX_CA_MARK"; while IFS= read -r line; do printf '%s\n' "$line"; done < "$1/ca/raw"; } > "$SANDBOX_CA"
+    # (-r, not -s: a fw_cfg file in sysfs says it has size 0; that cost a cold boot its CA before)
+    [ -r "$1/ca/raw" ] || return 0
+    first=""
+    { IFS= read -r first || true; } < "$1/ca/raw"
+    [ "$first" = "-----BEGIN CERTIFICATE-----" ] || return 0
+    { printf '%s\n' "$SANDBOX_CA_MARK"; while IFS= read -r line || [ -n "$line" ]; do printf '%s\n' "$line"; done < "$1/ca/raw"; } > "$SANDBOX_CA"
     bundle_ca
 }
 
