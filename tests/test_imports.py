@@ -19,12 +19,12 @@ LAYERS: tuple[tuple[str, ...], ...] = (
     ("state", "net.routes", "net.policy", "values", "credentials", "config", "trust"),
     ("vm.accel", "vm.caps", "vm.channel", "vm.machine", "vm.memory", "vm.qemu", "vm.console", "vm.spawn", "net.sniff", "net.dns", "net.ca",
      "net.inject", "net.tls", "net.relay", "image.recipe", "image.initrd", "image.mmdebstrap", "share.confine", "share.review", "share.writeback",
-     "ssh", "kube"),
+     "share.gitbranch", "ssh", "kube"),
     ("net.netns", "net.terminate", "net.gateway", "net.supervisor", "net.control", "net.__main__", "image.build", "share.virtiofs",
-     "share.changesets", "ports", "snapshots", "template", "sessions"),
+     "share.changesets", "ports", "snapshots", "template", "sessions", "transfer", "files"),
     ("instance", "launch", "provision"),
     ("sandbox",),
-    ("doctor", "verbs.common", "verbs.box", "verbs.review", "verbs.egress", "verbs.host", "cli", "__main__", "__init__"),
+    ("doctor", "mcp_server", "verbs.common", "verbs.box", "verbs.review", "verbs.egress", "verbs.host", "cli", "__main__", "__init__"),
 )  # fmt: skip
 LAYER = {name: i for i, names in enumerate(LAYERS) for name in names}
 

@@ -94,8 +94,18 @@ VERBS: tuple[Verb, ...] = (
     ), box.cmd_up, settings=True),
     Verb("ssh", "open a shell (or run CMD) in the sandbox over SSH", (NAME,), box.cmd_ssh,
          usage="vivarium ssh [NAME] [-- CMD...]", takes_command=True),
-    Verb("exec", "run CMD in the sandbox, in this directory where a share holds it; exits with its exit code", (NAME,), box.cmd_exec,
-         usage="vivarium exec [NAME] -- CMD...", takes_command=True),
+    Verb("exec", "run CMD in the sandbox, in this directory where a share holds it, with this stdin; exits with its exit code", (
+        NAME,
+        arg("-t", "--tty", action="store_true", help="give CMD a terminal (default: none, as ssh does for a command)"),
+        arg("-T", "--no-tty", action="store_true", help="never a terminal"),
+    ), box.cmd_exec, usage="vivarium exec [NAME] [-t|-T] -- CMD...", takes_command=True),
+    Verb("cp", "copy a file or directory into or out of a sandbox (NAME:PATH on one side), over SSH", (
+        arg("src", metavar="SRC", help="a host path, or NAME:PATH in a sandbox"),
+        arg("dst", metavar="DST", help="a host path, or NAME:PATH in a sandbox (into it, if a directory)"),
+    ), box.cmd_cp, usage="vivarium cp SRC DST   (NAME:PATH on one side)"),
+    Verb("mcp", "serve sandboxes to an agent on this host as MCP tools, over stdio (claude mcp add vivarium -- vivarium mcp)", (
+        arg("--sandbox", action="append", required=True, metavar="NAME", help="a sandbox its tools may use (repeatable)"),
+    ), box.cmd_mcp),
     Verb("ssh-config", "print a Host block for ~/.ssh/config", (NAME,), box.cmd_ssh_config),
     Verb("ls", "list sandboxes", (JSON,), box.cmd_ls),
     Verb("status", "state, pid, accelerator, ports, image, uptime", (NAME, JSON), box.cmd_status),
@@ -125,6 +135,7 @@ VERBS: tuple[Verb, ...] = (
         NAMED,
         arg("paths", nargs="*", metavar="PATH", help="only changes at or under these host paths (default: all)"),
         arg("--id", metavar="ID", help="the change set a diff printed (default: the last diff)"),
+        arg("--branch", metavar="BRANCH", help="commit them on this new git branch instead (working tree and index untouched)"),
     ), review.cmd_apply),
     Verb("snapshot", "save and restore a running sandbox's memory and disks", (NAMED,), box.cmd_snapshot, sub_dest="snapshot_verb", sub=(
         Verb("save", "save it as TAG (default: a timestamp); it keeps running", (arg("tag", nargs="?"),)),

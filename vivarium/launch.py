@@ -30,7 +30,7 @@ from vivarium.net import netns
 from vivarium.net.ca import CA
 from vivarium.progress import WARNING, Progress
 from vivarium.run import run
-from vivarium.share import virtiofs, writeback
+from vivarium.share import gitbranch, virtiofs, writeback
 from vivarium.vm import accel as accel_mod
 from vivarium.vm import caps, channel, console, machine, memory
 from vivarium.vm.qemu import MachineSpec
@@ -223,6 +223,8 @@ def _start_shares(how: Launch, started: contextlib.ExitStack) -> list[virtiofs.S
             if not snap.exists():  # "since the sandbox started": kept across restarts, like the overlay itself
                 how.progress("start", f"noting the state of {spec.source} for review")
                 writeback.save_snapshot(snap, writeback.snapshot(spec.source))
+                if (commit := gitbranch.head(spec.source)) is not None:  # what `apply --branch` puts the changes on
+                    state.write_atomic(how.dir.path / f"review-{spec.tag}.head", commit + "\n", 0o600)
         how.progress("start", f"sharing {spec.source} ({spec.mode}, virtiofs)")
         helper = virtiofs.start(spec)
         started.callback(_end, helper, spec.socket)  # a share server whose QEMU never came would wait for ever

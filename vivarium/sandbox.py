@@ -21,6 +21,7 @@ from pathlib import Path
 from typing import Any
 
 from vivarium import config as cfg
+from vivarium import files as files_mod
 from vivarium import instance, kube, launch, ports, provision, sessions, snapshots, ssh, state, trust
 from vivarium import template as template_mod
 from vivarium.errors import InstanceError
@@ -182,6 +183,11 @@ class Sandbox:
         Returns (share, result, skipped) per share."""
         return changesets.apply(self.dir, changesets.SSHFiles(self.exec, self.target), self._review_shares(), paths, set_id)
 
+    def apply_branch(self, branch: str, paths: Sequence[str] = (), *, set_id: str | None = None) -> list[changesets.Branched]:
+        """The same reviewed changes as a commit on the new git branch `branch` (parent: the commit checked out when
+        the sandbox started); the working tree and the index untouched."""
+        return changesets.apply_branch(self.dir, changesets.SSHFiles(self.exec, self.target), self._review_shares(), branch, paths, set_id)
+
     # ----------------------------------------------------------- snapshots
 
     def snapshots(self) -> list[dict[str, Any]]:
@@ -239,12 +245,23 @@ class Sandbox:
 
     # -------------------------------------------------------------- exec
 
-    def exec(self, command: Sequence[str], *, capture: bool = False, input: str | None = None, timeout: float | None = None,
-             cwd: str | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
-        """Run a command in the guest as the agent user. Its exit code is returned as is.
+    def exec(self, command: Sequence[str], *, capture: bool = False, input: ssh.Input = None, timeout: float | None = None,
+             cwd: str | None = None, stdin: str | None = None, tty: bool | None = False,
+             on_stdout: ssh.Output | None = None, on_stderr: ssh.Output | None = None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+        """Run a command in the guest as the agent user, in `cwd` if there, else home; its exit code as is.
+        Input, terminal and output as ssh.execute says (bytes or a file in, output streamed to callbacks)."""
+        return ssh.execute(self.target(), command, capture=capture, input=input, timeout=timeout, cwd=cwd, stdin=stdin, tty=tty,
+                           on_stdout=on_stdout, on_stderr=on_stderr)  # fmt: skip
 
-        In the guest directory `cwd` if given and there, else in the agent's home."""
-        return ssh.execute(self.target(), command, capture=capture, input=input, timeout=timeout, cwd=cwd)
+    @property
+    def files(self) -> files_mod.Files:
+        """Its files, as the agent user sees them: read, write, list, remove, copy_in, copy_out."""
+        return files_mod.Files(self.target, self.name)
+
+    def spawn(self, command: Sequence[str], *, on_stdout: ssh.Output | None = None, on_stderr: ssh.Output | None = None,
+              cwd: str | None = None) -> files_mod.Spawned:  # fmt: skip
+        """Start `command` in the guest and return at once: a handle to wait() for it or kill() it."""
+        return files_mod.Spawned(self.target(), command, on_stdout, on_stderr, cwd)
 
     # ---------------------------------------------------------- sessions
 

@@ -7,13 +7,18 @@ host key before the first connection and checks it strictly.
 
 from __future__ import annotations
 
+import contextlib
 import os
+import selectors
 import shlex
 import socket
 import subprocess
-from collections.abc import Sequence
+import threading
+import time
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import IO, Any
 
 from vivarium.errors import UsageError
 from vivarium.run import find_program, run
@@ -80,7 +85,7 @@ class Target:
 
     def argv(self, command: Sequence[str] = (), *, tty: bool | None = None, batch: bool = True) -> list[str]:
         """ssh argv; `command` keeps its word boundaries on the far side."""
-        flags = ["-t"] if tty else ["-T"] if tty is False else []
+        flags = ["-tt"] if tty else ["-T"] if tty is False else []  # -tt: a terminal even when ours is not one
         if batch:
             flags += ["-o", "BatchMode=yes"]
         remote = [shlex.join(command)] if command else []
@@ -108,19 +113,99 @@ class Target:
         ])  # fmt: skip
 
 
+Input = str | bytes | IO[bytes] | None
+Output = Callable[[bytes], None]
+INHERIT = "inherit"  # exec's stdin is this process's (ssh's own default): `vivarium exec` passes yours through
+
+
 def execute(
-    target: Target, command: Sequence[str], *, capture: bool = False, input: str | None = None, timeout: float | None = None, cwd: str | None = None
-) -> subprocess.CompletedProcess[str]:
+    target: Target, command: Sequence[str], *, capture: bool = False, input: Input = None, stdin: str | None = None,
+    tty: bool | None = False, timeout: float | None = None, cwd: str | None = None,
+    on_stdout: Output | None = None, on_stderr: Output | None = None,
+) -> subprocess.CompletedProcess[str]:  # fmt: skip
     """Run a command over SSH as the target's user; its exit code is returned as is. In the guest directory
-    `cwd` if given and there, else in the user's home."""
+    `cwd` if given and there, else in the user's home.
+
+    Its input: `input` (text, bytes or a binary file, to its end: the command then reads EOF), or with
+    stdin=INHERIT this process's own, else nothing. `tty`: True forces a terminal, False none, None as ssh
+    decides. Output goes to `on_stdout` / `on_stderr` as it comes, and is kept (as text) with `capture`."""
     if not command:
         raise UsageError("exec needs a command", hint="vivarium exec NAME -- CMD...")
     if cwd is not None:
         command = ["sh", "-c", 'cd -- "$0" 2>/dev/null || cd; exec "$@"', cwd, *command]
-    return subprocess.run(
-        target.argv(command, tty=False), input=input, stdin=None if input is not None else subprocess.DEVNULL,
-        capture_output=capture, text=True, timeout=timeout, check=False,
+    argv = target.argv(command, tty=tty)
+    if on_stdout is None and on_stderr is None and not isinstance(input, (bytes, bytearray)) and not hasattr(input, "read"):
+        return subprocess.run(argv, input=input, stdin=_stdin(input, stdin), capture_output=capture, text=True, timeout=timeout, check=False)
+    return _stream(argv, capture, input, stdin, timeout, on_stdout, on_stderr)
+
+
+def _stdin(input: Input, stdin: str | None) -> Any:
+    if input is not None:
+        return None  # subprocess makes the pipe
+    return None if stdin == INHERIT else subprocess.DEVNULL
+
+
+def _stream(argv: list[str], capture: bool, input: Input, stdin: str | None, timeout: float | None,
+            on_stdout: Output | None, on_stderr: Output | None) -> subprocess.CompletedProcess[str]:  # fmt: skip
+    """exec's general case: bytes or a file in, output to callbacks as it comes."""
+    fileno = None
+    if hasattr(input, "fileno"):
+        with contextlib.suppress(OSError, ValueError):
+            fileno = input.fileno()  # type: ignore[union-attr]
+    feed = input is not None and fileno is None
+    proc = subprocess.Popen(
+        argv, stdin=subprocess.PIPE if feed else fileno if fileno is not None else _stdin(None, stdin),
+        stdout=subprocess.PIPE if capture or on_stdout else None, stderr=subprocess.PIPE if capture or on_stderr else None,
     )  # fmt: skip
+    writer = None
+    if feed:
+        writer = threading.Thread(target=_feed, args=(proc.stdin, input), daemon=True)
+        writer.start()
+    kept: dict[int, list[bytes]] = {1: [], 2: []}
+    calls = {1: on_stdout, 2: on_stderr}
+    deadline = None if timeout is None else time.monotonic() + timeout
+    with selectors.DefaultSelector() as sel:
+        for n, pipe in ((1, proc.stdout), (2, proc.stderr)):
+            if pipe is not None:
+                sel.register(pipe, selectors.EVENT_READ, n)
+        while sel.get_map():
+            left = None if deadline is None else deadline - time.monotonic()
+            if left is not None and left <= 0:
+                proc.kill()
+                proc.wait()
+                raise subprocess.TimeoutExpired(argv, timeout or 0)
+            for key, _ in sel.select(left):
+                data = os.read(key.fd, 65536)
+                if not data:
+                    sel.unregister(key.fileobj)
+                    continue
+                if (call := calls[key.data]) is not None:
+                    call(data)
+                if capture:
+                    kept[key.data].append(data)
+    code = proc.wait(None if deadline is None else max(0.1, deadline - time.monotonic()))
+    if writer is not None:
+        writer.join(5)
+    return subprocess.CompletedProcess(argv, code, b"".join(kept[1]).decode(errors="replace") if capture else None,
+                                       b"".join(kept[2]).decode(errors="replace") if capture else None)  # fmt: skip
+
+
+def _feed(pipe: IO[bytes] | None, input: Input) -> None:
+    """Write `input` to the command's stdin, then close it (its EOF); a command that stops reading ends it."""
+    assert pipe is not None
+    try:
+        if isinstance(input, str):
+            pipe.write(input.encode())
+        elif isinstance(input, (bytes, bytearray)):
+            pipe.write(input)
+        elif input is not None:
+            while chunk := input.read(65536):
+                pipe.write(chunk)
+    except (BrokenPipeError, OSError):
+        pass
+    finally:
+        with contextlib.suppress(OSError):
+            pipe.close()
 
 
 def banner(host: str, port: int, timeout: float = 3.0) -> bool:

@@ -71,7 +71,8 @@ PROTECTED = {
 
 def vv(*args: str, check: bool = True, cwd: Path | None = None, env: dict[str, str] | None = None) -> subprocess.CompletedProcess[str]:
     """Run the real CLI."""
-    proc = subprocess.run([sys.executable, "-m", "vivarium", *args], capture_output=True, text=True, cwd=cwd, env=env, check=False)
+    proc = subprocess.run([sys.executable, "-m", "vivarium", *args], capture_output=True, text=True, cwd=cwd, env=env, check=False,
+                          stdin=subprocess.DEVNULL)  # `exec` passes its stdin through: none here  # fmt: skip
     if check and proc.returncode != 0:
         raise AssertionError(f"vivarium {' '.join(args)} exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
     return proc

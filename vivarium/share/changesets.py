@@ -12,6 +12,7 @@ import os
 import re
 import subprocess
 from collections.abc import Callable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Protocol
 
@@ -19,7 +20,7 @@ from vivarium import ssh, state
 from vivarium.errors import InstanceError, UsageError, VMError
 from vivarium.printable import printable
 from vivarium.record import Shared
-from vivarium.share import review, writeback
+from vivarium.share import gitbranch, review, writeback
 
 
 class GuestFiles(Protocol):
@@ -108,14 +109,16 @@ def reviewed(d: state.InstanceDir, set_id: str | None) -> dict[str, Any]:
     return data
 
 
-def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[Shared], paths: Sequence[str] = (),
-          set_id: str | None = None) -> list[tuple[str, writeback.ApplyResult, list[dict[str, str]]]]:  # fmt: skip
-    """Copy the reviewed changes (all, or those at or under `paths`) to the host: exactly what `diff` showed
-    (the last one, or `set_id`), or nothing when the guest changed any of it since. Host-changed paths are left alone.
-    Returns (share, result, skipped) per share."""
+Plan = tuple[Shared, Path, list[review.Change], list[dict[str, str]]]  # share, its host dir, chosen changes, skipped
+
+
+def _checked(d: state.InstanceDir, files: GuestFiles, shares: Sequence[Shared], paths: Sequence[str],
+             set_id: str | None) -> tuple[str, list[Plan], dict[str, dict[str, bytes]]]:  # fmt: skip
+    """The reviewed change set (all, or what is at or under `paths`), and the guest's bytes for it, checked to be
+    exactly what `diff` showed; an error, before anything is written, when the guest changed any of it since."""
     record = reviewed(d, set_id)
     wanted = [os.path.normpath(os.path.abspath(p)) for p in paths]
-    plans = []
+    plans: list[Plan] = []
     for share in shares:
         host = Path(share.host)
         rec = record["shares"].get(share.host)
@@ -148,6 +151,15 @@ def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[Shared], pat
         raise InstanceError(f"sandbox {d.name!r} changed {', '.join(printable(m) for m in moved[:5])}"
                             f"{' and more' if len(moved) > 5 else ''} since the diff you reviewed; nothing was applied",
                             hint=f"`vivarium diff {d.name}` again, then apply what it shows")  # fmt: skip
+    return record["id"], plans, fetched
+
+
+def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[Shared], paths: Sequence[str] = (),
+          set_id: str | None = None) -> list[tuple[str, writeback.ApplyResult, list[dict[str, str]]]]:  # fmt: skip
+    """Copy the reviewed changes (all, or those at or under `paths`) to the host: exactly what `diff` showed
+    (the last one, or `set_id`), or nothing when the guest changed any of it since. Host-changed paths are left alone.
+    Returns (share, result, skipped) per share."""
+    _, plans, fetched = _checked(d, files, shares, paths, set_id)
     results = []
     for share, host, chosen, skipped in plans:
         snap_path = d.path / f"review-{share.tag}.json"
@@ -159,3 +171,42 @@ def apply(d: state.InstanceDir, files: GuestFiles, shares: Sequence[Shared], pat
             writeback.save_snapshot(snap_path, snap)
         results.append((share.host, result, skipped))
     return results
+
+
+@dataclass(frozen=True)
+class Branched:
+    share: str
+    repo: str
+    commit: str
+    parent: str
+    noted: bool  # the parent is the commit noted when the sandbox started (else: HEAD now)
+    changes: int
+    skipped: list[dict[str, str]]
+
+
+def apply_branch(d: state.InstanceDir, files: GuestFiles, shares: Sequence[Shared], branch: str, paths: Sequence[str] = (),
+                 set_id: str | None = None) -> list[Branched]:  # fmt: skip
+    """The reviewed change set as a commit on the new branch `branch` of each share's repository, on top of the
+    commit checked out when the sandbox started; the working tree and the index are not touched."""
+    set_id, plans, fetched = _checked(d, files, shares, paths, set_id)
+    out = []
+    for share, host, chosen, skipped in plans:
+        repo = gitbranch.find(host)
+        if repo is None:
+            raise UsageError(f"apply --branch: {host} is not in a git repository", hint=f"`vivarium apply {d.name}` writes the files instead")
+        noted = _noted_head(d, share)
+        parent = noted or gitbranch.head(host)
+        if parent is None:
+            raise UsageError(f"apply --branch: the repository at {repo.top} has no commit to put the changes on")
+        message = f"Changes from sandbox {d.name} ({share.guest}), change set {set_id}\n"
+        made = gitbranch.commit(repo, parent, branch, chosen, fetched[share.host], message)
+        out.append(Branched(share.host, str(repo.top), made, parent, noted is not None, len(chosen), skipped))
+    return out
+
+
+def _noted_head(d: state.InstanceDir, share: Shared) -> str | None:
+    try:
+        text = (d.path / f"review-{share.tag}.head").read_text().strip()
+    except OSError:
+        return None
+    return text if re.fullmatch(r"[0-9a-f]{40,64}", text) else None

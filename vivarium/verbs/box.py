@@ -13,7 +13,7 @@ from pathlib import Path
 from rich.markup import escape
 from rich.table import Table
 
-from vivarium import kube, logfile, values
+from vivarium import kube, logfile, ssh, state, transfer, values
 from vivarium.errors import UsageError, VivariumError
 from vivarium.printable import printable
 from vivarium.progress import PhaseDisplay
@@ -54,7 +54,35 @@ def cmd_exec(args: argparse.Namespace) -> int:
     if not cmd:
         raise UsageError("exec needs a command", hint=f"vivarium exec {args.name} -- CMD...")
     box = Sandbox(args.name)
-    return box.exec(cmd, cwd=box.guest_dir(Path.cwd())).returncode  # where you are, as the share has it
+    if args.tty and args.no_tty:
+        raise UsageError("exec -t and -T: one or the other", hint="-t gives CMD a terminal, -T never")
+    tty = True if args.tty else False if args.no_tty else None  # as ssh decides: none for a command
+    # where you are, as the share has it; your stdin is the command's (`git diff | vivarium exec -- git apply`)
+    return box.exec(cmd, cwd=box.guest_dir(Path.cwd()), stdin=ssh.INHERIT, tty=tty).returncode
+
+
+def cmd_cp(args: argparse.Namespace) -> int:
+    (src_box, src), (dst_box, dst) = transfer.split(args.src), transfer.split(args.dst)
+    if (src_box is None) == (dst_box is None):
+        raise UsageError("cp copies between this host and a sandbox: NAME:PATH on one side, a host path on the other",
+                         hint="vivarium cp ./file default:/home/agent/ or vivarium cp default:/tmp/out ./")  # fmt: skip
+    if dst_box is not None:
+        where = Sandbox(dst_box).files.copy_in(Path(src), dst)
+        err.print(f"copied {src} to {dst_box}:{escape(printable(where))}")
+    else:
+        assert src_box is not None
+        got = Sandbox(src_box).files.copy_out(src, Path(dst))
+        err.print(f"copied {src_box}:{escape(printable(src))} to {got}")
+    return 0
+
+
+def cmd_mcp(args: argparse.Namespace) -> int:
+    for name in args.sandbox:
+        state.check_name(name)
+    from vivarium import mcp_server  # the SDK (pydantic and all) only for this verb
+
+    mcp_server.serve(args.sandbox)
+    return 0
 
 
 def cmd_run(args: argparse.Namespace) -> int:

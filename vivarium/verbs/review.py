@@ -40,6 +40,8 @@ def cmd_diff(args: argparse.Namespace) -> int:
 
 
 def cmd_apply(args: argparse.Namespace) -> int:
+    if args.branch is not None:
+        return _apply_branch(args)
     code = 0
     for host, result, skipped in Sandbox(args.name).apply(args.paths, set_id=args.id):
         where = escape(printable(host))
@@ -59,3 +61,14 @@ def cmd_apply(args: argparse.Namespace) -> int:
         if not result.applied and not result.conflicts and not result.refused and not skipped:
             err.print(f"nothing to apply to {where}")
     return code
+
+
+def _apply_branch(args: argparse.Namespace) -> int:
+    for made in Sandbox(args.name).apply_branch(args.branch, args.paths, set_id=args.id):
+        parent = made.parent[:12] + ("" if made.noted else " (HEAD now: the sandbox's start noted no commit)")
+        err.print(f"committed {made.changes} change{'s' if made.changes != 1 else ''} of {escape(printable(made.share))} as branch "
+                  f"{escape(printable(args.branch))} ({made.commit[:12]}) on {parent} in {escape(made.repo)}: "
+                  f"`git log -p {escape(printable(args.branch))}` shows it, `git merge` takes it")  # fmt: skip
+        for sk in made.skipped:
+            err.print(f"skipped {escape(printable(sk['path']))}: {escape(printable(sk['why']))}")
+    return 0
