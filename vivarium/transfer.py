@@ -10,6 +10,7 @@ entry in one line.
 
 from __future__ import annotations
 
+import copy
 import os
 import posixpath
 import re
@@ -128,8 +129,11 @@ def from_guest(target: ssh.Target, sandbox: str, src: str, dst: Path) -> Path:
     return final
 
 
-def _unpack(stream: object, into: Path, name: str, sandbox: str) -> None:
-    """The guest's archive into `into`, entry by entry through the data filter; one line on the first refusal."""
+def _unpack(stream: object, into: Path, name: str, sandbox: str, *, stdlib: bool | None = None) -> None:
+    """The guest's archive into `into`, entry by entry through the data filter; one line on the first refusal.
+    `stdlib`: tarfile's own filter (Python 3.11.4+, 3.12+) or, where the host's Python has none (Debian 12's
+    3.11.2), the same checks made here (the default: tarfile's where it has one)."""
+    own = not (hasattr(tarfile, "data_filter") if stdlib is None else stdlib)
     try:
         with tarfile.open(fileobj=stream, mode="r|") as tar:  # type: ignore[call-overload]
             for member in tar:
@@ -137,9 +141,45 @@ def _unpack(stream: object, into: Path, name: str, sandbox: str) -> None:
                 if top != name:
                     raise UsageError(f"cp: refused what sandbox {sandbox!r} sent: {printable(member.name)!r} is not under {name!r}")
                 try:
-                    tar.extract(member, into, filter="data")
-                except tarfile.FilterError as e:
-                    raise UsageError(f"cp: refused what sandbox {sandbox!r} sent: {printable(str(e))}",
-                                     hint="nothing of it was kept") from None  # fmt: skip
+                    if own:
+                        checked = data_filter(member, str(into))
+                        tar.extract(checked, into, **({"filter": "fully_trusted"} if hasattr(tarfile, "data_filter") else {}))
+                    else:
+                        tar.extract(member, into, filter="data")
+                except FILTER_ERRORS as e:
+                    raise UsageError(f"cp: refused what sandbox {sandbox!r} sent: {printable(str(e))}", hint="nothing of it was kept") from None
     except tarfile.TarError as e:
         raise InstanceError(f"cp: what sandbox {sandbox!r} sent is not a tar archive: {printable(str(e))}") from None
+
+
+class Refused(Exception):
+    """An entry the data filter does not let through."""
+
+
+FILTER_ERRORS: tuple[type[Exception], ...] = (Refused, getattr(tarfile, "FilterError", Refused))
+
+
+def data_filter(member: tarfile.TarInfo, dest: str) -> tarfile.TarInfo:
+    """What tarfile's `data` filter (PEP 706) checks, for a Python without it: no absolute name, nothing that lands
+    outside `dest`, no link to an absolute path or out of it, no device or FIFO; no setuid, setgid or sticky bit,
+    no group or other write; owned by whoever unpacks it. Returns the entry to extract."""
+    dest = os.path.realpath(dest)
+    name = member.name
+    if name.startswith("/"):
+        raise Refused(f"{name!r} is an absolute path")
+    target = os.path.realpath(os.path.join(dest, name))
+    if os.path.commonpath([target, dest]) != dest:
+        raise Refused(f"{name!r} would be extracted to {target!r}, which is outside the destination")
+    if not (member.isreg() or member.islnk() or member.isdir() or member.issym()):
+        raise Refused(f"{name!r} is a special file")
+    if member.islnk() or member.issym():
+        if os.path.isabs(member.linkname):
+            raise Refused(f"{name!r} is a link to an absolute path")
+        base = os.path.dirname(name) if member.issym() else ""
+        linked = os.path.realpath(os.path.join(dest, base, member.linkname))
+        if os.path.commonpath([linked, dest]) != dest:
+            raise Refused(f"{name!r} would link to {linked!r}, which is outside the destination")
+    out = copy.copy(member)
+    out.mode = (member.mode & 0o755) | (0o600 if member.isreg() or member.islnk() else 0o700)
+    out.uid, out.gid, out.uname, out.gname = os.getuid(), os.getgid(), "", ""  # no owner of the guest's choosing
+    return out
