@@ -75,3 +75,17 @@ def test_git_refuses_a_path_into_its_own_metadata(repo: Path) -> None:
 
 def test_a_directory_outside_any_repository(tmp_path: Path) -> None:
     assert gitbranch.find(tmp_path) is None and gitbranch.head(tmp_path) is None
+
+
+def test_a_repository_of_another_owner_as_when_run_under_sudo(repo: Path) -> None:
+    """The project is the user's and vivarium runs as root: git's ownership check must not stop it."""
+    import os
+
+    if os.geteuid() != 0:
+        pytest.fail("this test runs as root (as CI does): it gives the repository to another user")
+    for p in [repo, *repo.rglob("*")]:
+        os.lchown(p, 1000, 1000)
+    found, parent = gitbranch.find(repo), gitbranch.head(repo)
+    assert found is not None and parent is not None
+    made = gitbranch.commit(found, parent, "theirs", [Change("top.txt", "modified", "file", mode=0o644)], {"top.txt": b"new\n"}, "x\n")
+    assert git(repo, "-c", "safe.directory=*", "show", "theirs:top.txt") == "new\n" and made

@@ -65,11 +65,12 @@ def test_cp_both_ways_keeps_modes_and_links_inside_the_tree(box: Sandbox, tmp_pa
     vv("cp", "itest:/tmp/cp-in/tree", str(back))
     assert stat.S_IMODE((back / "run.sh").stat().st_mode) == 0o755 and stat.S_IMODE((back / "sub" / "data.txt").stat().st_mode) == 0o640
     assert os.readlink(back / "link") == "sub/data.txt" and (back / "link").read_text() == "data\n"
-    # a single file into a host directory; a destination tree that exists is not overwritten
+    # a single file into a host directory; a tree that exists there (the original, here) is not overwritten
     vv("cp", "itest:/tmp/cp-in/tree/run.sh", str(tmp_path))
     assert (tmp_path / "run.sh").read_text() == "#!/bin/sh\necho hi\n"
-    r = vv("cp", "itest:/tmp/cp-in/tree", str(back), check=False)
-    assert r.returncode == 2 and "exists" in r.stderr and "Traceback" not in r.stderr
+    r = vv("cp", "itest:/tmp/cp-in/tree", str(tmp_path), check=False)
+    assert r.returncode == 2 and f"{tmp_path / 'tree'} exists" in r.stderr and "Traceback" not in r.stderr
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["back", "run.sh", "tree"]  # no leftover of the refused copy
 
 
 # What root in the guest can put in the place of tar: any archive it likes, whatever the host asked for.
@@ -176,7 +177,7 @@ def test_apply_branch_commits_the_reviewed_changes_without_touching_the_work_tre
     d = project.parent / "branch-project"
     repo = d / "repo"
     (repo / "src").mkdir(parents=True, exist_ok=True)
-    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-C", str(repo)]
+    git = ["git", "-c", "user.name=t", "-c", "user.email=t@example.org", "-c", "safe.directory=*", "-C", str(repo)]  # (it is uid 1000's)
     subprocess.run([*git, "init", "-q", "-b", "main"], check=True)
     (repo / "edit.txt").write_text("one\n")
     (repo / "src" / "gone.txt").write_text("bye\n")

@@ -21,6 +21,10 @@ from vivarium.printable import printable
 from vivarium.share.review import Change
 
 ZERO = "0" * 40
+# The project is its owner's, and vivarium may run as root (sudo): git's "dubious ownership" refusal would stop
+# every command. Its worry is another user's config run as you; the repository here is the user's own, and the
+# guest cannot write it (a review share). No fsmonitor either: nothing of the repository's config runs.
+GIT = ("git", "-c", "safe.directory=*", "-c", "core.fsmonitor=false")
 
 
 @dataclass(frozen=True)
@@ -32,7 +36,7 @@ class Repo:
 def find(share: Path) -> Repo | None:
     """The git repository the share's directory is in, if any."""
     try:
-        r = subprocess.run(["git", "-C", str(share), "rev-parse", "--show-toplevel", "--show-prefix"], capture_output=True, text=True, check=False)
+        r = subprocess.run([*GIT, "-C", str(share), "rev-parse", "--show-toplevel", "--show-prefix"], capture_output=True, text=True, check=False)
     except OSError:  # no git on this host
         return None
     if r.returncode != 0:
@@ -44,14 +48,14 @@ def find(share: Path) -> Repo | None:
 def head(share: Path) -> str | None:
     """The commit checked out in the share's repository now (noted when a sandbox starts)."""
     try:
-        r = subprocess.run(["git", "-C", str(share), "rev-parse", "--verify", "-q", "HEAD^{commit}"], capture_output=True, text=True, check=False)
+        r = subprocess.run([*GIT, "-C", str(share), "rev-parse", "--verify", "-q", "HEAD^{commit}"], capture_output=True, text=True, check=False)
     except OSError:
         return None
     return r.stdout.strip() if r.returncode == 0 else None
 
 
 def _git(repo: Repo, *args: str, env: Mapping[str, str] | None = None, input: bytes | None = None) -> str:
-    r = subprocess.run(["git", "-C", str(repo.top), *args], capture_output=True, input=input, env=env, check=False)
+    r = subprocess.run([*GIT, "-C", str(repo.top), *args], capture_output=True, input=input, env=env, check=False)
     if r.returncode != 0:
         said = r.stderr.decode(errors="replace").strip().splitlines()
         raise VivariumError(f"git {args[0]} failed in {repo.top}: {printable(said[-1]) if said else f'exit code {r.returncode}'}")
@@ -60,9 +64,9 @@ def _git(repo: Repo, *args: str, env: Mapping[str, str] | None = None, input: by
 
 def commit(repo: Repo, parent: str, branch: str, changes: Sequence[Change], contents: Mapping[str, bytes], message: str) -> str:
     """A commit of `changes` on top of `parent`, as the new branch `branch`; its id."""
-    if subprocess.run(["git", "check-ref-format", "--branch", branch], capture_output=True, check=False).returncode != 0 or branch.startswith("-"):
+    if subprocess.run([*GIT, "check-ref-format", "--branch", branch], capture_output=True, check=False).returncode != 0 or branch.startswith("-"):
         raise UsageError(f"apply --branch: {branch!r} is not a branch name git takes")
-    if subprocess.run(["git", "-C", str(repo.top), "show-ref", "--verify", "-q", f"refs/heads/{branch}"], check=False).returncode == 0:
+    if subprocess.run([*GIT, "-C", str(repo.top), "show-ref", "--verify", "-q", f"refs/heads/{branch}"], check=False).returncode == 0:
         raise UsageError(f"apply --branch: branch {branch!r} exists in {repo.top}", hint="name a new one: nothing is overwritten")
     with tempfile.TemporaryDirectory(prefix="vivarium-index-") as tmp:
         env = {**os.environ, "GIT_INDEX_FILE": str(Path(tmp) / "index")}
@@ -90,4 +94,4 @@ def commit(repo: Repo, parent: str, branch: str, changes: Sequence[Change], cont
 
 def _identity(repo: Repo) -> bool:
     """Does git know who commits here (user.name and user.email, or their environment variables)?"""
-    return subprocess.run(["git", "-C", str(repo.top), "var", "GIT_COMMITTER_IDENT"], capture_output=True, check=False).returncode == 0
+    return subprocess.run([*GIT, "-C", str(repo.top), "var", "GIT_COMMITTER_IDENT"], capture_output=True, check=False).returncode == 0
