@@ -109,13 +109,17 @@ class Masker:
         return buf[:cut]
 
     def _maybe_value(self, buf: bytes) -> int:
-        """The length of the longest end of `buf` that begins one of the values (shorter than it)."""
+        """The length of the longest end of `buf` that begins one of the values (shorter than it). Only where
+        the value's first byte is, among its last bytes (found in C, not tried length by length)."""
         longest = 0
         for value, _ in self.pairs:
-            for k in range(min(len(value) - 1, len(buf)), longest, -1):
-                if buf.endswith(value[:k]):
-                    longest = k
-                    break
+            first, end = value[:1], len(buf)
+            at = buf.rfind(first, max(0, end - len(value) + 1))
+            while at != -1:
+                k = end - at
+                if k > longest and value.startswith(buf[at:]):
+                    longest = k  # the earliest start found last: the longest end
+                at = buf.rfind(first, max(0, end - len(value) + 1), at)
         return longest
 
     def flush(self) -> bytes:
@@ -162,8 +166,12 @@ class RequestRewriter:
     def feed(self, data: bytes) -> tuple[bytes, list[Injected]]:
         out, notes = [], []
         for kind, piece in self.requests.feed(data):
-            if kind == "head":
+            if kind == "head" and self._may_hold(piece):
                 piece, note = rewrite_head(piece, self.host, self.port, self.held)
                 notes.append(note)
             out.append(piece)
         return b"".join(out), notes
+
+    def _may_hold(self, head: bytes) -> bool:
+        """Could a placeholder be in this head: as it is, or base64'd in Basic auth? (Most heads hold none: not parsed.)"""
+        return any(s.placeholder.encode() in head for s in self.held) or b"authorization" in head.lower()
