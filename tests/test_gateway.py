@@ -27,6 +27,7 @@ import pytest
 from vivarium.errors import VMError
 from vivarium.logfile import Cap
 from vivarium.net import control, netns, sniff
+from vivarium.net.gateway import PEEK_TIMEOUT
 
 from .fakenet import FakeDNS, Guest, Hosts, LoopbackServer, fence
 
@@ -55,7 +56,7 @@ def gw(tmp_path: Path) -> Iterator[Stage]:
     with contextlib.ExitStack() as stack:
         hosts = Hosts(SRV, OTHER_SRV, STRAY)
         stack.callback(hosts.close)
-        dns_server = FakeDNS({"good.test": SRV, "lan.test": "192.168.77.1", "other.test": OTHER_SRV})
+        dns_server = FakeDNS({"good.test": SRV, "lan.test": "192.168.77.1", "other.test": OTHER_SRV, "api.test": SRV})
         stack.callback(dns_server.close)
         echo = hosts.server(greet_then_echo)
         stack.callback(echo.close)
@@ -509,6 +510,16 @@ def test_a_secret_goes_in_for_its_host_only_and_is_masked_on_the_way_back(gw: St
         assert len(heard) == 2 and real.encode() in heard[1] and key.placeholder.encode() not in heard[1], heard[1]
         assert key.placeholder.encode() in answer and real.encode() not in answer
         assert (gw.d / "secrets.sock").stat().st_mode & 0o077 == 0  # owner-only
+        # a client that takes its time between connecting and its ClientHello (git loading its trust store under
+        # TCG) to an address the resolver gave for the secret's host: still the gateway's TLS, the value still put in
+        assert ask(gw, "api.test").rcode() == dns.rcode.NOERROR
+        slow = gw.guest.connect(SRV, server.port)
+        time.sleep(PEEK_TIMEOUT + 1.0)
+        with client.wrap_socket(slow, server_hostname="api.test") as tls:
+            tls.sendall(b"GET /slow HTTP/1.1\r\nHost: api.test\r\nx-api-key: " + key.placeholder.encode() + b"\r\n\r\n")
+            while tls.recv(65536):
+                pass
+        assert b"/slow" in heard[-1] and real.encode() in heard[-1], heard[-1]
     finally:
         server.close()
 

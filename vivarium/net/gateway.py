@@ -289,6 +289,9 @@ class Gateway:
 
         return check
 
+    def _secret_host(self, dst: IPAddress, port: int) -> bool:
+        return any(s.goes_to(n, port) for n in self.names.names(dst) for s in self.secrets.values()) if self.secrets else False
+
     def decide(self, dst: IPAddress, port: int, seen: tuple[str, str] | None) -> tuple[Decision, str | None, str | None]:
         """(decision, the name it was made on, where the name came from)."""
         policy = self.settings.policy
@@ -324,8 +327,12 @@ class Gateway:
         first, state = b"", "silent"
         if verdict is None or not verdict.allow or self.secrets:
             # the name decides, or a denial may owe an HTTP client a 403: read what the client says first,
-            # a whole ClientHello or request head (split across reads and records as it may be)
-            first, state = await read_head(reader, PEEK_TIMEOUT, HEAD_TIMEOUT)
+            # a whole ClientHello or request head (split across reads and records as it may be). To an address the
+            # resolver gave a secret's host, wait as long as a head may take: a client may load its trust store
+            # between connecting and its ClientHello (git's GnuTLS takes seconds under TCG), and one taken for a
+            # server-speaks-first client would be relayed untouched, the secret not put in.
+            patience = HEAD_TIMEOUT if self._secret_host(dst, port) else PEEK_TIMEOUT
+            first, state = await read_head(reader, patience, HEAD_TIMEOUT)
         seen = name_in(first) if state == "complete" else None
         if verdict is None and state in ("partial", "oversized"):
             # the name decides, and it cannot be read: a client that hides it gets nothing
