@@ -5,14 +5,20 @@ the host. Any command stands in for virtiofsd: the limits are the process's, wha
 from __future__ import annotations
 
 import os
+import pwd
+import shutil
 import stat
 import subprocess
 import sys
+import tempfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
 
-from vivarium.share import confine
+from vivarium.share import confine, userns
+
+from . import users
 
 pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="mount namespaces need root (the test suite runs as root)")
 
@@ -88,3 +94,74 @@ def test_the_filter_is_one_program_per_architecture() -> None:
     for arch in confine.ARCHES:
         prog = confine.seccomp_program(arch)
         assert len(prog) % 8 == 0 and len(prog) // 8 < 256  # jumps are 8-bit: every block stays short
+
+
+# ------------------------------------------------------------ as a normal user, in a user namespace of its own
+
+UNPRIVILEGED = "vivarium-ut"
+
+
+@pytest.fixture(scope="module")
+def normal_user() -> Iterator[tuple[pwd.struct_passwd, Path]]:
+    """A user of the test's own (subordinate ids as useradd gives them) and a directory it can reach."""
+    pw = users.make(UNPRIVILEGED)
+    base = Path(tempfile.mkdtemp(prefix="vivarium-confine-", dir="/var/tmp"))
+    base.chmod(0o755)
+    try:
+        yield pw, base
+    finally:
+        users.remove(UNPRIVILEGED)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def test_keep_id_maps_the_guests_user_to_the_host_user() -> None:
+    assert userns.keep_id(1000, 1001, 100000, 65536) == ((0, 100000, 1000), (1000, 1001, 1), (1001, 101000, 64536))
+    assert userns.keep_id(0, 1001, 100000, 10) == ((0, 1001, 1), (1, 100000, 10))
+    assert userns.keep_id(5000, 1001, 100000, 10) == ((0, 100000, 10), (5000, 1001, 1))
+    m = userns.keep_id(1000, 1001, 100000, 65536)
+    assert userns.parse_map(userns.format_map(m)) == m
+
+
+def test_subordinate_ranges_are_found_by_name_or_uid(tmp_path: Path) -> None:
+    f = tmp_path / "subuid"
+    f.write_text("other:200000:65536\n1001:300000:0\nbad line\n1001:400000:65536\n")
+    assert userns.subordinate(f, "me", 1001) == (400000, 65536)
+    assert userns.subordinate(f, "other", 5) == (200000, 65536)
+    assert userns.subordinate(f, "nobody", 7) is None
+    assert userns.subordinate(tmp_path / "absent", "me", 1001) is None
+
+
+def test_a_normal_users_server_meets_the_same_limits(normal_user: tuple[pwd.struct_passwd, Path]) -> None:
+    """The protected paths and the filter hold for a share server a normal user runs (issue 16, 1): in a
+    user namespace, where the kernel locks the flags of inherited mounts, and the ids are the user's."""
+    pw, base = normal_user
+    d = project(base)
+    for p in [d, *d.rglob("*")]:
+        os.lchown(p, pw.pw_uid, pw.pw_gid)
+    ids = userns.maps(pw.pw_name, pw.pw_uid, pw.pw_gid, 1000, 1000)
+    assert not isinstance(ids, str), ids
+    protect = [x for rel in (".git/config", ".git/hooks", "vivarium.toml", ".envrc", ".vscode", ".idea") for x in ("--protect", rel)]
+    script = "".join(f'if sh -c "$1" 2>/dev/null; then echo "did: {what}"; fi; shift\n' for what in [*TRIES, *ALLOWED])
+    ns = ["--uid-map", userns.format_map(ids[0]), "--gid-map", userns.format_map(ids[1])]
+    as_guest_user = "setpriv --reuid 1000 --regid 1000 --clear-groups"
+    argv = [sys.executable, "-m", "vivarium.share.confine", "--root", str(d), *protect, *ns, "--", "sh", "-c",
+            f"tr -s ' ' < /proc/self/uid_map >&2; id -u >&2; grep -E 'CapEff|Groups' /proc/self/status >&2\n"
+            f"cd {d}\n{as_guest_user} touch agent.txt\ntouch root.txt\n{script}",
+            "sh", *TRIES.values(), *ALLOWED.values()]  # fmt: skip
+    r = subprocess.run(argv, capture_output=True, text=True, cwd=d, timeout=60, check=False, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])
+    did = {line.removeprefix("did: ") for line in r.stdout.splitlines()}
+    assert did == set(ALLOWED), (did, r.stderr)
+    # root of a namespace where the guest's user (1000) is the user, with no groups of the user's
+    lines = [line.split() for line in r.stderr.splitlines()]
+    every = f"{(1 << (int(Path('/proc/sys/kernel/cap_last_cap').read_text()) + 1)) - 1:016x}"
+    assert ["1000", str(pw.pw_uid), "1"] in lines and ["0"] in lines and ["Groups:"] in lines and ["CapEff:", every] in lines, r.stderr
+    subuid = userns.subordinate(Path("/etc/subuid"), pw.pw_name, pw.pw_uid)
+    assert subuid is not None
+    assert (d / "agent.txt").stat().st_uid == pw.pw_uid  # what the guest's user makes is the user's
+    for p in d.rglob("*"):
+        st = p.lstat()
+        assert st.st_uid in (pw.pw_uid, subuid[0]) and not st.st_mode & 0o6000, p  # root's: a subordinate uid
+    assert (d / "root.txt").stat().st_uid == subuid[0]
+    ro = subprocess.run([*argv[:5], "--ro", *ns, "--", "sh", "-c", f"echo x > {d}/new.txt"], capture_output=True, text=True,
+                        timeout=60, check=False, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])  # fmt: skip
+    assert ro.returncode != 0 and "Read-only file system" in ro.stderr, ro.stderr

@@ -93,6 +93,11 @@ def test_ssh_shares_one_connection_where_the_socket_path_fits(tmp_path: Path) ->
     assert "ControlMaster" not in t.config_block()  # the user's own ssh is left as it is
     deep = ssh.Target("vivarium-x", "agent", 2222, tmp_path / "key", tmp_path / "kh", control_path=Path("/" + "d" * 120) / "s.sock")
     assert "ControlMaster=auto" not in deep.argv(["true"])  # too long for a unix socket: connect afresh
+    # 92 bytes fit a sun_path, but not with the 17 that ssh adds while it sets the socket up: it then never
+    # connected ("ControlSocket ... too long"), and `up` waited for SSH for ever (found by test_rootless.py)
+    near = Path("/var/tmp/vivarium-rootless-uyxtxmsx/home/viv/state/instances/tpl-31174a151b1c/ssh-33601.sock")
+    assert len(str(near)) == 92
+    assert "ControlMaster=auto" not in ssh.Target("v", "agent", 2222, tmp_path / "k", tmp_path / "kh", control_path=near).argv(["true"])
 
 
 def test_qemu_argv_with_shares(tmp_path: Path) -> None:

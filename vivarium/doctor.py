@@ -62,8 +62,13 @@ def _shares() -> Check:
     if why is None:
         binary = virtiofs.find_virtiofsd()
         kind = "QEMU's own (C) virtiofsd" if virtiofs.is_c_daemon(binary) else "the Rust virtiofsd"
-        return Check("shared directories", True, f"virtiofs, served by {kind} ({binary})", required=False)
-    fix = "run vivarium as root (sudo)" if os.geteuid() != 0 else "apt-get install virtiofsd (Debian 13, Ubuntu) or qemu-system-common (Debian 12)"
+        who = "" if os.geteuid() == 0 else ", as you, in a user namespace of yours"
+        return Check("shared directories", True, f"virtiofs, served by {kind} ({binary}){who}", required=False)
+    fix = "apt-get install virtiofsd (Debian 13, Ubuntu) or qemu-system-common (Debian 12)"
+    if "uidmap" in why:
+        fix = "apt-get install uidmap"
+    elif "subordinate" in why:
+        fix = "./scripts/setup (it gives your user subordinate ids)"
     return Check("shared directories", False, f"{why}; `up` refuses a sandbox with shares (`up --no-share` starts one without)", fix, required=False)
 
 
@@ -71,6 +76,8 @@ def _fence() -> Check:
     """What each sandbox's network namespace needs: a TAP device, and the right to make the namespace."""
     if not os.path.exists("/dev/net/tun"):
         return Check("network fence", False, "/dev/net/tun is missing", "load the tun module (modprobe tun)")
+    if os.geteuid() != 0 and not os.access("/dev/net/tun", os.R_OK | os.W_OK):
+        return Check("network fence", False, "/dev/net/tun is not open to you", "sudo chmod 0666 /dev/net/tun (the mode Debian's udev gives it)")
     how = "as root" if os.geteuid() == 0 else "in a user namespace of yours"
     return Check("network fence", True, f"each sandbox gets a network namespace of its own ({how}) with a TAP device (/dev/net/tun)")
 

@@ -210,12 +210,12 @@ def _start_shares(how: Launch, started: contextlib.ExitStack) -> list[virtiofs.S
     wanted = list(how.config.share) if how.share else []
     if not wanted:
         return []
-    why = virtiofs.supported()
+    why = virtiofs.supported(how.config.uid)
     if why:  # a sandbox without the project in it is not what was asked for: say so, and how to go on
         raise VMError(f"cannot share {', '.join(str(s.host) for s in wanted)} with sandbox {how.name!r}: {why}",
                       hint=f"`vivarium up --no-share {how.name}` starts it without shares "
                            "(or set share = [] in vivarium.toml); `vivarium doctor` says what this host lacks")  # fmt: skip
-    specs = [virtiofs.ShareSpec(f"share{i}", s.host, s.guest, s.mode, how.dir.path / f"share{i}.sock", s.protect)
+    specs = [virtiofs.ShareSpec(f"share{i}", s.host, s.guest, s.mode, how.dir.path / f"share{i}.sock", s.protect, how.config.uid)
              for i, s in enumerate(wanted)]  # fmt: skip
     for spec in specs:
         if spec.mode == "review":

@@ -30,7 +30,7 @@ from vivarium.run import find_program, run
 # ~0.2 s per login.
 KEX = "curve25519-sha256,curve25519-sha256@libssh.org"
 CONTROL_PERSIST = 60  # seconds a shared connection outlives its last command
-MAX_SOCKET_PATH = 100  # sun_path is 108 bytes; ssh adds a suffix while it sets the socket up
+MAX_SOCKET_PATH = 90  # sun_path holds 107 bytes; ssh first binds the path plus ".XXXXXXXXXXXXXXXX" (17 more)
 
 
 def make_keys(client_key: Path, host_key: Path, known_hosts: Path, alias: str) -> None:

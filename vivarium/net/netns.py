@@ -83,6 +83,7 @@ table ip fence {{
 }}
 """
 
+TUN = "/dev/net/tun"
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
@@ -99,6 +100,9 @@ def start(directory: Path, qemu_pidfile: Path) -> int:
         raise VMError(f"the sandbox's directory {directory} is too long a path for a unix socket",
                       hint="set VIVARIUM_HOME or XDG_STATE_HOME to a shorter path")  # fmt: skip
     find_program("nft")
+    if os.geteuid() != 0 and not os.access(TUN, os.R_OK | os.W_OK):
+        raise VMError(f"{TUN} is not open to you: a normal user's sandbox needs it for its network namespace's TAP device",
+                      hint=f"`sudo chmod 0666 {TUN}` (the mode Debian's udev gives it; TAP devices still need a namespace of one's own)")  # fmt: skip
     ns = ["--net"] if os.geteuid() == 0 else ["--user", "--map-root-user", "--net"]
     log = (directory / LOG).open("ab")
     try:
@@ -161,7 +165,7 @@ def stop(directory: Path) -> None:
 
 
 def _tap() -> int:
-    fd = os.open("/dev/net/tun", os.O_RDWR | os.O_CLOEXEC)
+    fd = os.open(TUN, os.O_RDWR | os.O_CLOEXEC)
     fcntl.ioctl(fd, _TUNSETIFF, struct.pack("16sH", TAP.encode(), _IFF_TAP | _IFF_NO_PI))
     return fd
 

@@ -2,7 +2,9 @@
 
     python -m vivarium.share.confine --root DIR [--ro] [--protect REL]... -- virtiofsd ARGS...
 
-In a private mount namespace of its own (so nothing here shows on the host), it
+Run by a normal user, it first enters a user namespace of the share's own (userns.py: the guest's
+user is the host user there, the guest's other ids the user's subordinate ids). Then, in a private
+mount namespace of its own (so nothing here shows on the host), it
   - makes DIR read-only (--ro), or makes each existing --protect path read-only
     (a read-only bind mount: root in the guest remounting its own view changes
     nothing here) and pins the directories above it (a mount point cannot be
@@ -10,7 +12,8 @@ In a private mount namespace of its own (so nothing here shows on the host), it
   - installs a seccomp filter that refuses to set setuid/setgid bits (chmod,
     and a create's mode) and to make device nodes, fifos and sockets;
 then execs the server. The guest's file operations are carried out by that
-server, as root: these are the limits root in the guest meets on the host.
+server, as root (of the user namespace, for a normal user): these are the limits
+root in the guest meets on the host.
 """
 
 from __future__ import annotations
@@ -25,7 +28,10 @@ import struct
 import sys
 from collections.abc import Sequence
 
-MS_RDONLY, MS_NOSUID, MS_NODEV, MS_REMOUNT, MS_BIND, MS_REC, MS_PRIVATE = 1, 2, 4, 32, 4096, 16384, 1 << 18
+from vivarium.share import userns
+
+MS_RDONLY, MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_REMOUNT, MS_BIND, MS_REC = 1, 2, 4, 8, 32, 4096, 16384
+MS_NOATIME, MS_NODIRATIME, MS_PRIVATE, MS_STRICTATIME = 1024, 2048, 1 << 18, 1 << 24
 CLONE_NEWNS = 0x00020000
 
 # ------------------------------------------------------------ the seccomp filter
@@ -126,6 +132,18 @@ def _mount(source: str | None, target: str, flags: int) -> None:
     _check(_libc.mount(source.encode() if source else None, target.encode(), None, flags, None), f"mount {target}")
 
 
+def _readonly_flags(path: str) -> int:
+    """A read-only remount's flags for what `path` names: its own noexec and atime kept, which a user
+    namespace may not clear (the kernel locks them on mounts it inherited)."""
+    has = os.statvfs(path).f_flag
+    flags = MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV | (MS_NOEXEC if has & os.ST_NOEXEC else 0)
+    if has & os.ST_NOATIME:
+        flags |= MS_NOATIME
+    elif not has & os.ST_RELATIME:
+        flags |= MS_STRICTATIME
+    return flags | (MS_NODIRATIME if has & os.ST_NODIRATIME else 0)
+
+
 def _bind(fd: int, readonly: bool, reopen: tuple[int, str] | None = None) -> None:
     """A bind mount of what `fd` (O_PATH) is onto itself: the exact object checked, no path walked again.
     Made read-only through `reopen` (its parent's fd and its name): `fd` still names what lies under the new mount."""
@@ -135,7 +153,7 @@ def _bind(fd: int, readonly: bool, reopen: tuple[int, str] | None = None) -> Non
         assert reopen is not None
         top = os.open(reopen[1], os.O_PATH | os.O_NOFOLLOW, dir_fd=reopen[0])
         try:
-            _mount(None, f"/proc/self/fd/{top}", MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+            _mount(None, f"/proc/self/fd/{top}", _readonly_flags(f"/proc/self/fd/{top}"))
         finally:
             os.close(top)
 
@@ -181,18 +199,22 @@ def main(argv: Sequence[str] | None = None) -> int:
     p.add_argument("--root", required=True)
     p.add_argument("--ro", action="store_true")
     p.add_argument("--protect", action="append", default=[])
+    p.add_argument("--uid-map", type=userns.parse_map, help="enter a user namespace: inside:outside:count,...")
+    p.add_argument("--gid-map", type=userns.parse_map)
     p.add_argument("command", nargs=argparse.REMAINDER)
     args = p.parse_args(argv)
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("no command")
+    if args.uid_map:
+        userns.enter(args.uid_map, args.gid_map or ())
     _check(_libc.unshare(CLONE_NEWNS), "unshare")
     _mount(None, "/", MS_REC | MS_PRIVATE)
     if args.ro:
         fd = os.open(args.root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)
         _bind(fd, readonly=False)
         os.close(fd)
-        _mount(None, args.root, MS_REMOUNT | MS_BIND | MS_RDONLY | MS_NOSUID | MS_NODEV)
+        _mount(None, args.root, _readonly_flags(args.root))
     else:
         for rel in args.protect:
             print(f"vivarium: {protect(args.root, rel)}", file=sys.stderr)

@@ -6,14 +6,18 @@ guest RAM must then be shared memory (memfd). Each server starts behind
 confine.py, in a private mount namespace: a read-only share is a read-only
 bind mount there, and an rw share's protected paths are, so nothing the guest
 does, as root or not, can write through them; and a seccomp filter keeps
-setuid/setgid bits, device nodes and fifos off the host.
+setuid/setgid bits, device nodes and fifos off the host. Run by a normal user,
+the server is root of a user namespace of the user's (userns.py), where the
+guest's user is the host user; the socket is then vivarium's, handed to it open.
 """
 
 from __future__ import annotations
 
 import functools
 import os
+import pwd
 import shutil
+import socket
 import subprocess
 import sys
 import time
@@ -22,6 +26,7 @@ from pathlib import Path
 
 from vivarium.errors import MissingProgram, VMError
 from vivarium.run import spawn
+from vivarium.share import userns
 
 CANDIDATES = ("/usr/libexec/virtiofsd", "/usr/lib/qemu/virtiofsd", "/usr/lib/virtiofsd")
 
@@ -34,6 +39,7 @@ class ShareSpec:
     mode: str  # rw | ro | review (served read-only; the guest writes into an overlay on its own disk)
     socket: Path
     protect: tuple[str, ...] = ()  # paths under source kept read-only in an rw share
+    guest_uid: int = 1000  # the guest's user: the host user, where a normal user runs the share
 
     @property
     def readonly(self) -> bool:
@@ -77,13 +83,23 @@ def migrates() -> bool:
     return "--migration-mode" in out
 
 
-def virtiofsd_argv(binary: str, share: ShareSpec) -> list[str]:
-    """The virtiofsd command line, behind confine.py: its mounts (read-only, protected paths) and its seccomp filter."""
+def rootless_maps(guest_uid: int) -> tuple[userns.Mapping, userns.Mapping] | str:
+    """A normal user's share namespace: the guest's user (and its group, of the same number) is this user."""
+    me = pwd.getpwuid(os.getuid())
+    return userns.maps(me.pw_name, me.pw_uid, me.pw_gid, guest_uid, guest_uid)
+
+
+def virtiofsd_argv(binary: str, share: ShareSpec, fd: int | None = None, ids: tuple[userns.Mapping, userns.Mapping] | None = None) -> list[str]:
+    """The virtiofsd command line, behind confine.py: its mounts (read-only, protected paths), its seccomp
+    filter, and for a normal user its namespace (`ids`) and a socket vivarium made (`fd`)."""
+    sock = f"--fd={fd}" if fd is not None else f"--socket-path={share.socket}"
     if is_c_daemon(binary):
-        daemon = [binary, f"--socket-path={share.socket}", "-o", f"source={share.source}", "-o", "cache=auto", "-o", f"modcaps={MODCAPS}"]
+        daemon = [binary, sock, "-o", f"source={share.source}", "-o", "cache=auto", "-o", f"modcaps={MODCAPS}"]
     else:  # the Rust daemon
-        daemon = [binary, f"--socket-path={share.socket}", f"--shared-dir={share.source}", "--cache=auto", f"--modcaps={MODCAPS}"]
+        daemon = [binary, sock, f"--shared-dir={share.source}", "--cache=auto", f"--modcaps={MODCAPS}"]
     limits = ["--ro"] if share.readonly else [x for rel in share.protect for x in ("--protect", rel)]
+    if ids is not None:
+        limits += ["--uid-map", userns.format_map(ids[0]), "--gid-map", userns.format_map(ids[1])]
     return [sys.executable, "-m", "vivarium.share.confine", "--root", str(share.source), *limits, "--", *daemon]
 
 
@@ -97,31 +113,52 @@ def prepare(share: ShareSpec) -> None:
         os.chown(hooks, st.st_uid, st.st_gid)
 
 
-def supported() -> str | None:
+def supported(guest_uid: int = 1000) -> str | None:
     """Why shares cannot be served here, or None when they can."""
-    if os.geteuid() != 0:
-        return "virtiofsd needs root"
     try:
         find_virtiofsd()
     except MissingProgram as e:
         return f"{e.message} ({e.hint})"
+    if os.geteuid() != 0:
+        ids = rootless_maps(guest_uid)
+        if isinstance(ids, str):
+            return f"{ids}, which a normal user's share server needs"
     return None
 
 
+READY = b"Waiting for vhost-user socket connection"  # what both daemons print once they listen
+
+
 def start(share: ShareSpec, timeout: float = 10.0) -> subprocess.Popen[bytes]:
-    """Start virtiofsd for one share and wait for its socket."""
+    """Start virtiofsd for one share and wait until it listens."""
     share.socket.unlink(missing_ok=True)
     binary = find_virtiofsd()
     if not share.readonly:
         prepare(share)
-    argv = virtiofsd_argv(binary, share)
+    log = share.socket.with_suffix(".log")
+    offset = log.stat().st_size if log.exists() else 0
+    listener = None
+    if os.geteuid() != 0:  # a socket of the user's own: the server's lock file would be root's, under /run
+        ids = rootless_maps(share.guest_uid)
+        if isinstance(ids, str):
+            raise VMError(f"cannot share {share.source}: {ids}", hint="`vivarium doctor` says what this host lacks")
+        listener = socket.socket(socket.AF_UNIX)
+        listener.bind(str(share.socket))
+        listener.listen(1)
+        argv = virtiofsd_argv(binary, share, listener.fileno(), ids)
+    else:
+        argv = virtiofsd_argv(binary, share)
     # In its own session so it outlives the CLI; it exits when QEMU goes away.
     # (The C daemon's --daemonize only returns once QEMU has connected.)
-    log = share.socket.with_suffix(".log")
-    with log.open("ab") as logfile:
-        proc = spawn(argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        with log.open("ab") as logfile:
+            proc = spawn(argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
+                         pass_fds=(listener.fileno(),) if listener else ())  # fmt: skip
+    finally:
+        if listener:
+            listener.close()
     deadline = time.monotonic() + timeout
-    while not share.socket.exists():
+    while not (_said(log, offset, READY) if listener else share.socket.exists()):
         if proc.poll() is not None:
             last = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
             raise VMError(f"virtiofsd for {share.source} exited: {last}", hint=f"log: {log}")
@@ -130,3 +167,9 @@ def start(share: ShareSpec, timeout: float = 10.0) -> subprocess.Popen[bytes]:
             raise VMError(f"virtiofsd for {share.source} did not start", hint="run with --debug to see its command line")
         time.sleep(0.05)
     return proc
+
+
+def _said(log: Path, offset: int, what: bytes) -> bool:
+    with log.open("rb") as f:
+        f.seek(offset)
+        return what in f.read()

@@ -1,0 +1,234 @@
+"""A normal user's sandbox (issue 16, 1): `vivarium up` run by a user the test creates (subordinate ids as
+useradd gives them, no sudo, no group kvm) builds nothing it need not, boots, shares a project in that user's
+0700 home read-write and a second directory read-only, and fences the network; and nothing of it on the host
+runs as root. Attacks from root in the guest on the shares: setuid, chown, the protected paths, the ro share.
+
+The image is the session's (hard links into the user's cache: the recipe is the same, `vm.user = "agent"`);
+the user's template and sandbox are its own. On a089cd3 (and 0e6701b) such a user's `up` with a share
+stopped at once: "virtiofsd needs root"."""
+
+from __future__ import annotations
+
+import os
+import pwd
+import shutil
+import subprocess
+import sys
+import sysconfig
+import tempfile
+import time
+from collections.abc import Container, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+from vivarium.ports import free_port
+from vivarium.share import userns
+
+from .. import users
+from ..fakenet import PUBLIC, FakeNet
+
+pytestmark = pytest.mark.integration
+
+USER = "vivarium-it"
+NAME = "rootless"
+REPO = Path(__file__).resolve().parents[2]
+PYTHON = os.path.realpath(sys.executable)  # the system's interpreter, not the checkout's venv (its parents may be closed)
+
+
+@dataclass(frozen=True)
+class User:
+    pw: pwd.struct_passwd
+    base: Path  # everything of the test's: the user's home, a copy of the code
+    env: dict[str, str]
+
+    @property
+    def home(self) -> Path:
+        return Path(self.pw.pw_dir)
+
+    def run(self, *args: str, cwd: Path | None = None, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
+        """The real CLI, as this user."""
+        proc = subprocess.run([PYTHON, "-m", "vivarium", *args], capture_output=True, text=True, cwd=cwd or self.home,
+                              env=self.env, user=self.pw.pw_uid, group=self.pw.pw_gid, extra_groups=[],
+                              stdin=subprocess.DEVNULL, timeout=timeout, check=False)  # fmt: skip
+        if check and proc.returncode != 0:
+            raise AssertionError(f"vivarium {' '.join(args)} (as {USER}) exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
+        return proc
+
+    def exec(self, script: str) -> str:
+        return self.run("exec", NAME, "--", "sh", "-c", script).stdout
+
+
+def _processes_of(uids: Container[int]) -> dict[int, tuple[list[str], str]]:
+    """pid: (real, effective, saved and filesystem uids; command line) of the processes with any of these uids."""
+    out = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ids = (p / "status").read_text().split("\nUid:")[1].split("\n")[0].split()
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError):
+                continue
+            if any(int(i) in uids for i in ids):
+                out[int(p.name)] = (ids, cmd)
+    return out
+
+
+class _Ids(Container[int]):
+    """The user's uid and its subordinate ones (its share servers run as the first of those)."""
+
+    def __init__(self, pw: pwd.struct_passwd) -> None:
+        sub = userns.subordinate(Path("/etc/subuid"), pw.pw_name, pw.pw_uid)
+        assert sub is not None
+        self.uid, self.sub = pw.pw_uid, range(sub[0], sub[0] + sub[1])
+
+    def __contains__(self, uid: object) -> bool:
+        return uid == self.uid or uid in self.sub
+
+
+def _link_tree(src: Path, dst: Path) -> None:
+    """`dst` as a copy of `src` made of hard links where they can be made (the same filesystem), else copies."""
+    try:
+        shutil.copytree(src, dst, copy_function=os.link, symlinks=True)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst, symlinks=True)
+
+
+@pytest.fixture(scope="module")
+def user(session_env: dict[str, str], built: object) -> Iterator[User]:
+    base = Path(tempfile.mkdtemp(prefix="vivarium-rootless-", dir="/var/tmp"))
+    base.chmod(0o755)
+    pw = users.make(USER, base / "home")
+    tun = os.stat("/dev/net/tun").st_mode & 0o777
+    os.chmod("/dev/net/tun", 0o666)  # as udev makes it on a standard Debian (this machine has no udev: 0600)
+    try:
+        # The code and its libraries where the user can read them, whatever the checkout's parents allow.
+        _link_tree(REPO / "vivarium", base / "py" / "src" / "vivarium")
+        _link_tree(Path(sysconfig.get_paths()["purelib"]), base / "py" / "site")
+        viv = base / "home" / "viv"
+        images = Path(os.environ["XDG_CACHE_HOME"]) / "vivarium" / "images"
+        for image in images.iterdir():
+            if image.is_dir() and not image.name.startswith("."):
+                _link_tree(image, viv / "cache" / "images" / image.name)
+        for p in [viv, *viv.rglob("*")]:
+            os.lchown(p, pw.pw_uid, pw.pw_gid)
+        env = {"HOME": pw.pw_dir, "USER": USER, "LOGNAME": USER, "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
+               "VIVARIUM_HOME": str(viv), "PYTHONPATH": f"{base / 'py' / 'src'}:{base / 'py' / 'site'}", "LANG": "C.UTF-8"}  # fmt: skip
+        if "VIVARIUM_ACCEL" in os.environ:
+            env["VIVARIUM_ACCEL"] = os.environ["VIVARIUM_ACCEL"]
+        yield User(pw, base, env)
+    finally:
+        u = User(pw, base, {})
+        ids = _Ids(pw)
+        for pid in _processes_of(ids):  # only ever this test's: the user (and its subordinate ids) is the test's own
+            try:
+                os.kill(pid, 9)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + 10
+        while _processes_of(ids) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        users.remove(USER)
+        shutil.rmtree(u.base, ignore_errors=True)
+        os.chmod("/dev/net/tun", tun)
+
+
+@pytest.fixture(scope="module")
+def sandbox(user: User, net: FakeNet) -> Iterator[tuple[User, Path, Path]]:
+    assert net.dns is not None
+    project, docs = user.home / "project", user.home / "docs"
+    for d in (project, docs, project / ".git"):
+        d.mkdir()
+    (project / ".git" / "config").write_text("[core]\n\tbare = false\n")
+    (docs / "readme.txt").write_text("from the host\n")
+    (project / "vivarium.toml").write_text(
+        f"""[vm]
+user = "agent"
+memory = "1G"
+cpus = 2
+disk = "10G"
+swap = "256M"
+[[forward]]
+host = {free_port()}
+guest = 22
+[[share]]
+host = "."
+[[share]]
+host = "../docs"
+guest = "/mnt/docs"
+mode = "ro"
+[network]
+allow_cidrs = ["{PUBLIC}/32"]
+dns_upstream = "{net.dns.address}"
+"""
+    )
+    for p in (user.home, project, docs, *project.rglob("*"), *docs.rglob("*")):
+        os.lchown(p, user.pw.pw_uid, user.pw.pw_gid)
+    user.home.chmod(0o700)  # what `mktemp -d` and most homes give: only the user gets in
+    user.run("config", "trust", cwd=project)
+    try:
+        user.run("up", NAME, cwd=project)
+        yield user, project.resolve(), docs.resolve()
+    finally:
+        user.run("destroy", NAME, check=False, timeout=120)
+
+
+def test_nothing_of_the_sandbox_runs_as_root(sandbox: tuple[User, Path, Path]) -> None:
+    user, project, _ = sandbox
+    ids = _Ids(user.pw)
+    ours = _processes_of(ids)
+    for what, uid in (("qemu-system", user.pw.pw_uid), ("virtiofsd", ids.sub[0]), ("vivarium.net --dir", user.pw.pw_uid),
+                      ("--serve", user.pw.pw_uid), ("vivarium.net netns", user.pw.pw_uid), ("vivarium.vm.console", user.pw.pw_uid)):  # fmt: skip
+        found = [pid for pid, (_, cmd) in ours.items() if what in cmd]
+        assert found, f"no {what} among the processes of {USER} and its subordinate ids: {sorted(c for _, c in ours.values())}"
+        for pid in found:  # the share servers: root of the user's namespace, which is the user's first subordinate uid
+            assert ours[pid][0] == [str(uid)] * 4, (what, ours[pid])
+    # ... and nothing of the sandbox runs as anyone else, root least of all
+    others = {pid: cmd for pid, (_, cmd) in _processes_of(range(1 << 32)).items() if pid not in ours}
+    assert [cmd for cmd in others.values() if str(user.base) in cmd or str(project) in cmd] == []
+
+
+def test_the_agent_owns_its_project_and_its_files_are_the_users(sandbox: tuple[User, Path, Path]) -> None:
+    user, project, _ = sandbox
+    out = user.exec(f"id -u; stat -c %u {project}; echo hi > {project}/agent.txt && cat {project}/agent.txt; cat /mnt/docs/readme.txt")
+    assert out.split() == ["1000", "1000", "hi", "from", "the", "host"]
+    st = (project / "agent.txt").stat()
+    assert (st.st_uid, st.st_gid) == (user.pw.pw_uid, user.pw.pw_gid)
+
+
+def test_root_in_the_guest_gets_no_more_than_the_user(sandbox: tuple[User, Path, Path]) -> None:
+    user, project, docs = sandbox
+    (project / "victim.txt").write_text("mine\n")
+    os.chown(project / "victim.txt", user.pw.pw_uid, user.pw.pw_gid)
+    config = (project / ".git" / "config").read_bytes()
+    out = user.exec(
+        f"cd {project} && sudo sh -c '"
+        "echo r > root.txt; cp /bin/sh suid-sh; chmod 4755 suid-sh || echo refused-suid; chmod u+s victim.txt || echo refused-victim;"
+        "chown 0:0 agent.txt || echo refused-chown; echo x >> .git/config || echo refused-git; echo y > /mnt/docs/new || echo refused-ro'"
+    )
+    assert {"refused-suid", "refused-victim", "refused-git", "refused-ro"} <= set(out.split()), out
+    victim = (project / "victim.txt").stat()
+    assert (victim.st_uid, victim.st_mode & 0o6000) == (user.pw.pw_uid, 0)
+    for name in ("root.txt", "suid-sh", "agent.txt"):
+        st = (project / name).stat()
+        assert st.st_uid != 0 and st.st_gid != 0, (name, st.st_uid, st.st_gid)
+        assert st.st_mode & 0o6000 == 0, (name, oct(st.st_mode))
+    assert (project / ".git" / "config").read_bytes() == config
+    assert not (docs / "new").exists()
+
+
+def test_the_fence_holds(sandbox: tuple[User, Path, Path]) -> None:
+    user, _, _ = sandbox
+    out = user.exec(
+        "curl -s -m 20 -o /dev/null -w '%{http_code}\\n' http://lan.test/; curl -s -m 20 -o /dev/null -w '%{http_code}\\n' http://public.test/"
+    )
+    assert out.split() == ["403", "200"]
+
+
+def test_stop_and_up_again(sandbox: tuple[User, Path, Path]) -> None:
+    user, project, _ = sandbox
+    user.run("stop", NAME)
+    user.run("up", NAME, cwd=project)
+    assert user.exec(f"cat {project}/agent.txt").strip() == "hi"

@@ -1,0 +1,29 @@
+"""Users the tests make (and remove) to run vivarium as a normal user would: with subordinate ids, as
+useradd gives a new user where /etc/subuid exists and `scripts/setup` gives the user who runs it."""
+
+from __future__ import annotations
+
+import pwd
+import subprocess
+from pathlib import Path
+
+from vivarium.share import userns
+
+
+def make(name: str, home: Path | None = None) -> pwd.struct_passwd:
+    """A fresh user `name` (one left by a killed run is removed first), with subordinate uids and gids."""
+    remove(name)
+    where = ["--create-home", "--home-dir", str(home)] if home else ["--no-create-home"]
+    subprocess.run(["useradd", *where, "--shell", "/bin/sh", name], check=True)
+    pw = pwd.getpwnam(name)
+    for kind in ("uid", "gid"):
+        table = Path(f"/etc/sub{kind}")
+        if userns.subordinate(table, name, pw.pw_uid) is None:  # useradd gives none where the file is missing
+            lines = table.read_text().splitlines() if table.exists() else []
+            start = max([100000, *(int(f[1]) + int(f[2]) for f in (line.split(":") for line in lines) if len(f) == 3)])
+            subprocess.run(["usermod", f"--add-sub{kind}s", f"{start}-{start + 65535}", name], check=True)
+    return pw
+
+
+def remove(name: str) -> None:
+    subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)

@@ -1,0 +1,113 @@
+"""A user namespace for the share server of a sandbox a normal user runs (no root anywhere).
+
+The guest's user (uid A in the guest) is the host user (uid U) inside it, as rootless Podman's
+`keep-id` maps a container's user: what the agent writes in a share is the user's on the host, and
+the user's files are the agent's in the guest. Every other id the guest may use lands on the user's
+subordinate ranges (/etc/subuid and /etc/subgid, mapped by the setuid newuidmap and newgidmap): a
+file root in the guest makes is owned by one of the user's subordinate uids, never by root.
+
+The server is root of that namespace: on the host, the user's first subordinate uid with no
+supplementary groups. Its capabilities reach only files whose owners the namespace maps, and it can
+neither signal nor trace the user's own processes (another uid), nor use the user's groups (docker,
+kvm); the user, who owns the namespace, can still stop it.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+# (inside, outside, count) triples, as uid_map has them
+Mapping = tuple[tuple[int, int, int], ...]
+
+CLONE_NEWUSER = 0x10000000
+
+
+def subordinate(path: Path, user: str, uid: int) -> tuple[int, int] | None:
+    """The first subordinate range (start, count) that `path` (/etc/subuid, /etc/subgid) gives the user."""
+    try:
+        lines = path.read_text().splitlines()
+    except OSError:
+        return None
+    for line in lines:
+        parts = line.strip().split(":")
+        if len(parts) == 3 and parts[0] in (user, str(uid)) and parts[1].isdigit() and parts[2].isdigit():
+            if int(parts[2]) > 0:
+                return int(parts[1]), int(parts[2])
+    return None
+
+
+def keep_id(inside: int, outside: int, start: int, count: int) -> Mapping:
+    """`inside` (the guest's user) is `outside` (the host user); the ids below and above it, as many as the
+    subordinate range holds, are that range."""
+    below = min(inside, count)
+    out = [(0, start, below)] if below else []
+    out.append((inside, outside, 1))
+    if count > below:
+        out.append((inside + 1, start + below, count - below))
+    return tuple(out)
+
+
+def format_map(m: Mapping) -> str:
+    return ",".join(f"{a}:{b}:{c}" for a, b, c in m)
+
+
+def parse_map(text: str) -> Mapping:
+    out = []
+    for part in text.split(","):
+        a, b, c = (int(x) for x in part.split(":"))
+        out.append((a, b, c))
+    return tuple(out)
+
+
+def maps(user: str, uid: int, gid: int, guest_uid: int, guest_gid: int) -> tuple[Mapping, Mapping] | str:
+    """The uid and gid maps for a share server run by `user`, or why there can be none."""
+    if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
+        return "newuidmap and newgidmap are missing (package uidmap)"
+    subuid = subordinate(Path("/etc/subuid"), user, uid)
+    subgid = subordinate(Path("/etc/subgid"), user, uid)
+    if subuid is None or subgid is None:
+        return f"user {user} has no subordinate {'uids' if subuid is None else 'gids'} (/etc/subuid, /etc/subgid)"
+    return keep_id(guest_uid, uid, *subuid), keep_id(guest_gid, gid, *subgid)
+
+
+_libc = ctypes.CDLL(None, use_errno=True)
+
+
+def _check(result: int, what: str) -> None:
+    if result != 0:
+        e = ctypes.get_errno()
+        raise OSError(e, f"{what}: {os.strerror(e)}")
+
+
+def enter(uid_map: Mapping, gid_map: Mapping) -> None:
+    """Move this process into a new user namespace with these maps, as its root."""
+    ready_r, ready_w = os.pipe()
+    me = os.getpid()
+    helper = os.fork()
+    if helper == 0:  # stays in the host's namespace: newuidmap's setuid works only from there
+        ok = False
+        try:
+            os.close(ready_w)
+            os.read(ready_r, 1)
+            ok = all(
+                subprocess.run([tool, str(me), *(str(x) for t in m for x in t)], check=False).returncode == 0
+                for tool, m in (("newuidmap", uid_map), ("newgidmap", gid_map))
+            )
+        finally:
+            os._exit(0 if ok else 1)
+    os.close(ready_r)
+    try:
+        _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+    finally:
+        os.write(ready_w, b"x")
+        os.close(ready_w)
+    _, status = os.waitpid(helper, 0)
+    if status != 0:
+        raise OSError(1, "newuidmap or newgidmap refused the namespace's maps (see above)")
+    os.setgroups([])
+    os.setresgid(0, 0, 0)
+    os.setresuid(0, 0, 0)  # root here: every capability of the namespace, kept across exec
