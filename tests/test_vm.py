@@ -118,15 +118,17 @@ def test_qemu_argv_with_shares(tmp_path: Path) -> None:
 def test_virtiofsd_argv_goes_through_confine_with_its_limits(tmp_path: Path) -> None:
     from vivarium.share.virtiofs import MODCAPS, ShareSpec, virtiofsd_argv
 
+    ids = (((0, 100000, 1000), (1000, 1001, 1)), ((0, 100000, 1000), (1000, 1001, 1)))
     rw = ShareSpec("share0", tmp_path / "src", tmp_path / "src", "rw", tmp_path / "s.sock", (".git/config", ".envrc"))
-    argv = virtiofsd_argv("/usr/lib/qemu/virtiofsd", rw)
+    argv = virtiofsd_argv("/usr/lib/qemu/virtiofsd", rw, 7, ids)
     at = argv.index("--")
-    assert argv[1:at] == ["-m", "vivarium.share.confine", "--root", str(tmp_path / "src"), "--protect", ".git/config", "--protect", ".envrc"]
-    assert argv[at + 1] == "/usr/lib/qemu/virtiofsd" and f"source={tmp_path / 'src'}" in argv and f"modcaps={MODCAPS}" in argv
-    ro = virtiofsd_argv("/usr/lib/qemu/virtiofsd", ShareSpec("s", tmp_path / "src", Path("/mnt"), "ro", tmp_path / "s.sock", (".envrc",)))
-    assert ro[3 : ro.index("--")] == ["--root", str(tmp_path / "src"), "--ro"]  # all of it read-only: nothing to protect one by one
-    rust = virtiofsd_argv("/usr/libexec/virtiofsd", rw)
-    assert f"--shared-dir={tmp_path / 'src'}" in rust and f"--modcaps={MODCAPS}" in rust
+    assert argv[1:at] == ["-m", "vivarium.share.confine", "--root", str(tmp_path / "src"), "--protect", ".git/config", "--protect", ".envrc",
+                          "--uid-map", "0:100000:1000,1000:1001:1", "--gid-map", "0:100000:1000,1000:1001:1"]  # fmt: skip
+    assert argv[at + 1 :][:2] == ["/usr/lib/qemu/virtiofsd", "--fd=7"] and f"source={tmp_path / 'src'}" in argv and f"modcaps={MODCAPS}" in argv
+    ro = virtiofsd_argv("/usr/lib/qemu/virtiofsd", ShareSpec("s", tmp_path / "src", Path("/mnt"), "ro", tmp_path / "s.sock", (".envrc",)), 7, ids)
+    assert ro[3 : ro.index("--uid-map")] == ["--root", str(tmp_path / "src"), "--ro"]  # all of it read-only: nothing to protect one by one
+    rust = virtiofsd_argv("/usr/libexec/virtiofsd", rw, 7, ids)
+    assert f"--shared-dir={tmp_path / 'src'}" in rust and f"--modcaps={MODCAPS}" in rust and "--fd=7" in rust
 
 
 def test_qemu_argv_control_channel_and_ram_from_a_descriptor(tmp_path: Path) -> None:

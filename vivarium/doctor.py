@@ -62,7 +62,7 @@ def _shares() -> Check:
     if why is None:
         binary = virtiofs.find_virtiofsd()
         kind = "QEMU's own (C) virtiofsd" if virtiofs.is_c_daemon(binary) else "the Rust virtiofsd"
-        who = "" if os.geteuid() == 0 else ", as you, in a user namespace of yours"
+        who = ", in a user namespace (root only there)" if os.geteuid() == 0 else ", in a user namespace of yours"
         return Check("shared directories", True, f"virtiofs, served by {kind} ({binary}){who}", required=False)
     fix = "apt-get install virtiofsd (Debian 13, Ubuntu) or qemu-system-common (Debian 12)"
     if "uidmap" in why:

@@ -28,6 +28,9 @@ from ..fakenet import PUBLIC, FakeNet
 def session_env() -> Iterator[dict[str, str]]:
     keep = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "XDG_STATE_HOME", "VIVARIUM_HOME")}
     with tempfile.TemporaryDirectory(prefix="vivarium-it-") as tmp:
+        # Projects in here belong to the agent's uid (1000), as yours would under a home you can enter: their
+        # share servers reach them as their owner (share/userns.py), who must be able to pass through.
+        os.chmod(tmp, 0o711)
         cache = os.environ.get("VIVARIUM_TEST_CACHE") or str(Path(tmp) / "cache")
         os.environ.pop("VIVARIUM_HOME", None)
         os.environ["XDG_CACHE_HOME"] = cache

@@ -11,6 +11,7 @@ from typing import Any
 import pytest
 
 from vivarium import Sandbox
+from vivarium.share import userns
 
 from .conftest import vv
 
@@ -98,3 +99,24 @@ def test_kube_link_into_share_puts_the_guests_kubeconfig_on_the_host(shared: tup
     assert box.exec(["readlink", "/home/agent/.kube"], capture=True).stdout.strip() == f"{rw}/.kube"
     assert box.exec(["sh", "-c", "echo 'apiVersion: v1' > ~/.kube/config"]).returncode == 0
     assert (rw / ".kube" / "config").read_text() == "apiVersion: v1\n"
+
+
+def test_the_share_server_is_not_root_nor_is_what_root_in_the_guest_makes(shared: tuple[Sandbox, Path, Path]) -> None:
+    """Run as root, vivarium still serves shares from a user namespace (share/userns.py): the server is root only
+    there, and what root in the guest makes is owned by the namespace's root, a uid no host user is. On 0e6701b the
+    server ran as root of the host and root in the guest made root's files."""
+    box, rw, _ = shared
+    ns_root = (userns.subordinate(Path("/etc/subuid"), "root", 0) or userns.ROOT_RANGE)[0]
+    assert box.exec(["sudo", "sh", "-c", f"echo r > {rw}/by-root.txt && chown 0:0 {rw}/from-guest.txt"]).returncode == 0
+    for name in ("by-root.txt", "from-guest.txt"):
+        st = (rw / name).stat()
+        assert (st.st_uid, st.st_gid) == (ns_root, ns_root), name
+    servers = []
+    for p in Path("/proc").iterdir():
+        try:
+            cmd = (p / "cmdline").read_bytes().split(b"\0") if p.name.isdigit() else []
+            if cmd and cmd[0].endswith(b"virtiofsd") and f"{rw}".encode() in b" ".join(cmd):
+                servers.append((p / "status").read_text().split("\nUid:")[1].split("\n")[0].split())
+        except OSError:
+            continue
+    assert servers and all(ids == [str(ns_root)] * 4 for ids in servers), servers

@@ -208,6 +208,10 @@ def main(argv: Sequence[str] | None = None) -> int:
         p.error("no command")
     if args.uid_map:
         userns.enter(args.uid_map, args.gid_map or ())
+        try:
+            os.stat(args.root)
+        except PermissionError:  # a directory above it that only someone the namespace does not map may enter
+            raise SystemExit(f"{args.root} is out of reach of its owner: a directory above it is closed to them") from None
     _check(_libc.unshare(CLONE_NEWNS), "unshare")
     _mount(None, "/", MS_REC | MS_PRIVATE)
     if args.ro:

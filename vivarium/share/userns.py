@@ -1,15 +1,17 @@
-"""A user namespace for the share server of a sandbox a normal user runs (no root anywhere).
+"""The user namespace every share server runs in: never root of the host, whoever runs vivarium.
 
-The guest's user (uid A in the guest) is the host user (uid U) inside it, as rootless Podman's
-`keep-id` maps a container's user: what the agent writes in a share is the user's on the host, and
-the user's files are the agent's in the guest. Every other id the guest may use lands on the user's
-subordinate ranges (/etc/subuid and /etc/subgid, mapped by the setuid newuidmap and newgidmap): a
-file root in the guest makes is owned by one of the user's subordinate uids, never by root.
+The guest's user (uid A in the guest) is a host uid inside it, as rootless Podman's `keep-id` maps
+a container's user: a normal user's own uid, or, where root runs vivarium, the uid that owns the
+shared directory. What the agent writes in a share is that user's on the host, and that user's
+files are the agent's in the guest (root's 0700 `mktemp -d` included). Every other id the guest
+may use lands on a subordinate range (a normal user's in /etc/subuid and /etc/subgid, mapped by
+the setuid newuidmap and newgidmap; root's own there, else ROOT_RANGE): a file root in the guest
+makes is owned by a subordinate uid, never by root.
 
-The server is root of that namespace: on the host, the user's first subordinate uid with no
-supplementary groups. Its capabilities reach only files whose owners the namespace maps, and it can
-neither signal nor trace the user's own processes (another uid), nor use the user's groups (docker,
-kvm); the user, who owns the namespace, can still stop it.
+The server is root of that namespace: on the host, the range's first uid with no supplementary
+groups. Its capabilities reach only files whose owners the namespace maps, and it can neither
+signal nor trace the user's processes (another uid), nor use the user's groups (docker, kvm);
+the user, who owns the namespace, can still stop it.
 """
 
 from __future__ import annotations
@@ -63,12 +65,20 @@ def parse_map(text: str) -> Mapping:
     return tuple(out)
 
 
+# Root's share servers, where root has no subordinate range of its own: the ids systemd sets aside for
+# "foreign" files (0x7FFE0000, 65536 of them), which no user of the host is.
+ROOT_RANGE = (0x7FFE0000, 0x10000)
+
+
 def maps(user: str, uid: int, gid: int, guest_uid: int, guest_gid: int) -> tuple[Mapping, Mapping] | str:
-    """The uid and gid maps for a share server run by `user`, or why there can be none."""
-    if shutil.which("newuidmap") is None or shutil.which("newgidmap") is None:
+    """The uid and gid maps of a share server run by `user` (uid), where the guest's user is the host's uid
+    and gid, or why there can be none. Root maps what it likes (its own range, else ROOT_RANGE); a normal
+    user needs its subordinate ranges and newuidmap."""
+    me = os.geteuid()
+    if me != 0 and (shutil.which("newuidmap") is None or shutil.which("newgidmap") is None):
         return "newuidmap and newgidmap are missing (package uidmap)"
-    subuid = subordinate(Path("/etc/subuid"), user, uid)
-    subgid = subordinate(Path("/etc/subgid"), user, uid)
+    subuid = subordinate(Path("/etc/subuid"), user, me) or (ROOT_RANGE if me == 0 else None)
+    subgid = subordinate(Path("/etc/subgid"), user, me) or (ROOT_RANGE if me == 0 else None)
     if subuid is None or subgid is None:
         return f"user {user} has no subordinate {'uids' if subuid is None else 'gids'} (/etc/subuid, /etc/subgid)"
     return keep_id(guest_uid, uid, *subuid), keep_id(guest_gid, gid, *subgid)
@@ -93,10 +103,15 @@ def enter(uid_map: Mapping, gid_map: Mapping) -> None:
         try:
             os.close(ready_w)
             os.read(ready_r, 1)
-            ok = all(
-                subprocess.run([tool, str(me), *(str(x) for t in m for x in t)], check=False).returncode == 0
-                for tool, m in (("newuidmap", uid_map), ("newgidmap", gid_map))
-            )
+            if os.geteuid() == 0:  # root writes the maps itself
+                for name, m in (("uid_map", uid_map), ("gid_map", gid_map)):
+                    Path(f"/proc/{me}/{name}").write_text("".join(f"{a} {b} {c}\n" for a, b, c in m))
+                ok = True
+            else:
+                ok = all(
+                    subprocess.run([tool, str(me), *(str(x) for t in m for x in t)], check=False).returncode == 0
+                    for tool, m in (("newuidmap", uid_map), ("newgidmap", gid_map))
+                )
         finally:
             os._exit(0 if ok else 1)
     os.close(ready_r)

@@ -6,9 +6,9 @@ guest RAM must then be shared memory (memfd). Each server starts behind
 confine.py, in a private mount namespace: a read-only share is a read-only
 bind mount there, and an rw share's protected paths are, so nothing the guest
 does, as root or not, can write through them; and a seccomp filter keeps
-setuid/setgid bits, device nodes and fifos off the host. Run by a normal user,
-the server is root of a user namespace of the user's (userns.py), where the
-guest's user is the host user; the socket is then vivarium's, handed to it open.
+setuid/setgid bits, device nodes and fifos off the host. The server is root of a
+user namespace (userns.py), never of the host: there the guest's user is the host
+user (or the shared directory's owner, where root runs vivarium).
 """
 
 from __future__ import annotations
@@ -83,23 +83,28 @@ def migrates() -> bool:
     return "--migration-mode" in out
 
 
-def rootless_maps(guest_uid: int) -> tuple[userns.Mapping, userns.Mapping] | str:
-    """A normal user's share namespace: the guest's user (and its group, of the same number) is this user."""
+def namespace_maps(share: ShareSpec) -> tuple[userns.Mapping, userns.Mapping] | str:
+    """The share server's user namespace (userns.py): the guest's user (and its group, of the same number)
+    is this user, or where root runs vivarium, whoever owns the shared directory."""
     me = pwd.getpwuid(os.getuid())
-    return userns.maps(me.pw_name, me.pw_uid, me.pw_gid, guest_uid, guest_uid)
+    if os.geteuid() == 0:
+        try:
+            st = share.source.stat()
+        except OSError as e:
+            return e.strerror or str(e)
+        return userns.maps(me.pw_name, st.st_uid, st.st_gid, share.guest_uid, share.guest_uid)
+    return userns.maps(me.pw_name, me.pw_uid, me.pw_gid, share.guest_uid, share.guest_uid)
 
 
-def virtiofsd_argv(binary: str, share: ShareSpec, fd: int | None = None, ids: tuple[userns.Mapping, userns.Mapping] | None = None) -> list[str]:
-    """The virtiofsd command line, behind confine.py: its mounts (read-only, protected paths), its seccomp
-    filter, and for a normal user its namespace (`ids`) and a socket vivarium made (`fd`)."""
-    sock = f"--fd={fd}" if fd is not None else f"--socket-path={share.socket}"
+def virtiofsd_argv(binary: str, share: ShareSpec, fd: int, ids: tuple[userns.Mapping, userns.Mapping]) -> list[str]:
+    """The virtiofsd command line, behind confine.py: its user namespace (`ids`), its mounts (read-only,
+    protected paths), its seccomp filter; its socket (`fd`) made by vivarium."""
     if is_c_daemon(binary):
-        daemon = [binary, sock, "-o", f"source={share.source}", "-o", "cache=auto", "-o", f"modcaps={MODCAPS}"]
+        daemon = [binary, f"--fd={fd}", "-o", f"source={share.source}", "-o", "cache=auto", "-o", f"modcaps={MODCAPS}"]
     else:  # the Rust daemon
-        daemon = [binary, sock, f"--shared-dir={share.source}", "--cache=auto", f"--modcaps={MODCAPS}"]
+        daemon = [binary, f"--fd={fd}", f"--shared-dir={share.source}", "--cache=auto", f"--modcaps={MODCAPS}"]
     limits = ["--ro"] if share.readonly else [x for rel in share.protect for x in ("--protect", rel)]
-    if ids is not None:
-        limits += ["--uid-map", userns.format_map(ids[0]), "--gid-map", userns.format_map(ids[1])]
+    limits += ["--uid-map", userns.format_map(ids[0]), "--gid-map", userns.format_map(ids[1])]
     return [sys.executable, "-m", "vivarium.share.confine", "--root", str(share.source), *limits, "--", *daemon]
 
 
@@ -119,11 +124,9 @@ def supported(guest_uid: int = 1000) -> str | None:
         find_virtiofsd()
     except MissingProgram as e:
         return f"{e.message} ({e.hint})"
-    if os.geteuid() != 0:
-        ids = rootless_maps(guest_uid)
-        if isinstance(ids, str):
-            return f"{ids}, which a normal user's share server needs"
-    return None
+    me = pwd.getpwuid(os.getuid())
+    ids = userns.maps(me.pw_name, me.pw_uid, me.pw_gid, guest_uid, guest_uid)
+    return f"{ids}, which the share server's user namespace needs" if isinstance(ids, str) else None
 
 
 READY = b"Waiting for vhost-user socket connection"  # what both daemons print once they listen
@@ -137,28 +140,23 @@ def start(share: ShareSpec, timeout: float = 10.0) -> subprocess.Popen[bytes]:
         prepare(share)
     log = share.socket.with_suffix(".log")
     offset = log.stat().st_size if log.exists() else 0
-    listener = None
-    if os.geteuid() != 0:  # a socket of the user's own: the server's lock file would be root's, under /run
-        ids = rootless_maps(share.guest_uid)
-        if isinstance(ids, str):
-            raise VMError(f"cannot share {share.source}: {ids}", hint="`vivarium doctor` says what this host lacks")
-        listener = socket.socket(socket.AF_UNIX)
+    ids = namespace_maps(share)
+    if isinstance(ids, str):
+        raise VMError(f"cannot share {share.source}: {ids}", hint="`vivarium doctor` says what this host lacks")
+    # The socket is vivarium's, handed over open: the C daemon would otherwise keep a lock file under /run.
+    listener = socket.socket(socket.AF_UNIX)
+    try:
         listener.bind(str(share.socket))
         listener.listen(1)
-        argv = virtiofsd_argv(binary, share, listener.fileno(), ids)
-    else:
-        argv = virtiofsd_argv(binary, share)
-    # In its own session so it outlives the CLI; it exits when QEMU goes away.
-    # (The C daemon's --daemonize only returns once QEMU has connected.)
-    try:
+        # In its own session so it outlives the CLI; it exits when QEMU goes away.
+        # (The C daemon's --daemonize only returns once QEMU has connected.)
         with log.open("ab") as logfile:
-            proc = spawn(argv, stdout=logfile, stderr=subprocess.STDOUT, start_new_session=True,
-                         pass_fds=(listener.fileno(),) if listener else ())  # fmt: skip
+            proc = spawn(virtiofsd_argv(binary, share, listener.fileno(), ids), stdout=logfile, stderr=subprocess.STDOUT,
+                         start_new_session=True, pass_fds=(listener.fileno(),))  # fmt: skip
     finally:
-        if listener:
-            listener.close()
+        listener.close()
     deadline = time.monotonic() + timeout
-    while not (_said(log, offset, READY) if listener else share.socket.exists()):
+    while not _said(log, offset, READY):
         if proc.poll() is not None:
             last = (log.read_text(errors="replace").strip().splitlines() or ["no output"])[-1]
             raise VMError(f"virtiofsd for {share.source} exited: {last}", hint=f"log: {log}")
