@@ -1,11 +1,13 @@
-"""The shared directory against the guest's own disk, in the same VM and run.
+"""The shared directory against the guest's own disk, in the same VM and run; and the share server as
+vivarium runs it (in a user namespace, share/userns.py) against the root virtiofsd of before (0e6701b),
+and against other settings of it (cache mode, thread pool), each a share of its own in the same VM.
 
-    sudo .venv/bin/python -m bench.share     (root: virtiofsd needs it)
+    sudo .venv/bin/python -m bench.share     (root: to run the root virtiofsd of before as the baseline)
 
 (a) sequential write then read of 200 MB (dd, fsync on write, caches dropped before the read)
 (b) 5,000 small files created, then read back
-each on the share (virtiofs; 9p is not in Debian's cloud kernel) and on the
-guest's disk, printed as share / disk time ratios (1.0 = as fast as the disk).
+each on every share (virtiofs; 9p is not in Debian's cloud kernel) and on the guest's disk, printed
+as time ratios: against the disk (1.0 = as fast as the disk) and against the root server.
 """
 
 from __future__ import annotations
@@ -14,12 +16,15 @@ import json
 import os
 import sys
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 from bench.common import report
 from vivarium import Sandbox
 from vivarium import config as cfg
 from vivarium.ports import free_port
+from vivarium.share import virtiofs
 
 SCRIPT = r"""
 import json, os, subprocess, sys, time
@@ -52,36 +57,66 @@ print(json.dumps({"write": w, "read": r, "create": c, "readsmall": rd}))
 """
 
 
+# share directory: (what it is, how its server's command line differs from vivarium's)
+VARIANTS = {
+    "root": ("root virtiofsd, no namespace (0e6701b)", "root"),
+    "ns": ("vivarium: user namespace, cache=auto", ""),
+    "always": ("user namespace, cache=always", "cache=always"),
+    "pool": ("user namespace, --thread-pool-size=16", "pool"),
+}
+
+
+def _variant_argv(original: Callable[..., list[str]], tags: dict[str, str]) -> Callable[..., list[str]]:
+    def argv(binary: str, share: virtiofs.ShareSpec, fd: int, ids: Any) -> list[str]:
+        out = original(binary, share, fd, ids)
+        how = VARIANTS[tags[share.tag]][1]
+        if how == "root":  # confine.py without a user namespace: the server as root, as before
+            at = out.index("--uid-map")
+            out[at : at + 4] = []
+        elif how == "cache=always":
+            out = [a.replace("cache=auto", "cache=always") for a in out]
+        elif how == "pool":
+            out.append("--thread-pool-size=16")
+        return out
+
+    return argv
+
+
 def main() -> int:
     with tempfile.TemporaryDirectory(prefix="vivarium-bench-share-") as tmp:
         d = Path(tmp)
-        (d / "data").mkdir()
+        shares = "".join(f'[[share]]\nhost = "{name}"\nmode = "rw"\n' for name in VARIANTS)
         (d / "vivarium.toml").write_text(
-            f'[vm]\nmemory = "2G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n'
-            f'[[share]]\nhost = "data"\nmode = "rw"\n'
+            f'[vm]\nmemory = "2G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n{shares}'
         )
         config = cfg.load(d / "vivarium.toml")
-        os.chown(d / "data", config.uid, config.uid)  # the project belongs to the user the agent runs as
+        for name in VARIANTS:
+            (d / name).mkdir()
+            os.chown(d / name, config.uid, config.uid)  # the project belongs to the user the agent runs as
+        virtiofs.virtiofsd_argv = _variant_argv(virtiofs.virtiofsd_argv, {f"share{i}": name for i, name in enumerate(VARIANTS)})
         box = Sandbox("bench-share", config)
         box.up()
         try:
-            if not box.status().shares:
-                print("no share could be served here (virtiofsd needs root)", file=sys.stderr)
+            if len(box.status().shares) != len(VARIANTS):
+                print("the shares could not be served here (see `vivarium doctor`)", file=sys.stderr)
                 return 1
             results = {}
-            for where, path in (("share (virtiofs)", str((d / "data").resolve())), ("guest disk", "~/bench-disk")):
+            for where, path in [*((name, str((d / name).resolve())) for name in VARIANTS), ("disk", "~/bench-disk")]:
                 r = box.exec(["python3", "-c", SCRIPT, path], capture=True, timeout=1800)
                 if r.returncode != 0:
                     raise RuntimeError(r.stderr)
                 results[where] = json.loads(r.stdout.strip().splitlines()[-1])
         finally:
             box.destroy()
-    share, disk = results["share (virtiofs)"], results["guest disk"]
     rows = []
     for key, what in (("write", "200 MB sequential write"), ("read", "200 MB sequential read"),
                       ("create", "5,000 small files created"), ("readsmall", "5,000 small files read")):  # fmt: skip
-        rows.append((what, f"share {share[key]:.2f}s, disk {disk[key]:.2f}s, share/disk {share[key] / disk[key]:.2f}x"))
-    report("shared directory vs the guest's own disk (same VM, same run)", rows)
+        disk, root = results["disk"][key], results["root"][key]
+        rows.append((what, f"disk {disk:.2f}s"))
+        for name, (label, _) in VARIANTS.items():
+            t = results[name][key]
+            rows.append((f"  {label}", f"{t:.2f}s, /disk {t / disk:.2f}x, /root server {t / root:.2f}x"))
+    report("shared directories vs the guest's own disk and the root server of before (same VM, same run)", rows)
     return 0
 
 

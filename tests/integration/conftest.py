@@ -26,7 +26,9 @@ from ..fakenet import PUBLIC, FakeNet
 
 @pytest.fixture(scope="session")
 def session_env() -> Iterator[dict[str, str]]:
-    keep = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "XDG_STATE_HOME", "VIVARIUM_HOME")}
+    keep = {k: os.environ.get(k) for k in ("XDG_CACHE_HOME", "XDG_STATE_HOME", "VIVARIUM_HOME", "SUDO_UID", "SUDO_GID", "SUDO_USER")}
+    for k in ("SUDO_UID", "SUDO_GID", "SUDO_USER"):  # the tests run vivarium as root (under sudo it would be the sudoer)
+        os.environ.pop(k, None)
     with tempfile.TemporaryDirectory(prefix="vivarium-it-") as tmp:
         # Projects in here belong to the agent's uid (1000), as yours would under a home you can enter: their
         # share servers reach them as their owner (share/userns.py), who must be able to pass through.

@@ -20,6 +20,7 @@ import time
 from collections.abc import Container, Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -30,6 +31,7 @@ from .. import users
 from ..fakenet import PUBLIC, FakeNet
 
 pytestmark = pytest.mark.integration
+Completed = subprocess.CompletedProcess[str]
 
 USER = "vivarium-it"
 NAME = "rootless"
@@ -47,11 +49,18 @@ class User:
     def home(self) -> Path:
         return Path(self.pw.pw_dir)
 
-    def run(self, *args: str, cwd: Path | None = None, check: bool = True, timeout: float = 900) -> subprocess.CompletedProcess[str]:
-        """The real CLI, as this user."""
-        proc = subprocess.run([PYTHON, "-m", "vivarium", *args], capture_output=True, text=True, cwd=cwd or self.home,
-                              env=self.env, user=self.pw.pw_uid, group=self.pw.pw_gid, extra_groups=[],
-                              stdin=subprocess.DEVNULL, timeout=timeout, check=False)  # fmt: skip
+    def run(
+        self, *args: str, cwd: Path | None = None, check: bool = True, timeout: float = 900, sudo: bool = False
+    ) -> subprocess.CompletedProcess[str]:
+        """The real CLI, as this user (`sudo`: as root, in the environment sudo gives it when this user types it)."""
+        if sudo:
+            env = {**self.env, "HOME": "/root", "USER": "root", "LOGNAME": "root", "SUDO_USER": USER, "SUDO_UID": str(self.pw.pw_uid),
+                   "SUDO_GID": str(self.pw.pw_gid), "SUDO_COMMAND": f"{PYTHON} -m vivarium {' '.join(args)}"}  # fmt: skip
+            ids: dict[str, Any] = {}
+        else:
+            env, ids = self.env, {"user": self.pw.pw_uid, "group": self.pw.pw_gid, "extra_groups": []}
+        proc = subprocess.run([PYTHON, "-m", "vivarium", *args], capture_output=True, text=True, cwd=cwd or self.home, env=env,
+                              stdin=subprocess.DEVNULL, timeout=timeout, check=False, **ids)  # fmt: skip
         if check and proc.returncode != 0:
             raise AssertionError(f"vivarium {' '.join(args)} (as {USER}) exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -177,6 +186,10 @@ dns_upstream = "{net.dns.address}"
 
 def test_nothing_of_the_sandbox_runs_as_root(sandbox: tuple[User, Path, Path]) -> None:
     user, project, _ = sandbox
+    assert_nothing_runs_as_root(user, project)
+
+
+def assert_nothing_runs_as_root(user: User, project: Path) -> None:
     ids = _Ids(user.pw)
     ours = _processes_of(ids)
     for what, uid in (("qemu-system", user.pw.pw_uid), ("virtiofsd", ids.sub[0]), ("vivarium.net --dir", user.pw.pw_uid),
@@ -227,8 +240,15 @@ def test_the_fence_holds(sandbox: tuple[User, Path, Path]) -> None:
     assert out.split() == ["403", "200"]
 
 
-def test_stop_and_up_again(sandbox: tuple[User, Path, Path]) -> None:
+def test_under_sudo_it_is_the_user_who_ran_sudo(sandbox: tuple[User, Path, Path]) -> None:
+    """`sudo vivarium` (issue 16, 2) is vivarium run by the user who typed sudo: the same sandboxes (root's own
+    state would have none), and nothing of a sandbox it starts runs as root. On 0e6701b `sudo vivarium up` ran
+    QEMU, the gateway and the share servers as root."""
     user, project, _ = sandbox
-    user.run("stop", NAME)
-    user.run("up", NAME, cwd=project)
+    listed = user.run("ls", "--json", sudo=True).stdout
+    assert NAME in listed, listed
+    user.run("stop", NAME, sudo=True)
+    user.run("up", NAME, cwd=project, sudo=True)
     assert user.exec(f"cat {project}/agent.txt").strip() == "hi"
+    assert_nothing_runs_as_root(user, project)
+    assert user.run("exec", NAME, "--", "id", "-u", sudo=True).stdout.strip() == "1000"
