@@ -17,7 +17,7 @@ from pathlib import Path
 
 from vivarium import ssh, transfer
 from vivarium.errors import InstanceError
-from vivarium.printable import printable
+from vivarium.printable import last_words, printable
 
 KINDS = {"f": "file", "d": "dir", "l": "link", "p": "fifo", "s": "socket", "c": "char", "b": "block"}
 
@@ -40,8 +40,7 @@ class Files:
         out: list[bytes] = []
         r = ssh.execute(self._target(), command, input=input, tty=False, on_stdout=out.append, on_stderr=lambda _: None, capture=True)
         if r.returncode != 0:
-            said = (r.stderr or "").strip().splitlines()
-            raise InstanceError(f"{what} in sandbox {self.sandbox!r}: {printable(said[-1]) if said else f'exit code {r.returncode}'}")
+            raise InstanceError(f"{what} in sandbox {self.sandbox!r}: {last_words(r.stderr, r.returncode)}")
         return b"".join(out)
 
     def read(self, path: str) -> bytes:

@@ -30,3 +30,10 @@ def printable(text: str, *, lines: bool = False) -> str:
         else:
             out.append(ch)
     return "".join(out)
+
+
+def last_words(stderr: str | bytes | None, code: int) -> str:
+    """One line for a command that failed: the last line it wrote on stderr (printable), else its exit code."""
+    text = stderr.decode(errors="replace") if isinstance(stderr, bytes) else (stderr or "")
+    said = text.strip().splitlines()
+    return printable(said[-1].strip()) if said else f"exit code {code}"

@@ -23,7 +23,7 @@ from pathlib import Path
 
 from vivarium import ssh
 from vivarium.errors import InstanceError, UsageError
-from vivarium.printable import printable
+from vivarium.printable import last_words, printable
 
 NAME = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 
@@ -76,9 +76,7 @@ def to_guest(target: ssh.Target, src: Path, dst: str) -> str:
     if errors:
         raise UsageError(f"cp: cannot read {src}: {errors[0]}")
     if done.returncode != 0:
-        raise InstanceError(
-            f"cp: the sandbox's tar failed: {printable(done.stderr.strip().splitlines()[-1] if done.stderr.strip() else str(done.returncode))}"
-        )
+        raise InstanceError(f"cp: the sandbox's tar failed: {last_words(done.stderr, done.returncode)}")
     return posixpath.join(into, arcname)
 
 
@@ -114,7 +112,7 @@ def from_guest(target: ssh.Target, sandbox: str, src: str, dst: Path) -> Path:
                 err = proc.stderr.read().decode(errors="replace").strip()
                 code = proc.wait()
         if code != 0:
-            raise InstanceError(f"cp: {sandbox}:{src}: {printable(err.splitlines()[-1]) if err else f'tar exited {code}'}")
+            raise InstanceError(f"cp: {sandbox}:{src}: {last_words(err, code)}")
         got = tmp / name
         if not got.exists() and not got.is_symlink():
             raise InstanceError(f"cp: sandbox {sandbox!r} sent no {name!r}")

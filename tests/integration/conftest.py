@@ -63,6 +63,18 @@ def write_config(d: Path, text: str) -> Path:
     return d / "vivarium.toml"
 
 
+def small_vm(**vm: str) -> str:
+    """The [vm] table (and SSH forward) of a small sandbox for a vivarium.toml: 1G, 2 CPUs (TCG), with `vm` added."""
+    extra = "".join(f'{k} = "{v}"\n' for k, v in vm.items())
+    return f'[vm]\n{extra}memory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n'
+
+
+def fenced(net: FakeNet) -> str:
+    """The [network] table of a sandbox fenced against the made-up network, its public host opened on purpose."""
+    assert net.dns is not None
+    return f'[network]\nallow_cidrs = ["{PUBLIC}/32"]\ndns_upstream = "{net.dns.address}"\n'
+
+
 # Paths in a project that run on the host; the project fixture has each, as a user's repository would.
 PROTECTED = {
     "vivarium.toml": None,  # written by the fixture
@@ -163,13 +175,11 @@ def shared(project: Path, built: object) -> Iterator[tuple[Sandbox, Path, Path]]
         (attack / "hostlink").symlink_to("../victim")  # the user's own symlink, pointing out of the share
     write_config(
         d,
-        f'[vm]\nmemory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n'
-        f"[[forward]]\nhost = {free_port()}\nguest = 22\n"
-        f'[[share]]\nhost = "rw"\n'
-        f'[[share]]\nhost = "ro"\nguest = "/mnt/ro"\nmode = "ro"\n'
-        f'[[share]]\nhost = "review"\nmode = "review"\n'
-        f'[[share]]\nhost = "attack"\nmode = "review"\n'
-        f"[kube]\nlink_into_share = true\n",
+        small_vm() + '[[share]]\nhost = "rw"\n'
+        '[[share]]\nhost = "ro"\nguest = "/mnt/ro"\nmode = "ro"\n'
+        '[[share]]\nhost = "review"\nmode = "review"\n'
+        '[[share]]\nhost = "attack"\nmode = "review"\n'
+        "[kube]\nlink_into_share = true\n",
     )
     # The project belongs to the user the agent runs as (here: agent, 1000, since the tests run as root),
     # as it does when you run vivarium as yourself in your own project.

@@ -17,7 +17,7 @@ import pytest
 from vivarium import Sandbox
 from vivarium.errors import InstanceError
 
-from .conftest import vv
+from .conftest import small_vm, vv
 
 pytestmark = pytest.mark.integration
 
@@ -170,7 +170,6 @@ def test_the_mcp_server_serves_the_sandbox_to_the_sdks_own_client(box: Sandbox) 
 def test_apply_branch_commits_the_reviewed_changes_without_touching_the_work_tree(project: Path, built: object) -> None:
     """A review share that is a git repository: `apply --branch` makes a branch on the commit checked out when
     the sandbox started, holding exactly what `diff` showed; the working tree, the index and HEAD stay."""
-    from vivarium.ports import free_port
 
     from .conftest import write_config
 
@@ -186,8 +185,7 @@ def test_apply_branch_commits_the_reviewed_changes_without_touching_the_work_tre
     for p in [repo, *repo.rglob("*")]:
         os.lchown(p, 1000, 1000)  # the project is the agent's, as it would be yours
     start = subprocess.run([*git, "rev-parse", "HEAD"], capture_output=True, text=True, check=True).stdout.strip()
-    write_config(d, f'[vm]\nmemory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n'
-                    f'[[share]]\nhost = "repo"\nmode = "review"\n')  # fmt: skip
+    write_config(d, small_vm() + '[[share]]\nhost = "repo"\nmode = "review"\n')
     vv("up", "branchbox", cwd=d)
     box = Sandbox("branchbox")
     try:

@@ -12,10 +12,9 @@ from pathlib import Path
 import pytest
 
 from vivarium import Sandbox, logfile
-from vivarium.ports import free_port
 
-from ..fakenet import PUBLIC, FakeNet
-from .conftest import vv, write_config
+from ..fakenet import FakeNet
+from .conftest import fenced, small_vm, vv, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -29,19 +28,10 @@ def capped(project: Path, built: object, net: FakeNet) -> Iterator[Sandbox]:
     d.mkdir(exist_ok=True)
     write_config(
         d,
-        f"""share = []
-[vm]
-memory = "1G"
-cpus = 2
-disk = "10G"
-swap = "256M"
-[[forward]]
-host = {free_port()}
-guest = 22
-[network]
-allow_cidrs = ["{PUBLIC}/32"]
-dns_upstream = "{net.dns.address}"
-[logs]
+        "share = []\n"
+        + small_vm()
+        + fenced(net)
+        + """[logs]
 console_size = "256K"
 console_keep = 1
 audit_size = "256K"

@@ -24,11 +24,11 @@ from typing import Any
 
 import pytest
 
-from vivarium.ports import free_port
 from vivarium.share import userns
 
 from .. import users
-from ..fakenet import PUBLIC, FakeNet
+from ..fakenet import FakeNet
+from .conftest import fenced, small_vm
 
 pytestmark = pytest.mark.integration
 Completed = subprocess.CompletedProcess[str]
@@ -152,27 +152,8 @@ def sandbox(user: User, net: FakeNet) -> Iterator[tuple[User, Path, Path]]:
         d.mkdir()
     (project / ".git" / "config").write_text("[core]\n\tbare = false\n")
     (docs / "readme.txt").write_text("from the host\n")
-    (project / "vivarium.toml").write_text(
-        f"""[vm]
-user = "agent"
-memory = "1G"
-cpus = 2
-disk = "10G"
-swap = "256M"
-[[forward]]
-host = {free_port()}
-guest = 22
-[[share]]
-host = "."
-[[share]]
-host = "../docs"
-guest = "/mnt/docs"
-mode = "ro"
-[network]
-allow_cidrs = ["{PUBLIC}/32"]
-dns_upstream = "{net.dns.address}"
-"""
-    )
+    shares = '[[share]]\nhost = "."\n[[share]]\nhost = "../docs"\nguest = "/mnt/docs"\nmode = "ro"\n'
+    (project / "vivarium.toml").write_text(small_vm(user="agent") + shares + fenced(net))
     for p in (user.home, project, docs, *project.rglob("*"), *docs.rglob("*")):
         os.lchown(p, user.pw.pw_uid, user.pw.pw_gid)
     user.home.chmod(0o700)  # what `mktemp -d` and most homes give: only the user gets in

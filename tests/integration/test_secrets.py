@@ -20,10 +20,9 @@ import pytest
 from vivarium import Sandbox
 from vivarium.net import control
 from vivarium.net.ca import CA
-from vivarium.ports import free_port
 
 from ..fakenet import PUBLIC, FakeNet, LoopbackServer
-from .conftest import vv, write_config
+from .conftest import fenced, small_vm, vv, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -104,19 +103,10 @@ def test_a_secret_reaches_its_host_only_and_never_the_guest(project: Path, built
     d.mkdir(exist_ok=True)
     write_config(
         d,
-        f"""share = []
-[vm]
-memory = "1G"
-cpus = 2
-disk = "10G"
-swap = "256M"
-[[forward]]
-host = {free_port()}
-guest = 22
-[network]
-allow_cidrs = ["{PUBLIC}/32"]
-dns_upstream = "{net.dns.address}"
-upstream_ca = "{public_ca}"
+        "share = []\n"
+        + small_vm()
+        + fenced(net)
+        + f"""upstream_ca = "{public_ca}"
 [[secret]]
 name = "API_TOKEN"
 from = "env:VV_IT_API_TOKEN"

@@ -16,7 +16,7 @@ import sys
 import threading
 import time
 from pathlib import Path
-from typing import Any
+from typing import BinaryIO
 
 from vivarium import state
 from vivarium.errors import VMError
@@ -70,7 +70,7 @@ class Keeper:
         self.listener.listen(8)
         self.held: dict[str, bytes] = {}  # name → its line, as handed over
         self.child: socket.socket | None = None
-        self.replies: Any = None  # the child's replies, a line per secret sent
+        self.replies: BinaryIO | None = None  # the child's replies, a line per secret sent
         self.unanswered = 0
 
     def for_child(self) -> socket.socket:
@@ -93,6 +93,7 @@ class Keeper:
         """The serving process's reply to the last secret sent (the earlier ones' read and passed over)."""
         reply = ""
         while self.unanswered:
+            assert self.replies is not None
             reply = self.replies.readline().decode(errors="replace").strip()
             if not reply:
                 raise OSError("the serving process is gone")

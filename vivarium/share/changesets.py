@@ -18,7 +18,7 @@ from typing import Any, Protocol
 
 from vivarium import ssh, state
 from vivarium.errors import InstanceError, UsageError, VMError
-from vivarium.printable import printable
+from vivarium.printable import last_words, printable
 from vivarium.record import Shared
 from vivarium.share import gitbranch, review, writeback
 
@@ -41,7 +41,7 @@ class SSHFiles:
         """The guest's own account of its changes: untrusted, checked by review.changes()."""
         r = self.exec(["sudo", "python3", "-c", review.SCAN, review.UPPER.format(tag=share.tag)], capture=True, timeout=600)
         if r.returncode != 0:
-            raise VMError(f"cannot read the changes to {share.host} in the sandbox: {r.stderr.strip()[-200:]}")
+            raise VMError(f"cannot read the changes to {share.host} in the sandbox: {last_words(r.stderr, r.returncode)}")
         try:
             entries: object = json.loads(r.stdout)
         except ValueError:
@@ -52,7 +52,7 @@ class SSHFiles:
         argv = self.target().argv(["sudo", "cat", "--", f"{review.UPPER.format(tag=share.tag)}/{rel}"], tty=False)
         r = subprocess.run(argv, capture_output=True, stdin=subprocess.DEVNULL, timeout=600, check=False)
         if r.returncode != 0:
-            raise VMError(f"cannot read {rel} from the sandbox: {r.stderr.decode(errors='replace').strip()[-200:]}")
+            raise VMError(f"cannot read {rel} from the sandbox: {last_words(r.stderr, r.returncode)}")
         return r.stdout
 
 
