@@ -16,7 +16,7 @@ pytestmark = pytest.mark.skipif(os.geteuid() != 0, reason="becoming another user
 
 NAME = "vivarium-sudo"
 PROBE = (
-    "import json, os; from vivarium import host; pw = host.drop_sudo(); "
+    "import json, os; from vivarium import host; pw = host.sudo_user(); pw and host.become(pw); "
     "print(json.dumps([pw and pw.pw_name, os.getresuid(), os.getresgid(), os.getgroups(), os.environ['HOME'], "
     "sorted(k for k in os.environ if k.startswith('SUDO_'))]))"
 )

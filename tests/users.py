@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pwd
 import subprocess
+from collections.abc import Container
 from pathlib import Path
 
 from vivarium.share import userns
@@ -27,3 +28,18 @@ def make(name: str, home: Path | None = None) -> pwd.struct_passwd:
 
 def remove(name: str) -> None:
     subprocess.run(["userdel", "--remove", name], capture_output=True, check=False)
+
+
+def processes(uids: Container[int]) -> dict[int, tuple[list[str], str]]:
+    """pid: (real, effective, saved and filesystem uids; command line) of the processes with any of these uids."""
+    out = {}
+    for p in Path("/proc").iterdir():
+        if p.name.isdigit():
+            try:
+                ids = (p / "status").read_text().split("\nUid:")[1].split("\n")[0].split()
+                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+            except (OSError, IndexError):
+                continue
+            if any(int(i) in uids for i in ids):
+                out[int(p.name)] = (ids, cmd)
+    return out

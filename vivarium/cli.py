@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import errno
 import logging
-import os
 import signal
 import sys
 from collections.abc import Sequence
@@ -184,14 +183,6 @@ def _add_verbs(subparsers: Any, verbs: Sequence[Verb]) -> None:
             p.set_defaults(func=v.run, **({"command": []} if v.takes_command else {}))
 
 
-def _root_state() -> Path | None:
-    """Where root's own sandboxes are, when some are there and sudo is about to make us someone else."""
-    if os.geteuid() != 0 or not os.environ.get("SUDO_UID", "0").strip("0"):
-        return None
-    d = state.instances_dir()
-    return d if d.is_dir() and any(d.iterdir()) else None
-
-
 def main(argv: Sequence[str] | None = None) -> int:
     p = parser()
     argv = list(sys.argv[1:] if argv is None else argv)
@@ -215,11 +206,13 @@ def main(argv: Sequence[str] | None = None) -> int:
     # `kill` (SIGTERM) ends a verb the way Ctrl-C does: half-built images and half-started VMs are cleaned up.
     signal.signal(signal.SIGTERM, _interrupt)
     try:
-        left = _root_state()
-        if (whom := machine.drop_sudo()) is not None:
+        if (whom := machine.sudo_user()) is not None:
+            roots = state.instances_dir()  # root's own, looked at before we are someone else
+            left = roots.is_dir() and any(roots.iterdir())
+            machine.become(whom)
             logging.getLogger("vivarium").info("running as %s, who ran sudo: nothing of vivarium needs root", whom.pw_name)
             if left:
-                err.print(f"[yellow]note:[/] sandboxes made with sudo before live under {escape(str(left))} and stay root's; "
+                err.print(f"[yellow]note:[/] sandboxes made with sudo before live under {escape(str(roots))} and stay root's; "
                           "`sudo env -u SUDO_UID vivarium destroy NAME` removes one")  # fmt: skip
         code: int = args.func(args)
         return code

@@ -9,6 +9,7 @@ from pathlib import Path
 
 from vivarium import state
 from vivarium.errors import MissingProgram, VMError
+from vivarium.net import netns
 from vivarium.run import PACKAGES, find_program, run
 from vivarium.share import virtiofs
 from vivarium.vm import accel, caps
@@ -76,8 +77,8 @@ def _fence() -> Check:
     """What each sandbox's network namespace needs: a TAP device, and the right to make the namespace."""
     if not os.path.exists("/dev/net/tun"):
         return Check("network fence", False, "/dev/net/tun is missing", "load the tun module (modprobe tun)")
-    if os.geteuid() != 0 and not os.access("/dev/net/tun", os.R_OK | os.W_OK):
-        return Check("network fence", False, "/dev/net/tun is not open to you", "sudo chmod 0666 /dev/net/tun (the mode Debian's udev gives it)")
+    if not netns.tun_open():
+        return Check("network fence", False, f"{netns.TUN} is not open to you", netns.TUN_HINT)
     how = "as root" if os.geteuid() == 0 else "in a user namespace of yours"
     return Check("network fence", True, f"each sandbox gets a network namespace of its own ({how}) with a TAP device (/dev/net/tun)")
 

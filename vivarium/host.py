@@ -43,21 +43,23 @@ def guest_uid(user: str, host: Host | None = None) -> int:
     return host.uid if host.uid != 0 and user == host.user else 1000
 
 
-def drop_sudo() -> pwd.struct_passwd | None:
-    """Under sudo, become the user who typed it, wholly (ids, groups, HOME), before anything else is done: no
-    part of vivarium needs root, so `sudo vivarium` is `vivarium` run by that user, their sandboxes included.
-    Whom it became, or None (not root, or root itself without sudo)."""
+def sudo_user() -> pwd.struct_passwd | None:
+    """The user who typed sudo, when we run under it as root for someone else."""
     uid = os.environ.get("SUDO_UID", "")
     if os.geteuid() != 0 or not uid.isdigit() or int(uid) == 0:
         return None
     try:
-        pw = pwd.getpwuid(int(uid))
+        return pwd.getpwuid(int(uid))
     except KeyError:
         return None
+
+
+def become(pw: pwd.struct_passwd) -> None:
+    """Become the user who typed sudo (sudo_user()), wholly (ids, groups, HOME), before anything else is done: no
+    part of vivarium needs root, so `sudo vivarium` is `vivarium` run by that user, their sandboxes included."""
     os.initgroups(pw.pw_name, pw.pw_gid)
     os.setresgid(pw.pw_gid, pw.pw_gid, pw.pw_gid)
     os.setresuid(pw.pw_uid, pw.pw_uid, pw.pw_uid)
     os.environ.update(HOME=pw.pw_dir, USER=pw.pw_name, LOGNAME=pw.pw_name)
     for name in ("SUDO_UID", "SUDO_GID", "SUDO_USER", "SUDO_COMMAND"):
         os.environ.pop(name, None)
-    return pw

@@ -69,21 +69,6 @@ class User:
         return self.run("exec", NAME, "--", "sh", "-c", script).stdout
 
 
-def _processes_of(uids: Container[int]) -> dict[int, tuple[list[str], str]]:
-    """pid: (real, effective, saved and filesystem uids; command line) of the processes with any of these uids."""
-    out = {}
-    for p in Path("/proc").iterdir():
-        if p.name.isdigit():
-            try:
-                ids = (p / "status").read_text().split("\nUid:")[1].split("\n")[0].split()
-                cmd = (p / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-            except (OSError, IndexError):
-                continue
-            if any(int(i) in uids for i in ids):
-                out[int(p.name)] = (ids, cmd)
-    return out
-
-
 class _Ids(Container[int]):
     """The user's uid and its subordinate ones (its share servers run as the first of those)."""
 
@@ -131,13 +116,13 @@ def user(session_env: dict[str, str], built: object) -> Iterator[User]:
     finally:
         u = User(pw, base, {})
         ids = _Ids(pw)
-        for pid in _processes_of(ids):  # only ever this test's: the user (and its subordinate ids) is the test's own
+        for pid in users.processes(ids):  # only ever this test's: the user (and its subordinate ids) is the test's own
             try:
                 os.kill(pid, 9)
             except ProcessLookupError:
                 pass
         deadline = time.monotonic() + 10
-        while _processes_of(ids) and time.monotonic() < deadline:
+        while users.processes(ids) and time.monotonic() < deadline:
             time.sleep(0.1)
         users.remove(USER)
         shutil.rmtree(u.base, ignore_errors=True)
@@ -172,7 +157,7 @@ def test_nothing_of_the_sandbox_runs_as_root(sandbox: tuple[User, Path, Path]) -
 
 def assert_nothing_runs_as_root(user: User, project: Path) -> None:
     ids = _Ids(user.pw)
-    ours = _processes_of(ids)
+    ours = users.processes(ids)
     for what, uid in (("qemu-system", user.pw.pw_uid), ("virtiofsd", ids.sub[0]), ("vivarium.net --dir", user.pw.pw_uid),
                       ("--serve", user.pw.pw_uid), ("vivarium.net netns", user.pw.pw_uid), ("vivarium.vm.console", user.pw.pw_uid)):  # fmt: skip
         found = [pid for pid, (_, cmd) in ours.items() if what in cmd]
@@ -180,7 +165,7 @@ def assert_nothing_runs_as_root(user: User, project: Path) -> None:
         for pid in found:  # the share servers: root of the user's namespace, which is the user's first subordinate uid
             assert ours[pid][0] == [str(uid)] * 4, (what, ours[pid])
     # ... and nothing of the sandbox runs as anyone else, root least of all
-    others = {pid: cmd for pid, (_, cmd) in _processes_of(range(1 << 32)).items() if pid not in ours}
+    others = {pid: cmd for pid, (_, cmd) in users.processes(range(1 << 32)).items() if pid not in ours}
     assert [cmd for cmd in others.values() if str(user.base) in cmd or str(project) in cmd] == []
 
 

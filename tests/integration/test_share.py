@@ -13,6 +13,7 @@ import pytest
 from vivarium import Sandbox
 from vivarium.share import userns
 
+from .. import users
 from .conftest import vv
 
 pytestmark = pytest.mark.integration
@@ -111,12 +112,5 @@ def test_the_share_server_is_not_root_nor_is_what_root_in_the_guest_makes(shared
     for name in ("by-root.txt", "from-guest.txt"):
         st = (rw / name).stat()
         assert (st.st_uid, st.st_gid) == (ns_root, ns_root), name
-    servers = []
-    for p in Path("/proc").iterdir():
-        try:
-            cmd = (p / "cmdline").read_bytes().split(b"\0") if p.name.isdigit() else []
-            if cmd and cmd[0].endswith(b"virtiofsd") and f"{rw}".encode() in b" ".join(cmd):
-                servers.append((p / "status").read_text().split("\nUid:")[1].split("\n")[0].split())
-        except OSError:
-            continue
+    servers = [ids for ids, cmd in users.processes(range(1 << 32)).values() if cmd.split(" ")[0].endswith("virtiofsd") and str(rw) in cmd]
     assert servers and all(ids == [str(ns_root)] * 4 for ids in servers), servers

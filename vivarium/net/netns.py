@@ -84,6 +84,7 @@ table ip fence {{
 """
 
 TUN = "/dev/net/tun"
+TUN_HINT = f"`sudo chmod 0666 {TUN}` (the mode Debian's udev gives it; TAP devices still need a namespace of one's own)"
 _TUNSETIFF = 0x400454CA
 _IFF_TAP = 0x0002
 _IFF_NO_PI = 0x1000
@@ -100,9 +101,9 @@ def start(directory: Path, qemu_pidfile: Path) -> int:
         raise VMError(f"the sandbox's directory {directory} is too long a path for a unix socket",
                       hint="set VIVARIUM_HOME or XDG_STATE_HOME to a shorter path")  # fmt: skip
     find_program("nft")
-    if os.geteuid() != 0 and not os.access(TUN, os.R_OK | os.W_OK):
+    if not tun_open():
         raise VMError(f"{TUN} is not open to you: a normal user's sandbox needs it for its network namespace's TAP device",
-                      hint=f"`sudo chmod 0666 {TUN}` (the mode Debian's udev gives it; TAP devices still need a namespace of one's own)")  # fmt: skip
+                      hint=TUN_HINT)  # fmt: skip
     ns = ["--net"] if os.geteuid() == 0 else ["--user", "--map-root-user", "--net"]
     log = (directory / LOG).open("ab")
     try:
@@ -124,6 +125,11 @@ def start(directory: Path, qemu_pidfile: Path) -> int:
                           hint=f"see {directory / LOG}")  # fmt: skip
         time.sleep(0.01)
     return proc.pid
+
+
+def tun_open() -> bool:
+    """Can this process open the TAP device's clone file (root always can; a normal user where udev's 0666 is)."""
+    return os.geteuid() == 0 or os.access(TUN, os.R_OK | os.W_OK)
 
 
 def pid(directory: Path) -> int | None:

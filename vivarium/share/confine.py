@@ -2,8 +2,8 @@
 
     python -m vivarium.share.confine --root DIR [--ro] [--protect REL]... -- virtiofsd ARGS...
 
-Run by a normal user, it first enters a user namespace of the share's own (userns.py: the guest's
-user is the host user there, the guest's other ids the user's subordinate ids). Then, in a private
+Given --uid-map, it first enters a user namespace of the share's own (userns.py: the guest's user
+is the host user there, the guest's other ids subordinate ones). Then, in a private
 mount namespace of its own (so nothing here shows on the host), it
   - makes DIR read-only (--ro), or makes each existing --protect path read-only
     (a read-only bind mount: root in the guest remounting its own view changes
@@ -12,8 +12,8 @@ mount namespace of its own (so nothing here shows on the host), it
   - installs a seccomp filter that refuses to set setuid/setgid bits (chmod,
     and a create's mode) and to make device nodes, fifos and sockets;
 then execs the server. The guest's file operations are carried out by that
-server, as root (of the user namespace, for a normal user): these are the limits
-root in the guest meets on the host.
+server, as root of that user namespace: these are the limits root in the guest
+meets on the host.
 """
 
 from __future__ import annotations
@@ -108,28 +108,19 @@ class _Fprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
-
-
-def _check(result: int, what: str) -> None:
-    if result != 0:
-        e = ctypes.get_errno()
-        raise OSError(e, f"{what}: {os.strerror(e)}")
-
-
 def install_seccomp() -> None:
     program = seccomp_program(platform.machine())
     buf = ctypes.create_string_buffer(program, len(program))
     fprog = _Fprog(len(program) // 8, ctypes.cast(buf, ctypes.c_void_p))
-    _check(_libc.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
-    _check(_libc.prctl(22, 2, ctypes.byref(fprog), 0, 0), "PR_SET_SECCOMP")
+    userns.check(userns.libc.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
+    userns.check(userns.libc.prctl(22, 2, ctypes.byref(fprog), 0, 0), "PR_SET_SECCOMP")
 
 
 # ------------------------------------------------------------ the mounts
 
 
 def _mount(source: str | None, target: str, flags: int) -> None:
-    _check(_libc.mount(source.encode() if source else None, target.encode(), None, flags, None), f"mount {target}")
+    userns.check(userns.libc.mount(source.encode() if source else None, target.encode(), None, flags, None), f"mount {target}")
 
 
 def _readonly_flags(path: str) -> int:
@@ -212,7 +203,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             os.stat(args.root)
         except PermissionError:  # a directory above it that only someone the namespace does not map may enter
             raise SystemExit(f"{args.root} is out of reach of its owner: a directory above it is closed to them") from None
-    _check(_libc.unshare(CLONE_NEWNS), "unshare")
+    userns.check(userns.libc.unshare(CLONE_NEWNS), "unshare")
     _mount(None, "/", MS_REC | MS_PRIVATE)
     if args.ro:
         fd = os.open(args.root, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW)

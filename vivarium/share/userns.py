@@ -84,10 +84,11 @@ def maps(user: str, uid: int, gid: int, guest_uid: int, guest_gid: int) -> tuple
     return keep_id(guest_uid, uid, *subuid), keep_id(guest_gid, gid, *subgid)
 
 
-_libc = ctypes.CDLL(None, use_errno=True)
+libc = ctypes.CDLL(None, use_errno=True)
 
 
-def _check(result: int, what: str) -> None:
+def check(result: int, what: str) -> None:
+    """A libc call's result: OSError with its errno unless it is 0."""
     if result != 0:
         e = ctypes.get_errno()
         raise OSError(e, f"{what}: {os.strerror(e)}")
@@ -116,7 +117,7 @@ def enter(uid_map: Mapping, gid_map: Mapping) -> None:
             os._exit(0 if ok else 1)
     os.close(ready_r)
     try:
-        _check(_libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
+        check(libc.unshare(CLONE_NEWUSER), "unshare(CLONE_NEWUSER)")
     finally:
         os.write(ready_w, b"x")
         os.close(ready_w)

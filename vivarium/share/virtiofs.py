@@ -39,7 +39,7 @@ class ShareSpec:
     mode: str  # rw | ro | review (served read-only; the guest writes into an overlay on its own disk)
     socket: Path
     protect: tuple[str, ...] = ()  # paths under source kept read-only in an rw share
-    guest_uid: int = 1000  # the guest's user: the host user, where a normal user runs the share
+    guest_uid: int = 1000  # the guest's user: the host user (or, run by root, the shared directory's owner) in the server's namespace
 
     @property
     def readonly(self) -> bool:
@@ -83,17 +83,18 @@ def migrates() -> bool:
     return "--migration-mode" in out
 
 
-def namespace_maps(share: ShareSpec) -> tuple[userns.Mapping, userns.Mapping] | str:
-    """The share server's user namespace (userns.py): the guest's user (and its group, of the same number)
-    is this user, or where root runs vivarium, whoever owns the shared directory."""
+def namespace_maps(guest_uid: int, source: Path | None = None) -> tuple[userns.Mapping, userns.Mapping] | str:
+    """The share server's user namespace (userns.py), or why there can be none: the guest's user (and its
+    group, of the same number) is this user, or where root runs vivarium, whoever owns `source`."""
     me = pwd.getpwuid(os.getuid())
-    if os.geteuid() == 0:
+    uid, gid = me.pw_uid, me.pw_gid
+    if os.geteuid() == 0 and source is not None:
         try:
-            st = share.source.stat()
+            st = source.stat()
         except OSError as e:
             return e.strerror or str(e)
-        return userns.maps(me.pw_name, st.st_uid, st.st_gid, share.guest_uid, share.guest_uid)
-    return userns.maps(me.pw_name, me.pw_uid, me.pw_gid, share.guest_uid, share.guest_uid)
+        uid, gid = st.st_uid, st.st_gid
+    return userns.maps(me.pw_name, uid, gid, guest_uid, guest_uid)
 
 
 def virtiofsd_argv(binary: str, share: ShareSpec, fd: int, ids: tuple[userns.Mapping, userns.Mapping]) -> list[str]:
@@ -124,8 +125,7 @@ def supported(guest_uid: int = 1000) -> str | None:
         find_virtiofsd()
     except MissingProgram as e:
         return f"{e.message} ({e.hint})"
-    me = pwd.getpwuid(os.getuid())
-    ids = userns.maps(me.pw_name, me.pw_uid, me.pw_gid, guest_uid, guest_uid)
+    ids = namespace_maps(guest_uid)
     return f"{ids}, which the share server's user namespace needs" if isinstance(ids, str) else None
 
 
@@ -140,7 +140,7 @@ def start(share: ShareSpec, timeout: float = 10.0) -> subprocess.Popen[bytes]:
         prepare(share)
     log = share.socket.with_suffix(".log")
     offset = log.stat().st_size if log.exists() else 0
-    ids = namespace_maps(share)
+    ids = namespace_maps(share.guest_uid, share.source)
     if isinstance(ids, str):
         raise VMError(f"cannot share {share.source}: {ids}", hint="`vivarium doctor` says what this host lacks")
     # The socket is vivarium's, handed over open: the C daemon would otherwise keep a lock file under /run.
