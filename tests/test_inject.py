@@ -104,3 +104,14 @@ def test_every_request_head_on_a_connection_is_rewritten_and_no_body() -> None:
         assert [n.injected for n in notes] == [["KEY"], ["KEY"]]
     head, note = inject.rewrite_head(b"GET / HTTP/1.1\r\nHost: evil.example.org\r\nx-api-key: " + ph + b"\r\n\r\n", "evil.example.org", 443, [s])
     assert ph in head and real not in head and note.withheld == ["KEY"]
+
+
+def test_only_the_lines_that_hold_a_placeholder_are_touched() -> None:
+    s, basic = secret(), secret(GH, ("github.com",), name="GH")
+    ph, real = s.placeholder.encode(), REAL.encode()
+    token = base64.b64encode(b"x-access-token:" + basic.placeholder.encode())
+    head = (b"GET / HTTP/1.1\r\nHost:   api.anthropic.com\r\nX-Odd :  kept\r\nAUTHORIZATION: Basic " + token
+            + b"\r\nx-api-key:\t" + ph + b"\r\n\r\n")  # fmt: skip
+    out, note = inject.rewrite_head(head, "api.anthropic.com", 443, [s, basic])
+    assert out == head.replace(b"x-api-key:\t" + ph, b"x-api-key: " + real)  # the rest byte for byte
+    assert note.injected == ["KEY"] and note.withheld == ["GH"]  # Basic auth found in any case, withheld from this host

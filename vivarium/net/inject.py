@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import functools
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass, field
 
@@ -29,8 +30,19 @@ class Secret:
     hosts: tuple[str, ...]  # patterns as in network.allow: "api.anthropic.com", "*.github.com"
     header: str | None = None  # only this request header (lowercase); None: any header that holds the placeholder
 
+    @functools.cached_property
+    def encoded(self) -> tuple[bytes, bytes]:
+        """(placeholder, value) as bytes, made once: every request and response compares them."""
+        return self.placeholder.encode(), self.value.encode()
+
     def goes_to(self, host: str, port: int = 443) -> bool:
-        return any(AllowRule.parse(h).matches(host, port) for h in self.hosts)
+        return any(_rule(h).matches(host, port) for h in self.hosts)
+
+
+@functools.lru_cache(maxsize=256)
+def _rule(pattern: str) -> AllowRule:
+    """A host pattern, parsed once (every request to a secret's host asks)."""
+    return AllowRule.parse(pattern)
 
 
 @dataclass
@@ -45,7 +57,7 @@ def inject(headers: Sequence[tuple[bytes, bytes]], host: str, port: int, held: I
     of that secret's hosts (and, with `header`, only in that header)."""
     out = Injected(list(headers))
     for s in held:
-        ph, real = s.placeholder.encode(), s.value.encode()
+        ph, real = s.encoded
         allowed = s.goes_to(host, port)
         for i, (name, value) in enumerate(out.headers):
             lname = name.lower()
@@ -95,7 +107,7 @@ class Masker:
     lengths (Content-Length) stay right."""
 
     def __init__(self, held: Iterable[Secret]) -> None:
-        self.pairs = [(s.value.encode(), s.placeholder.encode()) for s in held if s.value]
+        self.pairs = [(s.encoded[1], s.encoded[0]) for s in held if s.value]
         self.pending = b""
 
     def feed(self, data: bytes) -> bytes:
@@ -132,27 +144,27 @@ class Masker:
         return buf
 
 
-def rewrite_head(head: bytes, host: str, port: int, held: Iterable[Secret]) -> tuple[bytes, Injected]:
-    """A whole request head (request line, header lines, the blank line) with the secrets put in."""
+def rewrite_head(head: bytes, host: str, port: int, held: Sequence[Secret]) -> tuple[bytes, Injected]:
+    """A whole request head (request line, header lines, the blank line) with the secrets put in. Only the
+    header lines that may hold a placeholder (as it is, or in Authorization) are parsed; the others pass as
+    they are."""
     lines = head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else head.split(b"\r\n")
     fields: list[tuple[bytes, bytes]] = []
-    kept: list[int] = []  # indices of lines that are not "Name: value" (left as they are)
-    for i, line in enumerate(lines[1:], 1):
+    at: list[int] = []  # the line of each field
+    placeholders = [s.encoded[0] for s in held]
+    for i in range(1, len(lines)):
+        line = lines[i]
+        if not (line[:14].lower() == b"authorization:" or any(ph in line for ph in placeholders)):
+            continue
         name, sep, value = line.partition(b":")
         if sep and name and not name[-1:].isspace():
             fields.append((name, value.strip(b" \t")))
-        else:
-            kept.append(i)
+            at.append(i)
     out = inject(fields, host, port, held)
-    rebuilt = [lines[0]]
-    it = iter(out.headers)
-    for i in range(1, len(lines)):
-        if i in kept:
-            rebuilt.append(lines[i])
-        else:
-            name, value = next(it)
-            rebuilt.append(name + b": " + value)
-    return b"\r\n".join(rebuilt) + b"\r\n\r\n", out
+    for i, (name, value), (_, was) in zip(at, out.headers, fields, strict=True):
+        if value != was:
+            lines[i] = name + b": " + value
+    return b"\r\n".join(lines) + b"\r\n\r\n", out
 
 
 class RequestRewriter:
@@ -174,4 +186,4 @@ class RequestRewriter:
 
     def _may_hold(self, head: bytes) -> bool:
         """Could a placeholder be in this head: as it is, or base64'd in Basic auth? (Most heads hold none: not parsed.)"""
-        return any(s.placeholder.encode() in head for s in self.held) or b"authorization" in head.lower()
+        return any(s.encoded[0] in head for s in self.held) or b"authorization" in head.lower()

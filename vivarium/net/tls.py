@@ -13,6 +13,7 @@ import contextlib
 import ssl
 
 READ = 65536
+RECORD = 16384  # the most one TLS record holds: what one read of the TLS object returns at most
 
 
 class TLSStream:
@@ -32,7 +33,8 @@ class TLSStream:
         data = self.outgoing.read()
         if data:
             self.writer.write(data)
-            await self.writer.drain()
+            if self.writer.transport.get_write_buffer_size():  # only a peer slower than us is waited for
+                await self.writer.drain()
 
     async def _fill(self) -> bool:
         """More bytes from the peer into the TLS object; False at EOF."""
@@ -42,6 +44,11 @@ class TLSStream:
             return False
         self.incoming.write(data)
         return True
+
+    async def _refill(self) -> bool:
+        """What the TLS object has to say sent, then more from the peer; False at EOF."""
+        await self._flush()
+        return await self._fill()
 
     async def handshake(self, timeout: float = 10.0) -> None:
         async def go() -> None:
@@ -64,14 +71,15 @@ class TLSStream:
     async def read(self) -> bytes:
         """Decrypted bytes as they come; b"" when the client is done."""
         while True:
+            if not self.incoming.pending and not self.obj.pending() and not await self._refill():
+                return b""
             try:
-                data = self.obj.read(READ)
+                data = self.obj.read(RECORD)
                 if self.outgoing.pending:  # a read may have produced a reply (a key update)
                     await self._flush()
                 return data
             except ssl.SSLWantReadError:
-                await self._flush()
-                if not await self._fill():
+                if not await self._refill():
                     return b""
             except ssl.SSLZeroReturnError:
                 return b""
