@@ -119,9 +119,9 @@ def test_sizes_round_trip() -> None:
 
 
 def test_share_flag() -> None:
-    assert cfg.parse_share_flag(".") == {"host": "."}
-    assert cfg.parse_share_flag("src:/w:ro") == {"host": "src", "guest": "/w", "mode": "ro"}
-    assert cfg.parse_share_flag("src:review") == {"host": "src", "mode": "review"}
+    assert values.parse_share_flag(".") == {"host": "."}
+    assert values.parse_share_flag("src:/w:ro") == {"host": "src", "guest": "/w", "mode": "ro"}
+    assert values.parse_share_flag("src:review") == {"host": "src", "mode": "review"}
 
 
 def test_every_section_field_is_in_the_table() -> None:

@@ -15,7 +15,7 @@ ROOT = Path(__file__).resolve().parent.parent / "vivarium"
 
 # Lowest first. A module may import modules of its own layer or of layers below it.
 LAYERS: tuple[tuple[str, ...], ...] = (
-    ("errors", "printable", "progress", "run", "guest", "image", "record", "host", "defaults", "logfile", "share.userns"),
+    ("errors", "printable", "progress", "run", "guest", "image", "record", "host", "defaults", "logfile", "share.userns", "cgroup"),
     ("state", "net.routes", "net.policy", "values", "credentials", "config", "trust"),
     ("vm.accel", "vm.caps", "vm.channel", "vm.machine", "vm.memory", "vm.qemu", "vm.console", "vm.spawn", "net.sniff", "net.dns", "net.ca",
      "net.inject", "net.tls", "net.relay", "image.recipe", "image.initrd", "image.mmdebstrap", "share.confine", "share.review", "share.writeback",

@@ -32,9 +32,11 @@ from vivarium.values import (
     parse_abs,
     parse_bind,
     parse_bool,
+    parse_log_size,
     parse_port,
     parse_sha256,
     parse_size,
+    parse_size_or_auto,
     parse_str,
     parse_upstream,
     parse_user,
@@ -120,6 +122,15 @@ class LogSettings:
 
 
 @dataclass(frozen=True)
+class LimitSettings:
+    """What a sandbox's host processes may use, together (its cgroup: vivarium/cgroup.py)."""
+
+    pids: int  # processes and threads
+    memory: int  # bytes; 0: the guest's memory and room for QEMU's own (cgroup.memory_for)
+    io_weight: int
+
+
+@dataclass(frozen=True)
 class Config:
     vm: VMSettings
     forward: tuple[Forward, ...]
@@ -128,6 +139,7 @@ class Config:
     image: ImageSettings
     kube: KubeSettings
     logs: LogSettings
+    limits: LimitSettings
     secret: tuple[SecretSpec, ...] = ()  # what the gateway may inject, and for which hosts (credentials.py)
     uid: int = 1000  # the agent user's uid in the guest: the host user's, unless that is root
     source: Path | None = None  # the file it came from, if any
@@ -139,20 +151,9 @@ class Config:
 
 parse_cpus = int_in(1, 1024, "a CPU count")
 parse_keep = int_in(0, 100, "a count of files")
-
-
-def parse_log_size(value: object, where: str) -> int:
-    size: int = parse_size(value, where)
-    if size < 64 << 10:
-        raise ConfigError(f"{where}: {format_size(size)} is too small for a log", hint="64K or more, e.g. 10M")
-    return size
-
-
 parse_forwards = table_list({"host": parse_port, "guest": parse_port, "bind": parse_bind}, ("host", "guest"), Forward)
 parse_downloads = table_list(
-    {"name": parse_str, "url": parse_str, "sha256": parse_sha256, "dest": parse_abs},
-    ("name", "url", "sha256", "dest"),
-    Download,
+    {"name": parse_str, "url": parse_str, "sha256": parse_sha256, "dest": parse_abs}, ("name", "url", "sha256", "dest"), Download
 )
 
 
@@ -173,18 +174,6 @@ _parse_raw_shares = table_list(
     ("host",),
     _raw_share,
 )
-
-
-def parse_share_flag(value: str) -> dict[str, str]:
-    """`--share HOST[:GUEST][:MODE]` → a [[share]] table."""
-    parts = value.split(":")
-    entry = {"host": parts[0]}
-    rest = parts[1:]
-    if rest and rest[-1] in ("rw", "ro", "review"):
-        entry["mode"] = rest.pop()
-    if rest:
-        entry["guest"] = rest[0]
-    return entry
 
 
 # ------------------------------------------------------------ the one table
@@ -242,10 +231,20 @@ SETTINGS: tuple[Setting, ...] = (
     Setting("logs", "console_keep", 3, parse_keep, "rotated console logs kept"),
     Setting("logs", "audit_size", "100M", parse_log_size, "the egress audit log rotates at this size", dump=format_size),
     Setting("logs", "audit_keep", 5, parse_keep, "rotated audit logs kept"),
+    Setting("limits", "pids", 1024, int_in(64, 1 << 22, "a count of processes"), "processes and threads of the sandbox's host side"),
+    Setting(
+        "limits",
+        "memory",
+        "",
+        parse_size_or_auto,
+        'memory of its host side ("" = the guest\'s, 1G and an eighth more)',
+        dump=lambda v: format_size(v) if v else "",
+    ),
+    Setting("limits", "io_weight", 100, int_in(1, 10000, "an IO weight"), "its share of the disks, against other sandboxes (1-10000)"),
     Setting("", "secret", [], parse_secrets, "secrets the gateway puts into requests to their hosts", dump=dump_secrets),
 )
 
-SECTIONS = {"vm": VMSettings, "network": NetworkSettings, "image": ImageSettings, "kube": KubeSettings, "logs": LogSettings}
+SECTIONS = {"vm": VMSettings, "network": NetworkSettings, "image": ImageSettings, "kube": KubeSettings, "logs": LogSettings, "limits": LimitSettings}
 
 
 # ------------------------------------------------------------------ loading

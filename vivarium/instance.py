@@ -12,8 +12,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from vivarium import cgroup, record, ssh, state, values
 from vivarium import config as cfg
-from vivarium import record, ssh, state, values
 from vivarium import template as template_mod
 from vivarium.errors import InstanceError
 from vivarium.image.build import Image
@@ -44,6 +44,7 @@ class Status:
     network: str  # the fence's mode, or "unfenced"
     gateway: int | None  # the egress gateway's pid while running
     disk_used: str  # what its directory takes on the host's disk (disks, snapshots, logs), not their virtual size
+    cgroup: dict[str, Any]  # while running: its host processes' cgroup, their use and limits; or why there is none
 
     def to_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -74,7 +75,13 @@ def status(d: state.InstanceDir, agents: Callable[[str], dict[str, str]]) -> Sta
         network=run.network if run else "",
         gateway=fence.pid(d.path) if pid else None,
         disk_used=values.format_size(_on_disk(d.path)),
+        cgroup=_cgroup(d) if pid else {},
     )
+
+
+def _cgroup(d: state.InstanceDir) -> dict[str, Any]:
+    group = cgroup.find(cgroup.leaf_name(d.name, d.path))
+    return group.usage() if group is not None else {"none": cgroup.why_none() or "made by none of its starts"}
 
 
 def _on_disk(path: Path) -> int:
@@ -145,6 +152,8 @@ def stop(d: state.InstanceDir, timeout: float = 30.0) -> str:
         d.write(rec.stopped())
         fence.stop(d.path)
         netns.stop(d.path)
+        if (group := cgroup.find(cgroup.leaf_name(d.name, d.path))) is not None:
+            cgroup.remove(group)  # once the helpers have followed QEMU out (a start makes it again if not)
         d.qmp.unlink(missing_ok=True)
         d.pidfile.unlink(missing_ok=True)
         return how

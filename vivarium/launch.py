@@ -19,8 +19,8 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+from vivarium import cgroup, logfile, ports, record, ssh, state, values
 from vivarium import config as cfg
-from vivarium import logfile, ports, record, ssh, state, values
 from vivarium import template as template_mod
 from vivarium.errors import VMError
 from vivarium.image.build import Image
@@ -75,6 +75,10 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
         def stopped() -> None:
             d.write(d.read().stopped())
 
+        group = _cgroup(how)
+        if group is not None:  # everything started from here to QEMU is the sandbox's, in its cgroup
+            started.callback(cgroup.remove, group)
+            fds.enter_context(group.joined())
         tap = gateway = None
         if how.fenced:
             progress("start", "making the sandbox's network namespace")
@@ -141,6 +145,16 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
         if rec.instance.pristine:  # a template's copy has become itself
             d.write(dataclasses.replace(rec, instance=dataclasses.replace(rec.instance, pristine=False)))
         started.pop_all()  # it runs: keep everything
+
+
+def _cgroup(how: Launch) -> cgroup.Group | None:
+    """The sandbox's cgroup with its limits, where the host lets vivarium make one (why not: `status`)."""
+    c = how.config
+    limits = cgroup.Limits(c.limits.pids, c.limits.memory or cgroup.memory_for(c.vm.memory), c.limits.io_weight)
+    try:
+        return cgroup.make(cgroup.leaf_name(how.name, how.dir.path), limits)
+    except cgroup.Unavailable:
+        return None
 
 
 def _launch_gateway(how: Launch) -> subprocess.Popen[bytes]:

@@ -3,10 +3,11 @@ made once), and mending a running sandbox whose gateway was killed."""
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
+from vivarium import cgroup, record, state
 from vivarium import config as cfg
-from vivarium import record, state
 from vivarium import template as template_mod
 from vivarium.errors import InstanceError
 from vivarium.image.build import Image, build_image, find_image
@@ -66,4 +67,6 @@ def mend(d: state.InstanceDir, run: record.Run | None, progress: Progress) -> No
     """A running sandbox whose gateway is gone (killed from outside) has been failing closed: bring it back."""
     if run is not None and run.network != "unfenced" and fence.pid(d.path) is None:
         progress("start", "restarting the egress gateway")
-        fence.start(d.path, d.pidfile)
+        group = cgroup.find(cgroup.leaf_name(d.name, d.path))
+        with group.joined() if group is not None else contextlib.nullcontext():  # the sandbox's, like the first
+            fence.start(d.path, d.pidfile)

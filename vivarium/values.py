@@ -49,6 +49,18 @@ def int_in(lo: int, hi: int, what: str) -> Callable[[object, str], int]:
 parse_port = int_in(1, 65535, "a port")
 
 
+def parse_log_size(value: object, where: str) -> int:
+    size: int = parse_size(value, where)
+    if size < 64 << 10:
+        raise ConfigError(f"{where}: {format_size(size)} is too small for a log", hint="64K or more, e.g. 10M")
+    return size
+
+
+def parse_size_or_auto(value: object, where: str) -> int:
+    """A size, or "" for a default worked out elsewhere (0)."""
+    return 0 if value == "" else parse_size(value, where)
+
+
 def parse_str(value: object, where: str) -> str:
     if not isinstance(value, str):
         raise ConfigError(f"{where}: {value!r} is not a string")
@@ -195,3 +207,15 @@ KNOWN_AGENTS = ("claude-code", "codex", "gemini", "opencode")
 def check_agent(value: str, where: str) -> None:
     if value not in KNOWN_AGENTS:
         raise ConfigError(f"{where}: unknown agent {value!r}", hint=f"known agents: {', '.join(KNOWN_AGENTS)}")
+
+
+def parse_share_flag(value: str) -> dict[str, str]:
+    """`--share HOST[:GUEST][:MODE]` → a [[share]] table."""
+    parts = value.split(":")
+    entry = {"host": parts[0]}
+    rest = parts[1:]
+    if rest and rest[-1] in ("rw", "ro", "review"):
+        entry["mode"] = rest.pop()
+    if rest:
+        entry["guest"] = rest[0]
+    return entry

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 from rich.markup import escape
 from rich.table import Table
@@ -158,8 +159,20 @@ def cmd_status(args: argparse.Namespace) -> int:
             value = _uptime(value)
         elif key == "gateway":
             value = f"up (pid {value})" if value else ("down" if st.state == "running" and st.network != "unfenced" else "")
+        elif key == "cgroup":
+            value = _cgroup(value)
         out.print(f"{key:8} {escape(printable(str(value))) if value is not None else ''}")
     return 0
+
+
+def _cgroup(cg: dict[str, Any]) -> str:
+    if not cg:
+        return ""
+    if "none" in cg:
+        return f"none ({cg['none']})"
+    most = values.format_size(cg["memory_max"]) if cg["memory_max"] != "max" else "no limit"
+    memory = f"{values.format_size(cg['memory'])} of {most}"
+    return f"{cg['path']}: {cg['pids']} of {cg['pids_max']} processes and threads, {memory} memory"
 
 
 def cmd_logs(args: argparse.Namespace) -> int:

@@ -12,7 +12,7 @@ from rich.console import Console
 from rich.markup import escape
 
 from vivarium import config as cfg
-from vivarium import trust
+from vivarium import trust, values
 from vivarium.errors import VivariumError
 from vivarium.image.build import Image, build_image
 from vivarium.image.recipe import Recipe
@@ -35,7 +35,7 @@ def setting_overrides(args: argparse.Namespace) -> dict[str, object]:
         if value is None:
             continue
         if s.name == "share":
-            value = [cfg.parse_share_flag(v) for v in value]
+            value = [values.parse_share_flag(v) for v in value]
         found[s.name] = value
     return found
 

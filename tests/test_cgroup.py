@@ -1,0 +1,89 @@
+"""A sandbox's cgroup, on this host's real hierarchies: its limits hold against a fork storm, the launching
+process goes back where it was, the host's layout is read as the kernel mounts it."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import subprocess
+import sys
+import textwrap
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from vivarium import cgroup
+from vivarium.cgroup import Layout, Limits
+
+STORM = textwrap.dedent("""
+    import os, sys, time
+    made = failed = 0
+    for _ in range(int(sys.argv[1])):
+        try:
+            if os.fork() == 0:
+                time.sleep(30)
+                os._exit(0)
+            made += 1
+        except BlockingIOError:
+            failed += 1
+    print(made, failed, flush=True)
+    time.sleep(30)
+""")
+
+
+@pytest.fixture
+def group() -> Iterator[cgroup.Group]:
+    if os.geteuid() != 0:
+        pytest.skip("making a cgroup needs root here (the test suite runs as root)")
+    g = cgroup.make(f"test-{os.getpid()}", Limits(pids=8, memory=256 << 20, io_weight=100))
+    yield g
+    for pid in g.pids():
+        with contextlib.suppress(ProcessLookupError):
+            os.kill(pid, 9)
+    assert cgroup.remove(g, wait=10.0)
+
+
+def test_a_fork_storm_stops_at_the_sandboxs_own_limit(group: cgroup.Group) -> None:
+    before = Path("/proc/self/cgroup").read_text()
+    with group.joined():
+        storm = subprocess.Popen([sys.executable, "-c", STORM, "50"], stdout=subprocess.PIPE, text=True)
+    assert Path("/proc/self/cgroup").read_text() == before  # the launcher is back where it was; its child is not
+    try:
+        assert storm.stdout is not None
+        made, failed = map(int, storm.stdout.readline().split())
+        assert failed > 0 and made < 8, (made, failed)  # the kernel said no at the limit: EAGAIN
+        used = group.usage()
+        assert used["pids_max"] == 8 and 1 < int(used["pids"]) <= 8
+        assert storm.pid in group.pids() and used["memory_max"] == 256 << 20
+        assert cgroup.find(group.dirs[0].name) == group
+    finally:
+        storm.kill()
+        storm.wait()
+
+
+def test_the_hosts_layout_is_read_from_its_mounts(tmp_path: Path) -> None:
+    def layout(mounts: str, controllers: str = "") -> Layout:
+        (tmp_path / "mounts").write_text(textwrap.dedent(mounts))
+        (tmp_path / "v2").mkdir(exist_ok=True)
+        (tmp_path / "v2" / "cgroup.controllers").write_text(controllers)
+        return Layout.read(tmp_path / "mounts")
+
+    unified = f"cgroup2 {tmp_path}/v2 cgroup2 rw,nosuid,nodev,noexec,relatime,nsdelegate 0 0\n"
+    v2 = layout(unified, "cpuset cpu io memory hugetlb pids rdma misc\n")
+    assert v2.version == 2 and v2.dirs("box-1") == (tmp_path / "v2" / "vivarium" / "box-1",)
+    hybrid = layout(
+        """\
+        tmpfs /sys/fs/cgroup tmpfs rw,relatime,mode=755 0 0
+        cgroup /sys/fs/cgroup/memory cgroup rw,relatime,memory 0 0
+        cgroup /sys/fs/cgroup/pids cgroup rw,relatime,pids 0 0
+        cgroup /sys/fs/cgroup/blkio cgroup rw,relatime,blkio 0 0
+        cgroup /sys/fs/cgroup/cpu,cpuacct cgroup rw,relatime,cpu,cpuacct 0 0
+    """
+        + unified,
+        "hugetlb\n",
+    )  # the v2 mount of a hybrid host offers neither controller
+    assert hybrid.version == 1
+    assert hybrid.dirs("b") == tuple(Path(f"/sys/fs/cgroup/{c}/vivarium/b") for c in ("pids", "memory", "blkio"))
+    with pytest.raises(cgroup.Unavailable, match="pids and memory"):
+        _ = layout("cgroup /sys/fs/cgroup/pids cgroup rw,pids 0 0\n" + unified, "").version
