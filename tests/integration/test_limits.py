@@ -1,19 +1,25 @@
 """What a hostile guest can make the host keep: attacks from root in the guest (its firewall flushed) that
-try to fill the host's disk through the files a sandbox writes there (issue 16: bounded host disk use).
+try to fill the host's disk through the files a sandbox writes there (issue 16: bounded host disk use), or to
+starve the host and the other sandboxes on it (issue 16: one cgroup per sandbox).
 
-The sandbox here has small caps (logs.*), so that an attack bounded in time still goes well past them."""
+The sandbox here has small caps (logs.*, limits.pids), so that an attack bounded in time still goes well past them."""
 
 from __future__ import annotations
 
 import json
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
-from vivarium import Sandbox, logfile
+from vivarium import Sandbox, cgroup, logfile
+from vivarium.net import control
 
-from ..fakenet import FakeNet
+from ..fakenet import PUBLIC, FakeNet
+from ..users import processes
 from .conftest import fenced, small_vm, vv, write_config
 
 pytestmark = pytest.mark.integration
@@ -36,6 +42,8 @@ console_size = "256K"
 console_keep = 1
 audit_size = "256K"
 audit_keep = 1
+[limits]
+pids = 256
 """,
     )
     vv("up", "limits", cwd=d)
@@ -114,3 +122,65 @@ def test_qemu_runs_under_its_seccomp_filter(capped: Sandbox) -> None:
     assert capped.exec(["sh", "-c", "echo after > /tmp/mark"]).returncode == 0
     vv("snapshot", "limits", "restore", "s1")
     assert capped.exec(["test", "-e", "/tmp/mark"]).returncode == 1  # back to before the mark
+
+
+STORM = r"""
+import asyncio, json, resource, sys
+N = int(sys.argv[2])
+resource.setrlimit(resource.RLIMIT_NOFILE, (65536, 65536))
+
+async def main():
+    held, failed = [], {}
+    async def one():
+        try:
+            _, w = await asyncio.wait_for(asyncio.open_connection(sys.argv[1], 9999), 60)
+            held.append(w)
+        except (OSError, asyncio.TimeoutError) as e:
+            failed[type(e).__name__] = failed.get(type(e).__name__, 0) + 1
+    await asyncio.gather(*(one() for _ in range(N)))
+    print(json.dumps({"held": len(held), "failed": failed}), flush=True)
+    await asyncio.sleep(5)
+    for w in held:
+        w.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_storm_of_connections_stays_within_the_sandboxs_own_limits(capped: Sandbox, box: Sandbox) -> None:
+    """5,000 connections opened as fast as root in the guest can: the sandbox's host processes stay in its cgroup,
+    under its pids.max, another sandbox keeps answering within 2 s throughout, and this one works afterwards."""
+    group = cgroup.find(cgroup.leaf_name(capped.name, capped.dir.path))
+    assert group is not None, capped.status().cgroup
+    mine = {pid for pid, (_, cmd) in processes(range(1 << 32)).items() if str(capped.dir.path) in cmd}
+    assert {capped.pid(), control.pid(capped.dir.path), control.child_pid(capped.dir.path)} <= mine  # QEMU, the gateway's two
+    assert len(mine) >= 5 and mine <= set(group.pids()), (mine, group.pids())  # and the namespace's holder, the console's keeper
+    assert not set(group.pids()) & {box.pid(), control.pid(box.dir.path)}  # the other sandbox is in a cgroup of its own
+    assert group.usage()["pids_max"] == 256
+    result: dict[str, Any] = {}
+
+    def storm() -> None:
+        script = 'nft flush ruleset; exec python3 -c "$0" "$1" 5000'
+        result["r"] = capped.exec(["sudo", "sh", "-c", script, STORM, PUBLIC], capture=True, timeout=600)
+
+    worker = threading.Thread(target=storm)
+    worker.start()
+    most, slowest, answers = 0, 0.0, 0
+    deadline = time.monotonic() + 600
+    while worker.is_alive() and time.monotonic() < deadline:
+        most = max(most, int(group.usage()["pids"]))
+        started = time.monotonic()
+        assert box.exec(["true"], timeout=30).returncode == 0
+        slowest, answers = max(slowest, time.monotonic() - started), answers + 1
+        time.sleep(0.2)
+    worker.join(timeout=60)
+    r = result["r"]
+    assert r.returncode == 0, r.stderr
+    stormed = json.loads(r.stdout.strip().splitlines()[-1])
+    print(f"storm of 5000: {stormed}; the sandbox's processes and threads at most {most} (pids.max 256), "
+          f"the other sandbox answered {answers} times, the slowest in {slowest:.2f} s")  # fmt: skip
+    assert stormed["held"] + sum(stormed["failed"].values()) == 5000 and stormed["held"] >= 1000, stormed
+    assert 0 < most <= 256
+    assert answers >= 3 and slowest < 2.0
+    assert group.read("pids.events", "pids.events") in ("", "max 0")  # nothing of it even tried to pass the limit
+    assert capped.exec(["curl", "-sf", "-o", "/dev/null", "http://public.test/"], timeout=120).returncode == 0  # works again
