@@ -6,14 +6,16 @@ import os
 import re
 import signal
 import subprocess
+import time
 from pathlib import Path
 
 import pytest
 
 from vivarium import ssh
 from vivarium.errors import UsageError, VMError
+from vivarium.share import userns
 from vivarium.vm import accel, machine
-from vivarium.vm.qemu import FENCE_MAC, SECCOMP, MachineSpec, PortForward, qemu_argv
+from vivarium.vm.qemu import FENCE_MAC, SECCOMP, SECCOMP_RUNAS, MachineSpec, PortForward, qemu_argv
 
 
 def spec(tmp_path: Path, **kw: object) -> MachineSpec:
@@ -45,6 +47,36 @@ def test_qemu_argv(tmp_path: Path) -> None:
     assert any(d.startswith("virtio-blk-pci") for d in opt(argv, "-device"))
     assert "root=/dev/vda" in opt(argv, "-append")[0]
     assert opt(argv, "-pidfile") == [str(tmp_path / "qemu.pid")]
+
+
+def test_qemu_started_by_root_drops_to_the_sandboxs_uid(tmp_path: Path) -> None:
+    u = userns.sandbox_uid(str(tmp_path))
+    assert userns.QEMU_RANGE[0] <= u < sum(userns.QEMU_RANGE) and u != userns.sandbox_uid(str(tmp_path / "other"))
+    old = qemu_argv(spec(tmp_path, seccomp=True, runas=(u, u)))
+    assert opt(old, "-runas") == [f"{u}:{u}"] and opt(old, "-sandbox") == [SECCOMP_RUNAS] and "-run-with" not in old
+    new = qemu_argv(spec(tmp_path, seccomp=True, runas=(u, u), run_with=True))
+    assert opt(new, "-run-with") == [f"user={u}:{u}"] and "-runas" not in new
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="dropping root needs root (the test suite runs as root)")
+def test_this_hosts_qemu_drops_root_under_its_filter(tmp_path: Path) -> None:
+    """The host's own QEMU, given what launch gives it: it runs on as the uid, no capability left; with the filter's
+    elevateprivileges=deny it dies of SIGSYS at the change (why SECCOMP_RUNAS allows it)."""
+    u = userns.sandbox_uid(str(tmp_path))
+    base = ["qemu-system-x86_64", "-machine", "none", "-nodefaults", "-display", "none", "-S", "-runas", f"{u}:{u}", "-sandbox"]
+    with subprocess.Popen([*base, SECCOMP_RUNAS, "-qmp", f"unix:{tmp_path}/qmp,server=on,wait=off"]) as qemu:
+        try:
+            for _ in range(100):
+                status = dict(ln.split(":\t", 1) for ln in Path(f"/proc/{qemu.pid}/status").read_text().splitlines() if ":\t" in ln)
+                if (tmp_path / "qmp").exists() and status["Uid"].split()[0] != "0":
+                    break
+                time.sleep(0.05)
+            assert status["Uid"].split() == [str(u)] * 4 and status["Gid"].split() == [str(u)] * 4, status
+            assert int(status["CapEff"], 16) == 0 and status["Groups"].strip() in ("", str(u)) and qemu.poll() is None
+        finally:
+            qemu.kill()
+    killed = subprocess.run([*base, SECCOMP], timeout=30)
+    assert killed.returncode == -signal.SIGSYS
 
 
 def test_fenced_network_is_restricted_with_one_way_out(tmp_path: Path) -> None:

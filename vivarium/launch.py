@@ -13,6 +13,7 @@ import dataclasses
 import os
 import secrets
 import shutil
+import socket
 import subprocess
 import time
 from collections.abc import Sequence
@@ -30,7 +31,7 @@ from vivarium.net import netns
 from vivarium.net.ca import CA
 from vivarium.progress import WARNING, Progress
 from vivarium.run import run
-from vivarium.share import gitbranch, virtiofs, writeback
+from vivarium.share import gitbranch, userns, virtiofs, writeback
 from vivarium.vm import accel as accel_mod
 from vivarium.vm import caps, channel, console, machine, memory
 from vivarium.vm.qemu import MachineSpec
@@ -109,6 +110,7 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
             fw_cfg=fw, fence_tap=tap, control=d.control, ram_fd=ram, serial_fd=serial,
             shares=() if template else tuple((sh.tag, sh.socket) for sh in shares),  # a template's are plugged in
             extra=("-incoming", "defer") if saved else (), machine=qemu_caps.machine, seccomp=qemu_caps.seccomp,
+            runas=_qemu_ids(d), run_with=qemu_caps.at_least(9, 1),
         )  # fmt: skip
         progress("kernel", f"starting QEMU ({acc.name})" if saved is None else f"restoring the saved state ({acc.name})")
         qemu = machine.start(spec)
@@ -145,6 +147,14 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
         if rec.instance.pristine:  # a template's copy has become itself
             d.write(dataclasses.replace(rec, instance=dataclasses.replace(rec.instance, pristine=False)))
         started.pop_all()  # it runs: keep everything
+
+
+def _qemu_ids(d: state.InstanceDir) -> tuple[int, int] | None:
+    """Run by root itself, QEMU drops to a uid of the sandbox's own (issue 16, 2); run by a user, it is theirs."""
+    if os.geteuid() != 0:
+        return None
+    uid = userns.sandbox_uid(str(d.path))
+    return uid, uid
 
 
 def _cgroup(how: Launch) -> cgroup.Group | None:
@@ -187,8 +197,11 @@ def _become(how: Launch, shares: Sequence[virtiofs.ShareSpec], fw: Sequence[tupl
     hand it (over the control channel) this instance's settings, the ones a boot reads from fw_cfg."""
     d = how.dir
     for i, sh in enumerate(shares):
+        with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as conn:  # connected here: QEMU may not reach the path
+            conn.connect(str(sh.socket))
+            machine.hand(d.qmp, conn.fileno(), f"fs{i}")
         machine.qmp(d.qmp, "chardev-add", {"id": f"fs{i}", "backend": {
-            "type": "socket", "data": {"addr": {"type": "unix", "data": {"path": str(sh.socket)}}, "server": False}}})  # fmt: skip
+            "type": "socket", "data": {"addr": {"type": "fd", "data": {"str": f"fs{i}"}}, "server": False}}})  # fmt: skip
         machine.qmp(d.qmp, "device_add", {"driver": "vhost-user-fs-pci", "id": f"fsdev{i}", "chardev": f"fs{i}",
                                           "tag": sh.tag, "bus": f"hp{i}"})  # fmt: skip
     how.progress("sshd", "making the template's copy this sandbox")

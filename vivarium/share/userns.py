@@ -17,6 +17,7 @@ the user, who owns the namespace, can still stop it.
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import os
 import shutil
 import subprocess
@@ -68,6 +69,14 @@ def parse_map(text: str) -> Mapping:
 # Root's share servers, where root has no subordinate range of its own: the ids systemd sets aside for
 # "foreign" files (0x7FFE0000, 65536 of them), which no user of the host is.
 ROOT_RANGE = (0x7FFE0000, 0x10000)
+# Where QEMU started by root itself (no sudo) drops to: a uid (and gid) of each sandbox's own in the 65536 just
+# above ROOT_RANGE, owned by no one, in no group; chosen by a digest of the sandbox's directory.
+QEMU_RANGE = (0x7FFF0000, 0x10000)
+
+
+def sandbox_uid(key: str) -> int:
+    """The uid QEMU of the sandbox `key` (its directory) runs as when root starts it."""
+    return QEMU_RANGE[0] + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % QEMU_RANGE[1]
 
 
 def maps(user: str, uid: int, gid: int, guest_uid: int, guest_gid: int) -> tuple[Mapping, Mapping] | str:

@@ -177,6 +177,11 @@ async def _hand(client: QMPClient, fd: int, name: str) -> None:
     await client.execute("getfd", {"fdname": name})
 
 
+def hand(sock: Path, fd: int, name: str) -> None:
+    """Give QEMU an open file or socket under `name` (getfd), for a command that names it next."""
+    session(sock, "getfd", lambda client: _hand(client, fd, name))
+
+
 async def _migration_capabilities(client: QMPClient, without_ram: bool) -> None:
     """`events`: QEMU says how a migration went (MIGRATION events) instead of being asked over and over;
     x-ignore-shared: the stream leaves out the guest's RAM (shared memory), only device state goes."""

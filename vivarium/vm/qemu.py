@@ -86,6 +86,10 @@ class MachineSpec:
     machine: str = "q35"
     # Under QEMU's seccomp filter (SECCOMP), where this QEMU has one (caps.py).
     seccomp: bool = False
+    # Started by root: the uid and gid QEMU drops to before the guest runs (after it opened its files and
+    # devices), with `-run-with user=` (QEMU 9.1 and later) or else `-runas`.
+    runas: tuple[int, int] | None = None
+    run_with: bool = False
 
 
 # QEMU's seccomp filter: no obsolete system calls, no set*uid/set*gid, no fork or exec (nothing of QEMU's
@@ -93,6 +97,9 @@ class MachineSpec:
 # affinity changes. QEMU that emulates a hostile guest's code (TCG) and parses its device traffic then
 # cannot start a program, even once compromised.
 SECCOMP = "on,obsolete=deny,elevateprivileges=deny,spawn=deny,resourcecontrol=deny"
+# With `runas`, QEMU changes its ids after the filter is in place, which elevateprivileges=deny kills (SIGSYS, on
+# 7.2): allowed then. Once its ids are all the sandbox's and it has no capability, there is nothing to elevate to.
+SECCOMP_RUNAS = SECCOMP.replace("elevateprivileges=deny", "elevateprivileges=allow")
 
 
 def qemu_argv(spec: MachineSpec) -> list[str]:
@@ -137,7 +144,10 @@ def qemu_argv(spec: MachineSpec) -> list[str]:
         "-pidfile", str(spec.pidfile),
     ]  # fmt: skip
     if spec.seccomp:
-        argv += ["-sandbox", SECCOMP]
+        argv += ["-sandbox", SECCOMP if spec.runas is None else SECCOMP_RUNAS]
+    if spec.runas is not None:
+        user = "{}:{}".format(*spec.runas)
+        argv += ["-run-with", f"user={user}"] if spec.run_with else ["-runas", user]
     if spec.control is not None:
         argv += [
             "-chardev", f"pipe,id=control,path={_escape(spec.control)}",
