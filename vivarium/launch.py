@@ -103,6 +103,7 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
         _check_space(how)
         serial = console.start(d.serial, logfile.Cap(c.logs.console_size, c.logs.console_keep))
         fds.callback(os.close, serial)  # QEMU's exit (or its failure to start) then ends the console's keeper
+        disk_fds = tuple((_open(fds, path, os.O_RDWR), _open(fds, path, os.O_RDONLY)) for path in (d.disk, d.swap))
         spec = MachineSpec(
             name=how.name, kernel=how.image.kernel, initrd=how.image.initrd, disk=d.disk, swap=d.swap,
             memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
@@ -110,7 +111,7 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
             fw_cfg=fw, fence_tap=tap, control=d.control, ram_fd=ram, serial_fd=serial,
             shares=() if template else tuple((sh.tag, sh.socket) for sh in shares),  # a template's are plugged in
             extra=("-incoming", "defer") if saved else (), machine=qemu_caps.machine, seccomp=qemu_caps.seccomp,
-            runas=_qemu_ids(d), run_with=qemu_caps.at_least(9, 1),
+            runas=_qemu_ids(d), run_with=qemu_caps.at_least(9, 1), disk_fds=(disk_fds[0], disk_fds[1]),
         )  # fmt: skip
         progress("kernel", f"starting QEMU ({acc.name})" if saved is None else f"restoring the saved state ({acc.name})")
         qemu = machine.start(spec)
@@ -147,6 +148,12 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
         if rec.instance.pristine:  # a template's copy has become itself
             d.write(dataclasses.replace(rec, instance=dataclasses.replace(rec.instance, pristine=False)))
         started.pop_all()  # it runs: keep everything
+
+
+def _open(fds: contextlib.ExitStack, path: Path, flags: int) -> int:
+    fd = os.open(path, flags | os.O_CLOEXEC)
+    fds.callback(os.close, fd)
+    return fd
 
 
 def _qemu_ids(d: state.InstanceDir) -> tuple[int, int] | None:

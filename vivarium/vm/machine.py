@@ -81,6 +81,7 @@ def start(spec: MachineSpec) -> Process:
     if spec.control is not None:
         channel.make(spec.control)
     fds = tuple(fd for fd in (spec.ram_fd, spec.fence_tap, spec.serial_fd) if fd is not None)
+    fds += tuple(fd for pair in spec.disk_fds or () for fd in pair)
     try:
         run([sys.executable, "-m", "vivarium.vm.spawn", str(spec.qmp), str(spec.log), ",".join(map(str, fds)), "--", *qemu_argv(spec)],
             timeout=90, pass_fds=fds)  # fmt: skip

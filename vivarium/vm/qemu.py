@@ -90,6 +90,11 @@ class MachineSpec:
     # devices), with `-run-with user=` (QEMU 9.1 and later) or else `-runas`.
     runas: tuple[int, int] | None = None
     run_with: bool = False
+    # The disk and the swap as open files (read-write, read-only) in fd sets 1 and 2, rather than by path: QEMU
+    # opens an image again when an incoming migration (a restore) hands it over, after it dropped to `runas`.
+    # Their image locks are off: the set keeps both files open for as long as QEMU runs, so the locks one took
+    # would stand against the other for ever (and vivarium's instance lock already keeps a second QEMU off them).
+    disk_fds: tuple[tuple[int, int], tuple[int, int]] | None = None
 
 
 # QEMU's seccomp filter: no obsolete system calls, no set*uid/set*gid, no fork or exec (nothing of QEMU's
@@ -122,9 +127,10 @@ def qemu_argv(spec: MachineSpec) -> list[str]:
         "-kernel", str(spec.kernel),
         "-initrd", str(spec.initrd),
         "-append", spec.cmdline,
-        "-drive", f"if=none,id=root,file={_escape(spec.disk)},format=qcow2,discard=unmap",
+        *_fdsets(spec),
+        "-drive", f"if=none,id=root,file={'/dev/fdset/1,file.locking=off' if spec.disk_fds else _escape(spec.disk)},format=qcow2,discard=unmap",
         "-device", "virtio-blk-pci,drive=root",
-        "-drive", f"if=none,id=swap,file={_escape(spec.swap)},format=qcow2,discard=unmap",
+        "-drive", f"if=none,id=swap,file={'/dev/fdset/2,file.locking=off' if spec.disk_fds else _escape(spec.swap)},format=qcow2,discard=unmap",
         "-device", "virtio-blk-pci,drive=swap",
         "-netdev", netdev,
         "-device", "virtio-net-pci,netdev=net0",
@@ -163,6 +169,12 @@ def qemu_argv(spec: MachineSpec) -> list[str]:
         argv += ["-fw_cfg", f"name=opt/vivarium/{name},file={_escape(path)}"]
     argv += spec.extra
     return argv
+
+
+def _fdsets(spec: MachineSpec) -> list[str]:
+    if spec.disk_fds is None:
+        return []
+    return [x for i, fds in enumerate(spec.disk_fds, 1) for fd in fds for x in ("-add-fd", f"fd={fd},set={i}")]
 
 
 def _memory(spec: MachineSpec) -> str:
