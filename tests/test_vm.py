@@ -54,8 +54,10 @@ def test_qemu_started_by_root_drops_to_the_sandboxs_uid(tmp_path: Path) -> None:
     assert userns.QEMU_RANGE[0] <= u < sum(userns.QEMU_RANGE) and u != userns.sandbox_uid(str(tmp_path / "other"))
     old = qemu_argv(spec(tmp_path, seccomp=True, runas=(u, u)))
     assert opt(old, "-runas") == [f"{u}:{u}"] and opt(old, "-sandbox") == [SECCOMP_RUNAS] and "-run-with" not in old
-    new = qemu_argv(spec(tmp_path, seccomp=True, runas=(u, u), run_with=True))
+    new = qemu_argv(spec(tmp_path, seccomp=True, runas=(u, u), run_with=True, disk_fds=((7, 8), (9, 10))))
     assert opt(new, "-run-with") == [f"user={u}:{u}"] and "-runas" not in new
+    assert opt(new, "-add-fd") == ["fd=7,set=1", "fd=8,set=1", "fd=9,set=2", "fd=10,set=2"]  # opened again by QEMU, no path needed
+    assert [d.split(",")[2] for d in opt(new, "-drive")] == ["file=/dev/fdset/1", "file=/dev/fdset/2"]
 
 
 @pytest.mark.skipif(os.geteuid() != 0, reason="dropping root needs root (the test suite runs as root)")

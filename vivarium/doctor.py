@@ -7,7 +7,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 
-from vivarium import state
+from vivarium import cgroup, state
 from vivarium.errors import MissingProgram, VMError
 from vivarium.net import netns
 from vivarium.run import PACKAGES, find_program, run
@@ -46,6 +46,7 @@ def checks(kernel: Path | None = None) -> list[Check]:
     out.append(_shares())
     out.append(_userns())
     out.append(_fence())
+    out.append(_cgroup())
     out.append(_free_disk())
     return out
 
@@ -100,6 +101,15 @@ def _userns() -> Check:
         return Check("user namespaces", False, f"rootless builds unavailable: {e}",
                      "apt-get install uidmap; give your user ranges in /etc/subuid and /etc/subgid", required=True)  # fmt: skip
     return Check("user namespaces", True, "unprivileged user namespaces work (rootless builds)", required=False)
+
+
+def _cgroup() -> Check:
+    why = cgroup.why_none()
+    if why:
+        fix = "run vivarium as root for [limits] (a systemd scope for a user is not done yet)"
+        return Check("sandbox limits", False, f"sandboxes run without a cgroup: {why}", fix, required=False)
+    version = cgroup.Layout.read().version
+    return Check("sandbox limits", True, f"each sandbox's host processes in a cgroup of its own (v{version}): [limits] hold", required=False)
 
 
 def _free_disk() -> Check:
