@@ -41,6 +41,8 @@ def box(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[launc
     c = cfg.load_data({"share": [], "forward": [{"host": ports.free_port(), "guest": 22}]}, "test", tmp_path)
     rec = records.made("failing")
     d.write(rec)
+    for disk in (d.disk, d.swap):
+        disk.write_bytes(b"")  # what a fake QEMU is handed
     yield launch.Launch("failing", d, c, image, True, lambda phase, detail: None), rec
     control.stop(d.path)
     netns.stop(d.path)
@@ -92,6 +94,18 @@ def test_qemu_refusing_to_start_unwinds_the_namespace_and_the_gateway(
     fake_qemu(tmp_path, monkeypatch, 'echo "qemu-system-x86_64: -netdev tap: no such device" >&2; exit 1\n')
     with pytest.raises(VMError, match="QEMU did not start: -netdev tap: no such device"):
         launch.start(how, rec, auto_ports=True, timeout=5)
+    assert_nothing_left(how)
+
+
+def test_a_missing_disk_is_one_line_and_unwinds_everything(
+    box: tuple[launch.Launch, record.Record], tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    how, rec = box
+    fake_qemu(tmp_path, monkeypatch, "exit 1\n")
+    how.dir.swap.unlink()
+    with pytest.raises(VMError, match=r"sandbox 'failing': cannot open /.*/swap\.qcow2: No such file or directory") as e:
+        launch.start(how, rec, auto_ports=True, timeout=5)
+    assert e.value.hint and "vivarium reset failing" in e.value.hint
     assert_nothing_left(how)
 
 

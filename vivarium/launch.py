@@ -103,7 +103,7 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
         _check_space(how)
         serial = console.start(d.serial, logfile.Cap(c.logs.console_size, c.logs.console_keep))
         fds.callback(os.close, serial)  # QEMU's exit (or its failure to start) then ends the console's keeper
-        disk_fds = tuple((_open(fds, path, os.O_RDWR), _open(fds, path, os.O_RDONLY)) for path in (d.disk, d.swap))
+        disk_fds = tuple((_open(fds, how, path, os.O_RDWR), _open(fds, how, path, os.O_RDONLY)) for path in (d.disk, d.swap))
         spec = MachineSpec(
             name=how.name, kernel=how.image.kernel, initrd=how.image.initrd, disk=d.disk, swap=d.swap,
             memory_mib=c.vm.memory >> 20, cpus=c.vm.cpus, accel_args=tuple(acc.qemu_args()),
@@ -150,8 +150,12 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
         started.pop_all()  # it runs: keep everything
 
 
-def _open(fds: contextlib.ExitStack, path: Path, flags: int) -> int:
-    fd = os.open(path, flags | os.O_CLOEXEC)
+def _open(fds: contextlib.ExitStack, how: Launch, path: Path, flags: int) -> int:
+    try:
+        fd = os.open(path, flags | os.O_CLOEXEC)
+    except OSError as e:
+        raise VMError(f"sandbox {how.name!r}: cannot open {path}: {e.strerror}",
+                      hint=f"`vivarium reset {how.name}` gives it new disks (what the old ones held is lost)") from None  # fmt: skip
     fds.callback(os.close, fd)
     return fd
 
