@@ -194,6 +194,11 @@ def find(name: str, layout: Layout | None = None) -> Group | None:
         return None
 
 
+def of(name: str, directory: Path) -> Group | None:
+    """The cgroup of sandbox `name` (living in `directory`), if it has one now."""
+    return find(leaf_name(name, directory))
+
+
 def why_none() -> str:
     """Why a sandbox here has no cgroup: the reason make() would give."""
     try:

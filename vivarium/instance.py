@@ -80,7 +80,7 @@ def status(d: state.InstanceDir, agents: Callable[[str], dict[str, str]]) -> Sta
 
 
 def _cgroup(d: state.InstanceDir) -> dict[str, Any]:
-    group = cgroup.find(cgroup.leaf_name(d.name, d.path))
+    group = cgroup.of(d.name, d.path)
     return group.usage() if group is not None else {"none": cgroup.why_none() or "made by none of its starts"}
 
 
@@ -152,7 +152,7 @@ def stop(d: state.InstanceDir, timeout: float = 30.0) -> str:
         d.write(rec.stopped())
         fence.stop(d.path)
         netns.stop(d.path)
-        if (group := cgroup.find(cgroup.leaf_name(d.name, d.path))) is not None:
+        if (group := cgroup.of(d.name, d.path)) is not None:
             cgroup.remove(group)  # once the helpers have followed QEMU out (a start makes it again if not)
         d.qmp.unlink(missing_ok=True)
         d.pidfile.unlink(missing_ok=True)

@@ -67,6 +67,6 @@ def mend(d: state.InstanceDir, run: record.Run | None, progress: Progress) -> No
     """A running sandbox whose gateway is gone (killed from outside) has been failing closed: bring it back."""
     if run is not None and run.network != "unfenced" and fence.pid(d.path) is None:
         progress("start", "restarting the egress gateway")
-        group = cgroup.find(cgroup.leaf_name(d.name, d.path))
+        group = cgroup.of(d.name, d.path)
         with group.joined() if group is not None else contextlib.nullcontext():  # the sandbox's, like the first
             fence.start(d.path, d.pidfile)

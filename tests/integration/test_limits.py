@@ -170,7 +170,7 @@ asyncio.run(main())
 def test_a_storm_of_connections_stays_within_the_sandboxs_own_limits(capped: Sandbox, box: Sandbox) -> None:
     """5,000 connections opened as fast as root in the guest can: the sandbox's host processes stay in its cgroup,
     under its pids.max, another sandbox keeps answering within 2 s throughout, and this one works afterwards."""
-    group = cgroup.find(cgroup.leaf_name(capped.name, capped.dir.path))
+    group = cgroup.of(capped.name, capped.dir.path)
     assert group is not None, capped.status().cgroup
     # what runs for it (not the CLI's own ssh into it, which a command starts and which is the user's)
     named = {pid: cmd for pid, (_, cmd) in processes(range(1 << 32)).items() if str(capped.dir.path) in cmd and not cmd.startswith("ssh")}
