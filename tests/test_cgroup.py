@@ -84,6 +84,6 @@ def test_the_hosts_layout_is_read_from_its_mounts(tmp_path: Path) -> None:
         "hugetlb\n",
     )  # the v2 mount of a hybrid host offers neither controller
     assert hybrid.version == 1
-    assert hybrid.dirs("b") == tuple(Path(f"/sys/fs/cgroup/{c}/vivarium/b") for c in ("pids", "memory", "blkio"))
+    assert hybrid.dirs("b") == tuple(Path(f"/sys/fs/cgroup/{c}/vivarium/b") for c in ("pids", "memory", "blkio", "cpu,cpuacct"))
     with pytest.raises(cgroup.Unavailable, match="pids and memory"):
         _ = layout("cgroup /sys/fs/cgroup/pids cgroup rw,pids 0 0\n" + unified, "").version

@@ -1,14 +1,15 @@
 """A sandbox's host processes in one cgroup of their own: QEMU, the gateway, the share servers, the network
 namespace's holder and the console's keeper, with limits: `pids.max` (threads count too: whatever the guest
 can make the host start stops at the sandbox's own limit, not the host's), `memory.max` (the guest's RAM is
-charged here as QEMU touches it, with QEMU's own and its helpers' on top) and an IO weight.
+charged here as QEMU touches it, with QEMU's own and its helpers' on top), an IO weight, and the CPU scheduler's
+fair share of a group (the default weight: a sandbox busy on every core leaves each other sandbox its share).
 
 Where it lives:
 
 - cgroup v2 with the pids and memory controllers: `vivarium/<sandbox>` under the hierarchy's root, the
   controllers enabled on the way down (what Docker's cgroupfs driver does). Root only, for now.
 - a hybrid host (pids and memory bound to v1 hierarchies, as on this project's build machines and older
-  distributions): `vivarium/<sandbox>` in each of the pids, memory and blkio hierarchies.
+  distributions): `vivarium/<sandbox>` in each of the pids, memory, blkio and cpu hierarchies.
 - neither, or not writable by whoever runs vivarium (a normal user: systemd delegates its user a subtree,
   but a process in a login session cannot move into it; a transient scope is the way there, not done yet):
   no cgroup; the sandbox runs, and `status` says why it has none.
@@ -29,7 +30,7 @@ from pathlib import Path
 
 BASE = "vivarium"
 MOUNTS = Path("/proc/self/mounts")
-V1 = ("pids", "memory", "blkio")  # the v1 hierarchies a sandbox gets a directory in (pids and memory required)
+V1 = ("pids", "memory", "blkio", "cpu")  # the v1 hierarchies a sandbox gets a directory in (pids and memory required)
 
 
 class Unavailable(Exception):
@@ -159,7 +160,7 @@ def make(name: str, limits: Limits, layout: Layout | None = None) -> Group:
     try:
         if version == 2:
             assert layout.v2 is not None
-            wanted = [c for c in ("pids", "memory", "io") if c in layout.v2_controllers]
+            wanted = [c for c in ("pids", "memory", "io", "cpu") if c in layout.v2_controllers]
             for parent in (layout.v2, layout.v2 / BASE):
                 parent.mkdir(mode=0o755, exist_ok=True)
                 enabled = set((parent / "cgroup.subtree_control").read_text().split())
@@ -167,7 +168,7 @@ def make(name: str, limits: Limits, layout: Layout | None = None) -> Group:
                     try:
                         (parent / "cgroup.subtree_control").write_text(f"+{c}")
                     except OSError:
-                        if c != "io":  # an IO weight is best effort; pids and memory are what the cgroup is for
+                        if c in ("pids", "memory"):  # IO and CPU weights are best effort; pids and memory are what it is for
                             raise
         for d in dirs:
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
