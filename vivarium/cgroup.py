@@ -147,7 +147,7 @@ class Group:
         finally:
             for d in self.dirs:
                 root = d.parent.parent
-                back = root / was.get(_key(self.version, root), "/").lstrip("/")
+                back = root / was.get(_key(self.version, root, was), "/").lstrip("/")
                 with contextlib.suppress(OSError):
                     (back / "cgroup.procs").write_text(f"{os.getpid()}\n")
 
@@ -243,11 +243,11 @@ def _own_paths() -> dict[str, str]:
     return out
 
 
-def _key(version: int, root: Path) -> str:
-    """/proc/self/cgroup's key of a hierarchy mounted at `root`."""
+def _key(version: int, root: Path, own: dict[str, str]) -> str:
+    """The key in `own` (this process's /proc/self/cgroup, read once) of a hierarchy mounted at `root`."""
     if version == 2:
         return "2"
-    return next((c for c in _own_paths() if root.name in c.split(",")), root.name)
+    return next((c for c in own if root.name in c.split(",")), root.name)
 
 
 def _int(text: str) -> int:
