@@ -331,9 +331,20 @@ def _wait_ready(how: Launch, qemu: machine.Process, port: int, user: str, limit:
                 return
         time.sleep(0.25)
     raise VMError(
-        f"sandbox {how.name!r} did not answer SSH within {limit:.0f}s (stuck in phase {phase}); last console lines:\n{serial_tail(d, 8)}",
+        f"sandbox {how.name!r} did not answer SSH within {limit:.0f}s (stuck in phase {phase}; {_doing(d, qemu)}); "
+        f"last console lines:\n{serial_tail(d, 8)}",
         hint=f"console log: {d.serial}",
     )
+
+
+def _doing(d: state.InstanceDir, qemu: machine.Process) -> str:
+    """What a guest that never got ready was doing, as far as the host sees it: busy, or stuck (and QEMU's own word)."""
+    cpu = qemu.cpu_seconds()
+    try:
+        status = str(machine.qmp(d.qmp, "query-status", timeout=5.0).get("status", "?"))
+    except (VMError, OSError, AttributeError):
+        status = "no answer"
+    return f"QEMU has used {cpu or 0:.0f} s of CPU, its monitor says {status!r}"
 
 
 def _serial_text(d: state.InstanceDir) -> str:

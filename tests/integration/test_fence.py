@@ -234,6 +234,7 @@ def test_attacks_as_root_with_the_guest_firewall_flushed(box: Sandbox, secret: L
     assert [r["name"] for r in log if r["kind"] == "dns"].count("example.com") >= 2
 
 
+@pytest.mark.same_everywhere
 def test_attacks_from_a_docker_container(box: Sandbox, secret: LoopbackServer) -> None:
     # An image from what the guest has (no registry here): python3 and busybox, imported.
     build = (
@@ -260,6 +261,7 @@ def test_attacks_from_a_docker_container(box: Sandbox, secret: LoopbackServer) -
 # ---------------------------------------------------------------- what gets through
 
 
+@pytest.mark.same_everywhere
 def test_lan_block_reaches_the_public_host_by_name_and_by_ip(box: Sandbox) -> None:
     since = len(list(box.egress_log()))
     assert curl(box, "http://public.test/") == (0, f"hello from {PUBLIC}")
@@ -276,6 +278,7 @@ def test_lan_block_reaches_the_public_host_by_name_and_by_ip(box: Sandbox) -> No
     assert "ALLOW tcp public.test 198.51.100.7:80" in text and "DENY  tcp other.test 198.51.100.8:80" in text
 
 
+@pytest.mark.same_everywhere
 def test_a_name_pointing_into_the_lan_is_refused(box: Sandbox) -> None:
     since = len(list(box.egress_log()))
     _, text = curl(box, "http://lan.test:7777/")
@@ -284,6 +287,7 @@ def test_a_name_pointing_into_the_lan_is_refused(box: Sandbox) -> None:
     assert (r["dst"], r["name"], r["decision"], r["rule"]) == (LAN[0], "lan.test", "deny", "deny private 192.168.0.0/16")
 
 
+@pytest.mark.same_everywhere
 def test_allowlist_only_listed_names_and_their_own_addresses(box: Sandbox, net: FakeNet) -> None:
     # both made-up public hosts opened: in allowlist mode that only lifts the built-in denial; names decide
     set_policy(box, net, "allowlist", ["public.test"], ("198.51.100.0/24",))
@@ -317,6 +321,7 @@ def test_allowlist_only_listed_names_and_their_own_addresses(box: Sandbox, net: 
         set_policy(box, net, "lan-block")
 
 
+@pytest.mark.same_everywhere
 def test_offline_lets_nothing_out(box: Sandbox, net: FakeNet) -> None:
     set_policy(box, net, "offline")
     try:
@@ -363,6 +368,7 @@ SPELLINGS = ("64:ff9b:1::c0a8:4d01", "64:ff9b::c0a8:4d01", "2002:c0a8:4d01::1", 
              "3fff::1", "::ffff:192.168.77.1")  # fmt: skip
 
 
+@pytest.mark.same_everywhere
 def test_transition_ranges_get_nowhere_ipv6_has_no_way_out(box: Sandbox) -> None:
     """The sandbox's namespace has IPv6 off: whatever the guest's root sets up, no IPv6 packet goes anywhere, so no
     spelling of a LAN address in an IPv6 form reaches the gateway (policy.py refuses them too, see test_policy)."""
@@ -376,6 +382,7 @@ def test_transition_ranges_get_nowhere_ipv6_has_no_way_out(box: Sandbox) -> None
     assert [(rec["dst"], rec["rule"]) for rec in egress(box, since) if rec["kind"] == "tcp"] == [(LAN[0], "deny private 192.168.0.0/16")]
 
 
+@pytest.mark.same_everywhere
 def test_a_denied_names_address_stays_denied_whatever_name_the_client_shows(box: Sandbox, net: FakeNet) -> None:
     set_policy(box, net, "lan-block")
     try:
@@ -421,6 +428,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.same_everywhere
 def test_allowlist_a_split_or_late_client_hello_is_read_whole(box: Sandbox, net: FakeNet) -> None:
     set_policy(box, net, "allowlist", ["public.test"])
     try:
@@ -444,6 +452,7 @@ def _alive(pid: int) -> bool:
     return Path(f"/proc/{pid}/stat").read_text().split()[2] != "Z"
 
 
+@pytest.mark.same_everywhere
 @pytest.mark.parametrize("victims", ["supervisor", "supervisor and child"])
 def test_up_brings_back_a_killed_gateway(box: Sandbox, victims: str) -> None:
     d = box.dir.path
@@ -498,6 +507,7 @@ print(json.dumps(out))
 """
 
 
+@pytest.mark.same_everywhere
 def test_allowlist_every_request_on_a_keep_alive_connection_is_checked(box: Sandbox, net: FakeNet) -> None:
     set_policy(box, net, "allowlist", ["public.test"])
     try:
@@ -517,6 +527,7 @@ def test_allowlist_every_request_on_a_keep_alive_connection_is_checked(box: Sand
         set_policy(box, net, "lan-block")
 
 
+@pytest.mark.same_everywhere
 def test_an_address_the_host_gains_after_the_start_is_still_the_hosts(box: Sandbox, net: FakeNet) -> None:
     # the user opened a range (say, their office's); the host itself joins it later (a VPN comes up)
     set_policy(box, net, "lan-block", cidrs=(f"{PUBLIC}/32", "203.0.113.0/24"))
@@ -588,6 +599,7 @@ def _processes() -> int:
     return sum(1 for p in Path("/proc").iterdir() if p.name.isdigit())
 
 
+@pytest.mark.same_everywhere
 def test_a_flood_of_connections_stalls_neither_dns_nor_other_connections(box: Sandbox) -> None:
     since = len(list(box.egress_log()))
     script = (
@@ -622,6 +634,7 @@ def test_a_flood_of_connections_stalls_neither_dns_nor_other_connections(box: Sa
     assert control.pid(box.dir.path) is not None and control.child_pid(box.dir.path) is not None
 
 
+@pytest.mark.same_everywhere
 def test_a_connection_cut_by_the_gateways_death_left_a_record(box: Sandbox) -> None:
     since = len(list(box.egress_log()))
     download = f"setsid curl -s -o /dev/null --limit-rate 2M http://{PUBLIC}/bytes/20000000 </dev/null >/dev/null 2>&1 &"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -154,6 +155,7 @@ def test_guest_that_never_gets_ready_times_out_cleanly(box: Sandbox, project: Pa
     r = vv("up", "slowpoke", "--cold", "--timeout", "2", "--auto-ports", cwd=project, check=False)  # a boot that never ends
     assert r.returncode == 1
     assert "did not answer SSH within 2s" in r.stderr and "console log:" in r.stderr
+    assert re.search(r"QEMU has used \d+ s of CPU, its monitor says 'running'", r.stderr), r.stderr  # busy, not stuck
     assert "Traceback" not in r.stderr
     assert Sandbox("slowpoke").pid() is None
     assert vv("status", "slowpoke", "--json").stdout.count('"stopped"') == 1

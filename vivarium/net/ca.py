@@ -13,7 +13,6 @@ import datetime
 import ipaddress
 import os
 import ssl
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -125,12 +124,14 @@ class CA:
             ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
             ctx.minimum_version = ssl.TLSVersion.TLSv1_2
             ctx.set_alpn_protocols(list(ALPN))
-            # load_cert_chain takes files only: a private directory, gone at once
-            with tempfile.TemporaryDirectory(prefix="vivarium-leaf-") as tmp:
-                os.chmod(tmp, 0o700)
-                (Path(tmp) / "c.pem").write_bytes(chain)
-                (Path(tmp) / "k.pem").write_bytes(key)
-                ctx.load_cert_chain(Path(tmp) / "c.pem", Path(tmp) / "k.pem")
+            # load_cert_chain takes a file only: one in memory, this process's alone (the gateway that asks
+            # may have dropped root, and a directory it could write need not exist; nor does the key touch a disk)
+            fd = os.memfd_create("vivarium-leaf", os.MFD_CLOEXEC)
+            try:
+                os.write(fd, chain + key)
+                ctx.load_cert_chain(f"/proc/self/fd/{fd}")
+            finally:
+                os.close(fd)
             while len(self._contexts) >= MAX_CONTEXTS:  # a guest naming host after host: the oldest go
                 del self._contexts[next(iter(self._contexts))]
             self._contexts[host] = ctx

@@ -23,6 +23,7 @@ import json
 import os
 import signal
 import socket
+import ssl
 import struct
 import sys
 import time
@@ -50,6 +51,7 @@ from vivarium.net.inject import Secret
 from vivarium.net.policy import AllowRule, Decision, IPAddress, Policy, unwrap
 from vivarium.net.routes import Router
 from vivarium.net.sniff import looks_like_http, name_in, read_head
+from vivarium.share import userns
 
 SERVING = "gateway.serving"  # the serving child's pid, once it listens
 POLICY = "policy.json"
@@ -73,6 +75,7 @@ NAME_CAP = 20000
 MAX_ACTIVE = 8192
 SO_ORIGINAL_DST = 80
 NO_NAMESPACE = 3  # the serving process's exit status when the sandbox's namespace is gone
+POLICY_LIMIT = 16 << 20  # a policy handed over (a line)
 
 
 # ------------------------------------------------------------------ policy file
@@ -86,10 +89,23 @@ class Settings:
     dns_upstream: str = ""
     upstream_ca: str = ""  # where the gateway terminates TLS: the CA file upstream certificates are checked against ("" = the host's)
     audit: Cap = AUDIT_CAP
+    upstream_pem: str = ""  # that file's certificates, read where the file is readable (before the serving process drops root)
 
     @classmethod
     def load(cls, path: Path) -> Settings:
-        data = json.loads(path.read_text())
+        return cls.parse(cls.read(path))
+
+    @staticmethod
+    def read(path: Path) -> dict[str, Any]:
+        """The policy file's data, with the upstream CA's certificates in it (what a serving process that cannot read
+        either file is handed: supervisor.py)."""
+        data: dict[str, Any] = json.loads(path.read_text())
+        if data.get("upstream_ca"):
+            data["upstream_pem"] = Path(data["upstream_ca"]).read_text()
+        return data
+
+    @classmethod
+    def parse(cls, data: dict[str, Any]) -> Settings:
         policy = Policy.build(data.get("mode", "lan-block"), allow_cidrs=data.get("allow_cidrs", ()), deny_cidrs=data.get("deny_cidrs", ()))
 
         # the rules keep who added them (config, an agent, the CLI)
@@ -98,7 +114,8 @@ class Settings:
 
         audit = data.get("audit") or {}
         cap = Cap(int(audit.get("size", AUDIT_CAP.size)), int(audit.get("keep", AUDIT_CAP.keep)))
-        return cls(replace(policy, allow=rules("allow"), deny=rules("deny")), data.get("dns_upstream", ""), data.get("upstream_ca", ""), cap)
+        return cls(replace(policy, allow=rules("allow"), deny=rules("deny")), data.get("dns_upstream", ""), data.get("upstream_ca", ""), cap,
+                   str(data.get("upstream_pem", "")))  # fmt: skip
 
 
 # ------------------------------------------------------------------ names
@@ -137,37 +154,72 @@ class Audit:
     """The audit log: a JSON line per record, rotated at its cap (logs.audit_size; a guest asking for name
     after name must not fill the host's disk)."""
 
-    def __init__(self, path: Path, cap: Cap) -> None:
-        self._log = Rotating(path, cap)
+    def __init__(self, path: Path, cap: Cap, fd: int | None = None) -> None:
+        self._fd = fd  # a pipe to the supervisor, which writes the file (this process may not: it dropped root)
+        self._log = Rotating(path, cap) if fd is None else None
 
     def write(self, record: dict[str, Any]) -> None:
         record = {"time": datetime.now(UTC).isoformat(timespec="milliseconds"), **record}
-        self._log.write(json.dumps(record, separators=(",", ":")).encode() + b"\n")
+        line = json.dumps(record, separators=(",", ":")).encode() + b"\n"
+        if self._log is not None:
+            self._log.write(line)
+            return
+        assert self._fd is not None
+        view = memoryview(line)
+        while view:
+            view = view[os.write(self._fd, view) :]
+
+
+@dataclass(frozen=True)
+class Handed:
+    """What the supervisor hands its serving process (supervisor.py)."""
+
+    secrets: int | None = None  # a socket: the secrets `run --secret` gave it
+    audit: int | None = None  # a pipe: the audit log's lines go there
+    policy: int | None = None  # a pipe: the policy (Settings.read) as it changes, a JSON line each
+    uid: int | None = None  # started by root: the uid (and gid) it serves as, dropped to before the guest's first byte
 
 
 # ------------------------------------------------------------------ the gateway
 
 
 class Gateway:
-    def __init__(self, directory: Path, secrets_fd: int | None = None) -> None:
+    def __init__(self, directory: Path, handed: Handed | None = None) -> None:
         self.dir = directory
-        self.secrets_fd = secrets_fd
+        self.handed = handed = handed or Handed()
         self.settings = Settings.load(directory / POLICY)
         self.resolver = dns_.Resolver(self.settings.dns_upstream)
+        self.upstream = terminate.client_context(self.settings.upstream_pem)
         self.names = NameMap()
-        self.audit = Audit(directory / AUDIT, self.settings.audit)
+        self.audit = Audit(directory / AUDIT, self.settings.audit, handed.audit)
         self.active = 0
         self.serial = 0
         self.router = Router()
         self.secrets: dict[str, Secret] = {}  # from the supervisor (`run --secret`), kept in memory only
         self._ca: CA | None = None
 
-    def reload(self) -> None:
+    def reload(self, data: dict[str, Any] | None = None) -> None:
+        """Take the policy file again (SIGHUP), or the policy the supervisor hands over."""
         try:
-            self.settings = Settings.load(self.dir / POLICY)
-            self.resolver = dns_.Resolver(self.settings.dns_upstream)
-        except (OSError, ValueError, KeyError) as e:  # keep the last good policy
+            settings = Settings.parse(data) if data is not None else Settings.load(self.dir / POLICY)
+            self.upstream = terminate.client_context(settings.upstream_pem)
+            self.settings, self.resolver = settings, dns_.Resolver(settings.dns_upstream)
+        except (OSError, ValueError, KeyError, TypeError, ssl.SSLError) as e:  # keep the last good policy
             print(f"gateway: policy not reloaded: {e}", file=sys.stderr)
+
+    async def _follow(self, reader: asyncio.StreamReader) -> None:
+        """The policies the supervisor hands over, each as it comes (`egress allow|deny` live)."""
+        while True:
+            try:
+                line = await reader.readline()
+            except ValueError:  # over the limit: not the supervisor's
+                return
+            if not line:
+                return
+            try:
+                self.reload(json.loads(line))
+            except ValueError as e:
+                print(f"gateway: policy not reloaded: {e}", file=sys.stderr)
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -176,20 +228,26 @@ class Gateway:
         tcp, dns_tcp, dns_udp = (socket.socket(fileno=fd) for fd in netns.take(self.dir, "listen"))
         for sock in (tcp, dns_tcp, dns_udp):
             sock.setblocking(False)
+        h, tasks = self.handed, []
+        if h.secrets is not None:  # the supervisor's end: the secrets it holds, now and as they come
+            r, w = await asyncio.open_unix_connection(sock=socket.socket(fileno=h.secrets))
+            tasks.append(asyncio.ensure_future(terminate.take_secret(self.secrets, r, w)))
+        if h.policy is not None:
+            policies = asyncio.StreamReader(limit=POLICY_LIMIT)
+            await loop.connect_read_pipe(lambda: asyncio.StreamReaderProtocol(policies), os.fdopen(h.policy, "rb", 0))
+            tasks.append(asyncio.ensure_future(self._follow(policies)))
+        _ = self.ca  # made (or read) before any connection: its certificate is what the guest trusts
+        state.write_pid(self.dir / SERVING)  # the namespace's listeners hold what comes meanwhile
+        if h.uid is not None:  # everything from the host's side is open: root is of no more use
+            userns.drop_to(h.uid, h.uid)
         # DNS first: its own sockets, never behind the TCP connections in a queue
         await loop.create_datagram_endpoint(lambda: dns_.OverUDP(self.query), sock=dns_udp)
         dns_server = await asyncio.start_server(self._dns_tcp, sock=dns_tcp)
         server = await asyncio.start_server(self._handle, sock=tcp, limit=CHUNK)
-        taking = None
-        if self.secrets_fd is not None:  # the supervisor's end: the secrets it holds, now and as they come
-            r, w = await asyncio.open_unix_connection(sock=socket.socket(fileno=self.secrets_fd))
-            taking = asyncio.ensure_future(terminate.take_secret(self.secrets, r, w))
-        _ = self.ca  # made (or read) before any connection: its certificate is what the guest trusts
-        state.write_pid(self.dir / SERVING)
         async with server, dns_server:
             await server.serve_forever()
-        if taking is not None:
-            taking.cancel()
+        for task in tasks:
+            task.cancel()
 
     @property
     def ca(self) -> CA:
@@ -362,7 +420,7 @@ class Gateway:
                 # A secret's host, named in the ClientHello: the gateway speaks TLS itself, to put the secret in
                 self.audit.write({"kind": "open", "conn": record["conn"], **{k: record.get(k) for k in OPEN_FIELDS}})
                 sent, received, error = await terminate.inject(
-                    self.ca, self.settings.upstream_ca, list(self.secrets.values()), reader, writer, first, dst, port, name, record
+                    self.ca, self.upstream, list(self.secrets.values()), reader, writer, first, dst, port, name, record
                 )
                 return
             try:

@@ -6,6 +6,8 @@ from __future__ import annotations
 import argparse
 import asyncio
 import contextlib
+import fcntl
+import json
 import os
 import resource
 import select
@@ -20,14 +22,18 @@ from typing import BinaryIO
 
 from vivarium import state
 from vivarium.errors import VMError
+from vivarium.logfile import Rotating
 from vivarium.net import terminate
-from vivarium.net.gateway import CHILD_PIDFILE, LAUNCHED, NO_NAMESPACE, PIDFILE, SECRETS_SOCKET, SERVING, Gateway
+from vivarium.net.gateway import AUDIT, CHILD_PIDFILE, LAUNCHED, NO_NAMESPACE, PIDFILE, POLICY, SECRETS_SOCKET, SERVING, Gateway, Handed, Settings
+from vivarium.share import userns
 
 ACK_TIMEOUT = 10.0  # for the serving process to take a secret
+PIPE_SIZE = 1 << 20  # the audit pipe's: the serving process writes on while the file is being rotated
+F_SETPIPE_SZ = 1031
 CLIENT_TIMEOUT = 5.0  # for `run --secret` to say what it hands over
 
 
-def serve(directory: Path, supervisor: int | None = None, secrets_fd: int | None = None) -> None:
+def serve(directory: Path, supervisor: int | None = None, handed: Handed | None = None) -> None:
     signal.signal(signal.SIGHUP, signal.SIG_IGN)  # until the loop handles it: a reload must never kill us
     if supervisor is not None:
         # Never serve unsupervised: when the supervisor dies (killed), so does this process, at once
@@ -41,7 +47,7 @@ def serve(directory: Path, supervisor: int | None = None, secrets_fd: int | None
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536), hard))
     try:
-        asyncio.run(Gateway(directory, secrets_fd).serve())
+        asyncio.run(Gateway(directory, handed or Handed()).serve())
     except VMError as e:  # the sandbox's namespace is gone: no restart can help
         print(f"gateway: {e}", file=sys.stderr, flush=True)
         sys.exit(NO_NAMESPACE)
@@ -137,42 +143,104 @@ class Keeper:
             self.path.unlink(missing_ok=True)
 
 
+class Child:
+    """A serving process and what it was handed: the pipe of its audit records (copied into the log by a thread
+    of the supervisor's, whole lines: whatever the child writes, it cannot write past the log's cap or outside
+    it), and the pipe the policy goes down when it changes (it may not read the policy file: it dropped root)."""
+
+    def __init__(self, directory: Path, keeper: Keeper, log: Rotating, lock: threading.Lock) -> None:
+        audit_r, audit_w = os.pipe2(os.O_CLOEXEC)
+        policy_r, self.policy = os.pipe2(os.O_CLOEXEC)
+        with contextlib.suppress(OSError):
+            fcntl.fcntl(audit_w, F_SETPIPE_SZ, PIPE_SIZE)
+        theirs = keeper.for_child()
+        uid = userns.gateway_uid(str(directory)) if os.geteuid() == 0 else None
+        fds = (theirs.fileno(), audit_w, policy_r)
+        try:
+            self.proc = subprocess.Popen([sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--serve",
+                                          "--supervisor", str(os.getpid()), "--secrets-fd", str(fds[0]), "--audit-fd", str(audit_w),
+                                          "--policy-fd", str(policy_r), *(["--uid", str(uid)] if uid is not None else [])],
+                                         pass_fds=fds)  # fmt: skip
+        finally:
+            theirs.close()
+            os.close(audit_w)
+            os.close(policy_r)
+        threading.Thread(target=_copy, args=(audit_r, log, lock), daemon=True).start()
+
+    def hand(self, data: dict[str, object]) -> None:
+        """The policy, changed: a JSON line down its pipe (a child that is gone or stuck misses it)."""
+        line = json.dumps(data, separators=(",", ":")).encode() + b"\n"
+        with contextlib.suppress(OSError):
+            os.set_blocking(self.policy, False)
+            os.write(self.policy, line)
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):
+            os.close(self.policy)
+
+
+def _copy(source: int, log: Rotating, lock: threading.Lock) -> None:
+    """A serving process's audit records into the log, a whole line per write, until it is gone (a line it was
+    cut off in goes in as it is: the next one starts on a line of its own)."""
+    rest = b""
+    try:
+        while data := os.read(source, 1 << 16):
+            *lines, rest = (rest + data).split(b"\n")
+            if len(rest) > log.cap.size:
+                lines, rest = [*lines, rest], b""
+            with lock, contextlib.suppress(OSError):  # a full disk loses records, not the gateway
+                for line in lines:
+                    log.write(line + b"\n")
+        if rest:
+            with lock, contextlib.suppress(OSError):
+                log.write(rest + b"\n")
+    finally:
+        os.close(source)
+
+
 def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
     """Keep a serving child alive until told to stop or until QEMU is gone."""
-    child: subprocess.Popen[bytes] | None = None
-    stopping = False
+    child: Child | None = None
+    stopping = reloading = False
 
     def stop(signum: int, frame: object) -> None:
         nonlocal stopping
         stopping = True
 
     def reload(signum: int, frame: object) -> None:
-        if child is not None and child.poll() is None:
-            child.send_signal(signal.SIGHUP)
+        nonlocal reloading
+        reloading = True
 
     signal.signal(signal.SIGTERM, stop)
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
     keeper = Keeper(directory)
+    log, lock = Rotating(directory / AUDIT, Settings.load(directory / POLICY).audit), threading.Lock()
     state.write_pid(directory / PIDFILE)  # only now: signals are handled
     qemu: int | None = None  # a pidfd: QEMU's exit, without mistaking a later process for it
     restarts = 0
     try:
         while not stopping:
-            if child is None or child.poll() is not None:
-                if child is not None and child.returncode == NO_NAMESPACE:
+            if child is None or child.proc.poll() is not None:
+                if child is not None and child.proc.returncode == NO_NAMESPACE:
                     break
                 if child is not None:
+                    child.close()
                     restarts += 1
-                    print(f"gateway: serving process exited ({child.returncode}); restart {restarts}", file=sys.stderr, flush=True)
+                    print(f"gateway: serving process exited ({child.proc.returncode}); restart {restarts}", file=sys.stderr, flush=True)
                     time.sleep(min(2.0, 0.1 * restarts))
                 (directory / SERVING).unlink(missing_ok=True)
-                theirs = keeper.for_child()
-                with theirs:
-                    child = subprocess.Popen([sys.executable, "-m", "vivarium.net", "--dir", str(directory), "--serve",
-                                              "--supervisor", str(os.getpid()), "--secrets-fd", str(theirs.fileno())],
-                                             pass_fds=(theirs.fileno(),))  # fmt: skip
-                state.write_pid(directory / CHILD_PIDFILE, child.pid)
+                with lock, contextlib.suppress(OSError, ValueError, KeyError):  # the log's cap: the policy's now
+                    log.cap = Settings.load(directory / POLICY).audit
+                child = Child(directory, keeper, log, lock)  # it reads the policy file itself at its start
+                reloading = False
+                state.write_pid(directory / CHILD_PIDFILE, child.proc.pid)
+            if reloading:
+                reloading = False
+                try:
+                    child.hand(Settings.read(directory / POLICY))
+                except (OSError, ValueError) as e:  # the serving process keeps the last good policy
+                    print(f"gateway: policy not reloaded: {e}", file=sys.stderr, flush=True)
             if qemu is None and qemu_pidfile is not None and state.pid_running(qemu_pidfile):
                 with contextlib.suppress(OSError, ValueError):
                     qemu = os.pidfd_open(int(qemu_pidfile.read_text().strip()))
@@ -181,12 +249,12 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
             if select.select([keeper.listener], [], [], 0.1)[0]:
                 keeper.serve_one()
     finally:
-        if child is not None and child.poll() is None:
-            child.terminate()
+        if child is not None and child.proc.poll() is None:
+            child.proc.terminate()
             try:
-                child.wait(5)
+                child.proc.wait(5)
             except subprocess.TimeoutExpired:
-                child.kill()
+                child.proc.kill()
         # Only while the sandbox is still ours: a gateway started since (its pid in PIDFILE) serves now,
         # and unlinking its mark would make the start that made it wait for ever (an `up` right after QEMU died).
         ours = state.names_me(directory / PIDFILE)
@@ -203,9 +271,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--qemu-pidfile", type=Path)
     ap.add_argument("--supervisor", type=int, help="(the child) the supervisor's pid: serve only while it lives")
     ap.add_argument("--secrets-fd", type=int, help="(the child) where the supervisor hands it the secrets it holds")
+    ap.add_argument("--audit-fd", type=int, help="(the child) where its audit records go")
+    ap.add_argument("--policy-fd", type=int, help="(the child) where the policy comes, as it changes")
+    ap.add_argument("--uid", type=int, help="(the child, started by root) the uid and gid it serves as")
     args = ap.parse_args(argv)
     if args.serve:
-        serve(args.dir, args.supervisor, args.secrets_fd)
+        serve(args.dir, args.supervisor, Handed(args.secrets_fd, args.audit_fd, args.policy_fd, args.uid))
         return 0
     # Detach: whoever started us (a CLI that exits, or a long-lived program using
     # the Python API) must not have to reap the supervisor.

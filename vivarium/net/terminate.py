@@ -59,7 +59,15 @@ async def take_secret(secrets: dict[str, Secret], reader: asyncio.StreamReader, 
         writer.close()
 
 
-async def inject(ca: CA, upstream_ca: str, held: list[Secret], reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes,
+def client_context(pem: str) -> ssl.SSLContext:
+    """How the gateway speaks TLS to servers where it terminates it: checked against `pem`'s certificates (the
+    configured upstream CA), else the host's trust store. One per policy, made where its files are readable."""
+    ctx = ssl.create_default_context(cadata=pem or None)
+    ctx.set_alpn_protocols(list(ALPN))
+    return ctx
+
+
+async def inject(ca: CA, upstream: ssl.SSLContext, held: list[Secret], reader: asyncio.StreamReader, writer: asyncio.StreamWriter, first: bytes,
                  dst: IPAddress, port: int, name: str, record: dict[str, Any]) -> tuple[int, int, str | None]:  # fmt: skip
     """Speak TLS to the guest (a certificate for `name` from the sandbox's CA, which its guest trusts) and to
     the server (checked against the host's trust store), put the secrets into each request's headers for
@@ -69,14 +77,12 @@ async def inject(ca: CA, upstream_ca: str, held: list[Secret], reader: asyncio.S
         await tls.handshake(HANDSHAKE_TIMEOUT)
     except (ssl.SSLError, OSError, TimeoutError) as e:
         return 0, 0, f"tls: {e}"
-    ctx = ssl.create_default_context(cafile=upstream_ca or None)
-    ctx.set_alpn_protocols(list(ALPN))
     try:
         up_reader, up_writer = await asyncio.wait_for(asyncio.open_connection(str(dst), port, limit=CHUNK), CONNECT_TIMEOUT)
     except (OSError, TimeoutError) as e:
         await tls.close()
         return 0, 0, f"connect: {e}"
-    up = TLSStream(ctx, up_reader, up_writer, server_hostname=name)
+    up = TLSStream(upstream, up_reader, up_writer, server_hostname=name)
     try:
         await up.handshake(HANDSHAKE_TIMEOUT)
     except (ssl.SSLError, OSError, TimeoutError) as e:

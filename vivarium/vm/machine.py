@@ -63,6 +63,14 @@ class Process:
         """Wait up to `timeout` seconds for it to exit; has it?"""
         return bool(select.select([self.fd], [], [], max(timeout, 0))[0])
 
+    def cpu_seconds(self) -> float | None:
+        """CPU time it has used (user and system), or None once it is gone."""
+        try:
+            fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
+        except OSError:
+            return None
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
             signal.pidfd_send_signal(self.fd, signal.SIGKILL)
