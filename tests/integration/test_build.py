@@ -7,6 +7,8 @@ import http.server
 import ipaddress
 import json
 import os
+import shutil
+import signal
 import subprocess
 import sys
 import threading
@@ -140,9 +142,17 @@ def test_interrupted_build_leaves_no_half_image(tmp_path: Path, built: object) -
     proj = tmp_path / "p"
     proj.mkdir()
     write_config(proj, '[image]\npackages = ["hello"]\nagents = []\n')
+    from vivarium import config as cfg
+    from vivarium.image.recipe import Recipe
+
+    key = Recipe.from_config(cfg.load(proj / "vivarium.toml")).key()
+    # a build that ever finished (its interrupt lost) would make this one a cache hit: start from nothing
+    shutil.rmtree(state.images_dir() / key, ignore_errors=True)
     env = dict(os.environ)
+    # ^C's default action, as at a terminal: a run in the background (`cmd &`) ignores SIGINT, and so would the CLI
     proc = subprocess.Popen([sys.executable, "-m", "vivarium", "build"], cwd=proj, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))  # fmt: skip
     # Wait until mmdebstrap is really working on it, then interrupt.
     deadline = time.monotonic() + 120
     while time.monotonic() < deadline and not list(state.images_dir().glob(".tmp-*/root/var")):
@@ -152,8 +162,4 @@ def test_interrupted_build_leaves_no_half_image(tmp_path: Path, built: object) -
     _, err = proc.communicate(timeout=120)
     assert proc.returncode != 0 and "Traceback" not in err
     assert list(state.images_dir().glob(".tmp-*")) == []
-    from vivarium import config as cfg
-    from vivarium.image.recipe import Recipe
-
-    key = Recipe.from_config(cfg.load(proj / "vivarium.toml")).key()
     assert find_image(key) is None and not (state.images_dir() / key).exists()
