@@ -113,19 +113,6 @@ def test_a_guest_asking_for_unique_names_as_fast_as_it_can_stays_within_the_cap(
     assert box.exec(["getent", "hosts", "public.test"]).returncode == 0
 
 
-def test_qemu_runs_under_its_seccomp_filter(capped: Sandbox) -> None:
-    """What QEMU may do once a guest has taken it over (issue 16, 3.): no program started, no uid changed.
-    The filter's mode (2: a filter) is the kernel's word; snapshots still work without `exec:` migration."""
-    pid = capped.pid()
-    assert pid is not None
-    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
-    assert status["Seccomp"].strip() == "2", status.get("Seccomp")
-    vv("snapshot", "limits", "save", "s1")
-    assert capped.exec(["sh", "-c", "echo after > /tmp/mark"]).returncode == 0
-    vv("snapshot", "limits", "restore", "s1")
-    assert capped.exec(["test", "-e", "/tmp/mark"]).returncode == 1  # back to before the mark
-
-
 def proc_status(pid: int | None) -> dict[str, str]:
     assert pid is not None
     return {k: v.strip() for k, v in (ln.split(":\t", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in ln)}
@@ -238,3 +225,18 @@ def test_a_storm_of_connections_stays_within_the_sandboxs_own_limits(capped: San
     assert len(times) >= 3 and p95 < 2.0 and times[-1] < 3.0
     assert group.read("pids.events", "pids.events") in ("", "max 0")  # nothing of it even tried to pass the limit
     assert capped.exec(["curl", "-sf", "-o", "/dev/null", "http://public.test/"], timeout=120).returncode == 0  # works again
+
+
+def test_qemu_runs_under_its_seccomp_filter(capped: Sandbox) -> None:
+    """What QEMU may do once a guest has taken it over (issue 16, 3.): no program started, no uid changed.
+    The filter's mode (2: a filter) is the kernel's word; snapshots still work without `exec:` migration.
+    Last in this module: after the floods above, a restored sandbox's egress stalled for a while in CI (the
+    test after it, a connection to the public host, hung for 60 s; not yet explained: issue 16's notes)."""
+    pid = capped.pid()
+    assert pid is not None
+    status = dict(line.split(":\t", 1) for line in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in line)
+    assert status["Seccomp"].strip() == "2", status.get("Seccomp")
+    vv("snapshot", "limits", "save", "s1")
+    assert capped.exec(["sh", "-c", "echo after > /tmp/mark"]).returncode == 0
+    vv("snapshot", "limits", "restore", "s1")
+    assert capped.exec(["test", "-e", "/tmp/mark"]).returncode == 1  # back to before the mark
