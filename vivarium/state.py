@@ -184,13 +184,18 @@ def write_atomic(path: Path, text: str, mode: int = 0o644) -> None:
     os.replace(tmp, path)
 
 
+def stat_fields(pid: int) -> list[str] | None:
+    """/proc/PID/stat's fields after the command name (the first: its state), or None if there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    except OSError:
+        return None
+
+
 def started(pid: int) -> int | None:
     """When process `pid` started (clock ticks since boot), or None if it is not running (a zombie is not).
     With the pid, who a process is: a pid reused by another process has another start time."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
-    except OSError:
-        return None
+    fields = stat_fields(pid)
     if not fields or fields[0] in ("Z", "X"):
         return None
     return int(fields[19])  # field 22 of stat, counted after the command name's ")"

@@ -87,9 +87,10 @@ class Settings:
 
     policy: Policy
     dns_upstream: str = ""
-    upstream_ca: str = ""  # where the gateway terminates TLS: the CA file upstream certificates are checked against ("" = the host's)
     audit: Cap = AUDIT_CAP
-    upstream_pem: str = ""  # that file's certificates, read where the file is readable (before the serving process drops root)
+    # where the gateway terminates TLS, what upstream certificates are checked against: the certificates of the
+    # configured CA file (read where the file is readable: before the serving process drops root), "" = the host's
+    upstream_pem: str = ""
 
     @classmethod
     def load(cls, path: Path) -> Settings:
@@ -114,8 +115,7 @@ class Settings:
 
         audit = data.get("audit") or {}
         cap = Cap(int(audit.get("size", AUDIT_CAP.size)), int(audit.get("keep", AUDIT_CAP.keep)))
-        return cls(replace(policy, allow=rules("allow"), deny=rules("deny")), data.get("dns_upstream", ""), data.get("upstream_ca", ""), cap,
-                   str(data.get("upstream_pem", "")))  # fmt: skip
+        return cls(replace(policy, allow=rules("allow"), deny=rules("deny")), data.get("dns_upstream", ""), cap, str(data.get("upstream_pem", "")))
 
 
 # ------------------------------------------------------------------ names

@@ -24,7 +24,20 @@ from vivarium import state
 from vivarium.errors import VMError
 from vivarium.logfile import Rotating
 from vivarium.net import terminate
-from vivarium.net.gateway import AUDIT, CHILD_PIDFILE, LAUNCHED, NO_NAMESPACE, PIDFILE, POLICY, SECRETS_SOCKET, SERVING, Gateway, Handed, Settings
+from vivarium.net.gateway import (
+    AUDIT,
+    AUDIT_CAP,
+    CHILD_PIDFILE,
+    LAUNCHED,
+    NO_NAMESPACE,
+    PIDFILE,
+    POLICY,
+    SECRETS_SOCKET,
+    SERVING,
+    Gateway,
+    Handed,
+    Settings,
+)
 from vivarium.share import userns
 
 ACK_TIMEOUT = 10.0  # for the serving process to take a secret
@@ -47,7 +60,7 @@ def serve(directory: Path, supervisor: int | None = None, handed: Handed | None 
     with contextlib.suppress(ValueError, OSError):
         resource.setrlimit(resource.RLIMIT_NOFILE, (65536 if hard == resource.RLIM_INFINITY else min(hard, 65536), hard))
     try:
-        asyncio.run(Gateway(directory, handed or Handed()).serve())
+        asyncio.run(Gateway(directory, handed).serve())
     except VMError as e:  # the sandbox's namespace is gone: no restart can help
         print(f"gateway: {e}", file=sys.stderr, flush=True)
         sys.exit(NO_NAMESPACE)
@@ -151,6 +164,7 @@ class Child:
     def __init__(self, directory: Path, keeper: Keeper, log: Rotating, lock: threading.Lock) -> None:
         audit_r, audit_w = os.pipe2(os.O_CLOEXEC)
         policy_r, self.policy = os.pipe2(os.O_CLOEXEC)
+        os.set_blocking(self.policy, False)  # a child that is stuck misses a change rather than stall the supervisor
         with contextlib.suppress(OSError):
             fcntl.fcntl(audit_w, F_SETPIPE_SZ, PIPE_SIZE)
         theirs = keeper.for_child()
@@ -171,7 +185,6 @@ class Child:
         """The policy, changed: a JSON line down its pipe (a child that is gone or stuck misses it)."""
         line = json.dumps(data, separators=(",", ":")).encode() + b"\n"
         with contextlib.suppress(OSError):
-            os.set_blocking(self.policy, False)
             os.write(self.policy, line)
 
     def close(self) -> None:
@@ -215,7 +228,7 @@ def supervise(directory: Path, qemu_pidfile: Path | None) -> int:
     signal.signal(signal.SIGINT, stop)
     signal.signal(signal.SIGHUP, reload)
     keeper = Keeper(directory)
-    log, lock = Rotating(directory / AUDIT, Settings.load(directory / POLICY).audit), threading.Lock()
+    log, lock = Rotating(directory / AUDIT, AUDIT_CAP), threading.Lock()  # its cap: the policy's, at each child's start
     state.write_pid(directory / PIDFILE)  # only now: signals are handled
     qemu: int | None = None  # a pidfd: QEMU's exit, without mistaking a later process for it
     restarts = 0

@@ -65,11 +65,8 @@ class Process:
 
     def cpu_seconds(self) -> float | None:
         """CPU time it has used (user and system), or None once it is gone."""
-        try:
-            fields = Path(f"/proc/{self.pid}/stat").read_text().rpartition(")")[2].split()
-        except OSError:
-            return None
-        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+        fields = state.stat_fields(self.pid)
+        return None if fields is None else (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
     def kill(self) -> None:
         with contextlib.suppress(ProcessLookupError):
