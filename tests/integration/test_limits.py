@@ -10,7 +10,7 @@ import json
 import os
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
@@ -51,6 +51,18 @@ pids = 256
     box = Sandbox("limits")
     yield box
     box.destroy()
+
+
+@pytest.fixture(scope="module")
+def neighbour(project: Path, built: object) -> Iterator[Sandbox]:
+    """Another sandbox on the same host, of its own: quiet unless a test asks something of it (the session's
+    shared one has run other modules' containers by then, and a guest busy on its own says nothing of a storm)."""
+    d = project.parent / "neighbour-project"
+    write_config(d, "share = []\n" + small_vm())
+    vv("up", "neighbour", cwd=d)
+    other = Sandbox("neighbour")
+    yield other
+    other.destroy()
 
 
 def on_host(path: Path) -> int:
@@ -118,7 +130,7 @@ def proc_status(pid: int | None) -> dict[str, str]:
     return {k: v.strip() for k, v in (ln.split(":\t", 1) for ln in Path(f"/proc/{pid}/status").read_text().splitlines() if ":\t" in ln)}
 
 
-def test_qemu_started_by_root_holds_no_privilege(capped: Sandbox, box: Sandbox) -> None:
+def test_qemu_started_by_root_holds_no_privilege(capped: Sandbox, neighbour: Sandbox) -> None:
     """Run by root itself (no sudo: CI, a container), QEMU, which emulates the hostile guest's code and parses its
     devices, still drops root before the guest runs (issue 16, 2): all four of its uids and gids an id of the
     sandbox's own, no other group, no capability; another sandbox's QEMU another uid (no signals across).
@@ -128,7 +140,7 @@ def test_qemu_started_by_root_holds_no_privilege(capped: Sandbox, box: Sandbox) 
     uids, gids = set(status["Uid"].split()), set(status["Gid"].split())
     assert len(uids) == 1 and len(gids) == 1 and "0" not in uids | gids, (status["Uid"], status["Gid"])
     assert status["Groups"] in ("", *gids) and int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
-    assert set(proc_status(box.pid())["Uid"].split()) != uids  # each sandbox its own
+    assert set(proc_status(neighbour.pid())["Uid"].split()) != uids  # each sandbox its own
     assert capped.exec(["true"]).returncode == 0
 
 
@@ -181,7 +193,7 @@ asyncio.run(main())
 
 
 @pytest.mark.same_everywhere
-def test_a_storm_of_connections_stays_within_the_sandboxs_own_limits(capped: Sandbox, box: Sandbox) -> None:
+def test_a_storm_of_connections_stays_within_the_sandboxs_own_limits(capped: Sandbox, neighbour: Sandbox) -> None:
     """5,000 connections opened as fast as root in the guest can: the sandbox's host processes stay in its cgroup,
     under its pids.max, another sandbox keeps answering within 2 s throughout, and this one works afterwards."""
     group = cgroup.of(capped.name, capped.dir.path)
@@ -193,36 +205,50 @@ def test_a_storm_of_connections_stays_within_the_sandboxs_own_limits(capped: San
     assert len(mine) >= 5 and mine <= set(group.pids()), {
         p: named[p] for p in mine - set(group.pids())
     }  # and the namespace's holder, the console's keeper
-    assert not set(group.pids()) & {box.pid(), control.pid(box.dir.path)}  # the other sandbox is in a cgroup of its own
+    assert not set(group.pids()) & {neighbour.pid(), control.pid(neighbour.dir.path)}  # the other sandbox is in a cgroup of its own
     assert group.usage()["pids_max"] == 256
     result: dict[str, Any] = {}
+    most, began = 0, time.monotonic()
 
     def storm() -> None:
         script = 'nft flush ruleset; exec python3 -c "$0" "$1" 5000'
         result["r"] = capped.exec(["sudo", "sh", "-c", script, STORM, PUBLIC], capture=True, timeout=600)
 
+    def answers(until: Callable[[list[tuple[float, float]]], bool]) -> list[tuple[float, float]]:
+        """(when, how long) of the neighbour's answers to `exec true`, one every 0.2 s until `until(so far)`."""
+        nonlocal most
+        out: list[tuple[float, float]] = []
+        while not until(out):
+            most = max(most, int(group.usage()["pids"]))
+            started = time.monotonic()
+            assert neighbour.exec(["true"], timeout=30).returncode == 0
+            out.append((started - began, time.monotonic() - started))
+            time.sleep(0.2)
+        return out
+
+    def summary(answered: list[tuple[float, float]]) -> str:
+        times = sorted(t for _, t in answered)
+        slow = ", ".join(f"{t:.2f} s at {at:.0f} s" for at, t in answered if t > 1.0)
+        return f"{len(times)} answers, 95% within {times[int(len(times) * 0.95)]:.2f} s, the slowest {times[-1]:.2f} s" + (
+            f" (over 1 s: {slow})" if slow else ""
+        )
+
+    before = answers(lambda so_far: len(so_far) >= 20)  # its own pace, the same host, before any storm
     worker = threading.Thread(target=storm)
+    began = time.monotonic()
     worker.start()
-    most, times = 0, []
-    deadline = time.monotonic() + 600
-    while worker.is_alive() and time.monotonic() < deadline:
-        most = max(most, int(group.usage()["pids"]))
-        started = time.monotonic()
-        assert box.exec(["true"], timeout=30).returncode == 0
-        times.append(time.monotonic() - started)
-        time.sleep(0.2)
+    during = answers(lambda _: not worker.is_alive() or time.monotonic() - began > 600)
     worker.join(timeout=60)
     r = result["r"]
     assert r.returncode == 0, r.stderr
     stormed = json.loads(r.stdout.strip().splitlines()[-1])
-    times.sort()
-    p95 = times[int(len(times) * 0.95)] if times else 0.0
-    print(f"storm of 5000: {stormed}; the sandbox's processes and threads at most {most} (pids.max 256), "
-          f"the other sandbox answered {len(times)} times, 95% within {p95:.2f} s, the slowest in {times[-1] if times else 0:.2f} s")  # fmt: skip
+    times = sorted(t for _, t in during)
+    print(f"storm of 5000: {stormed}; the sandbox's processes and threads at most {most} (pids.max 256); the other sandbox "
+          f"before it: {summary(before)}; during it (seconds from its start): {summary(during)}")  # fmt: skip
     assert stormed["held"] + sum(stormed["failed"].values()) == 5000 and stormed["held"] >= 1000, stormed
     assert 0 < most <= 256
     # the goal, 2 s: 95% of answers within it; on 2 cores, two TCG guests and a flood, one in ~200 took 2.08-2.18 s in CI
-    assert len(times) >= 3 and p95 < 2.0 and times[-1] < 3.0
+    assert len(times) >= 3 and times[int(len(times) * 0.95)] < 2.0 and times[-1] < 3.0
     assert group.read("pids.events", "pids.events") in ("", "max 0")  # nothing of it even tried to pass the limit
     assert capped.exec(["curl", "-sf", "-o", "/dev/null", "http://public.test/"], timeout=120).returncode == 0  # works again
 
