@@ -46,8 +46,11 @@ SOCKET = "netns.sock"
 PIDFILE = "netns.pid"
 LOG = "netns.err"
 
-# The guest's fenced NIC (found by its MAC in the guest) and the namespace's side of it.
+# The guest's fenced NIC (found by its MAC in the guest) and the namespace's side of it. That side's MAC is
+# fixed too, as slirp's gateway's is: a guest restored from a snapshot or a template remembers it in a fresh ARP
+# entry (trusted for 15-45 s), and a new random one at each start had its packets dropped until the entry aged.
 GUEST_MAC = "52:54:00:76:69:76"
+HOST_MAC = "52:54:00:76:69:01"
 HOST_SIDE = "10.0.3.1"
 GUEST_SIDE = "10.0.3.15"
 PREFIX = 24
@@ -181,7 +184,7 @@ def _configure() -> None:
     for path in ("/proc/sys/net/ipv6/conf/all/disable_ipv6", "/proc/sys/net/ipv6/conf/default/disable_ipv6"):
         with contextlib.suppress(OSError):
             Path(path).write_text("1\n")
-    batch = (f"link set lo up\nlink set {TAP} up\naddr add {HOST_SIDE}/{PREFIX} dev {TAP}\n"
+    batch = (f"link set lo up\nlink set {TAP} address {HOST_MAC}\nlink set {TAP} up\naddr add {HOST_SIDE}/{PREFIX} dev {TAP}\n"
              f"route add {GUEST_CONTAINERS} via {GUEST_SIDE} dev {TAP}\n")  # fmt: skip
     subprocess.run([find_program("ip"), "-batch", "-"], input=batch, text=True, check=True, capture_output=True)
     r = subprocess.run([find_program("nft"), "-f", "-"], input=RULES, text=True, capture_output=True)
