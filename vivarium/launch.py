@@ -101,7 +101,8 @@ def start(how: Launch, rec: record.Record, *, auto_ports: bool, timeout: float |
             rec = _resize_disk(d, c.vm.disk, rec)
             logfile.remove(d.serial)
         _check_space(how)
-        serial = console.start(d.serial, logfile.Cap(c.logs.console_size, c.logs.console_keep))
+        keeper = userns.keeper_uid(str(d.path)) if os.geteuid() == 0 else None  # run by a user, it is theirs
+        serial = console.start(d.serial, logfile.Cap(c.logs.console_size, c.logs.console_keep), keeper)
         fds.callback(os.close, serial)  # QEMU's exit (or its failure to start) then ends the console's keeper
         disk_fds = tuple((_open(fds, how, path, os.O_RDWR), _open(fds, how, path, os.O_RDONLY)) for path in (d.disk, d.swap))
         spec = MachineSpec(

@@ -8,6 +8,7 @@ guest printing for ever or asking for a million names fills the host's disk.
 
 from __future__ import annotations
 
+import contextlib
 import os
 import time
 from collections.abc import Iterator
@@ -47,12 +48,24 @@ def remove(path: Path) -> None:
 
 class Rotating:
     """Appends to `path`, rotating it before a write would take it past the cap. Whole writes stay in one
-    file (a record is never split); the writer is the file's only one."""
+    file (a record is never split); the writer is the file's only one. Its files are reached through
+    `directory`, their directory opened (by default, now): a writer that has dropped root since needs no
+    way through the directories above it."""
 
-    def __init__(self, path: Path, cap: Cap) -> None:
+    def __init__(self, path: Path, cap: Cap, directory: int | None = None) -> None:
         self.path, self.cap = path, cap
-        self._f: BinaryIO = path.open("ab", buffering=0)
-        self.size = self._f.tell()
+        flags = os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC
+        self._dir = os.open(path.parent, flags) if directory is None else os.dup(directory)
+        try:
+            self._f = self._open(os.O_APPEND)
+        except BaseException:
+            os.close(self._dir)
+            raise
+        self.size = os.fstat(self._f.fileno()).st_size
+
+    def _open(self, how: int) -> BinaryIO:
+        flags = os.O_WRONLY | os.O_CREAT | os.O_CLOEXEC | os.O_NOFOLLOW | how
+        return os.fdopen(os.open(self.path.name, flags, 0o644, dir_fd=self._dir), "ab", buffering=0)
 
     def write(self, data: bytes) -> None:
         if len(data) > self.cap.size:
@@ -64,17 +77,18 @@ class Rotating:
 
     def rotate(self) -> None:
         self._f.close()
+        name, at = self.path.name, {"src_dir_fd": self._dir, "dst_dir_fd": self._dir}
         if self.cap.keep:
             for i in range(self.cap.keep - 1, 0, -1):
-                older = self.path.with_name(f"{self.path.name}.{i}")
-                if older.exists():
-                    older.replace(self.path.with_name(f"{self.path.name}.{i + 1}"))
-            self.path.replace(self.path.with_name(f"{self.path.name}.1"))
-        self._f = self.path.open("wb", buffering=0)
+                with contextlib.suppress(FileNotFoundError):
+                    os.replace(f"{name}.{i}", f"{name}.{i + 1}", **at)
+            os.replace(name, f"{name}.1", **at)
+        self._f = self._open(os.O_TRUNC)
         self.size = 0
 
     def close(self) -> None:
         self._f.close()
+        os.close(self._dir)
 
 
 def read(path: Path) -> bytes:

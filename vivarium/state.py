@@ -99,7 +99,9 @@ class InstanceDir:
 
     @property
     def serial(self) -> Path:
-        return self.path / "serial.log"
+        """The console log, in a directory of its own: the console's keeper, started by root, writes there as
+        a uid of the sandbox's (vm/console.py)."""
+        return self.path / "console" / "serial.log"
 
     @property
     def frozen(self) -> Path:

@@ -169,6 +169,29 @@ def test_the_gateway_started_by_root_serves_as_no_one(capped: Sandbox) -> None:
     assert capped.exec(curl, capture=True, timeout=60).stdout == "200"
 
 
+def test_the_console_keeper_started_by_root_copies_as_no_one(capped: Sandbox) -> None:
+    """The console's keeper copies what the guest prints, every byte the guest's choice: run by root itself, it
+    drops to a uid of the sandbox's own (neither QEMU's nor the gateway's), no group, no capability, no way
+    back, before the first byte, and writes the log in a directory only that uid may write. On af3af03 it
+    copied as root: Uid 0 0 0 0."""
+    keepers = [pid for pid, (_, cmd) in processes(range(1 << 32)).items() if "vivarium.vm.console" in cmd and str(capped.dir.serial) in cmd]
+    assert len(keepers) == 1, keepers
+    status = proc_status(keepers[0])
+    uids, gids = set(status["Uid"].split()), set(status["Gid"].split())
+    assert len(uids) == 1 and len(gids) == 1 and "0" not in uids | gids, (status["Uid"], status["Gid"])
+    assert status["Groups"] in ("", *gids) and int(status["CapEff"], 16) == 0 and int(status["CapPrm"], 16) == 0, status
+    assert status["NoNewPrivs"] == "1"
+    others = {proc_status(capped.pid())["Uid"].split()[0], proc_status(control.child_pid(capped.dir.path))["Uid"].split()[0]}
+    assert not uids & others, (uids, others)  # QEMU's and the gateway's are others
+    log = capped.dir.serial
+    assert log.parent.stat().st_uid == int(next(iter(uids))) and log.parent.stat().st_mode & 0o777 == 0o700
+    assert capped.exec(["sudo", "sh", "-c", "echo keeper-was-here > /dev/ttyS0"]).returncode == 0
+    deadline = time.monotonic() + 30
+    while b"keeper-was-here" not in logfile.read(log) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    assert b"keeper-was-here" in logfile.read(log) and log.stat().st_uid == int(next(iter(uids)))
+
+
 STORM = r"""
 import asyncio, json, resource, sys
 N = int(sys.argv[2])

@@ -69,20 +69,26 @@ def parse_map(text: str) -> Mapping:
 # Root's share servers, where root has no subordinate range of its own: the ids systemd sets aside for
 # "foreign" files (0x7FFE0000, 65536 of them), which no user of the host is.
 ROOT_RANGE = (0x7FFE0000, 0x10000)
-# Where QEMU and the gateway started by root itself (no sudo) drop to: ids of each sandbox's own in the 65536
-# just above ROOT_RANGE, owned by no one, in no group; chosen by a digest of the sandbox's directory, a pair
-# per sandbox: QEMU's even, the gateway's the odd one after it (two uids: neither can signal or trace the other).
+# Where QEMU, the gateway and the console's keeper started by root itself (no sudo) drop to: ids of each
+# sandbox's own in the 65536 just above ROOT_RANGE, owned by no one, in no group; chosen by a digest of the
+# sandbox's directory, four per sandbox: QEMU's a multiple of 4, then the gateway's, then the keeper's (one
+# uid each: none can signal another, or write where another writes).
 QEMU_RANGE = (0x7FFF0000, 0x10000)
 
 
 def sandbox_uid(key: str) -> int:
     """The uid QEMU of the sandbox `key` (its directory) runs as when root starts it."""
-    return QEMU_RANGE[0] + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % (QEMU_RANGE[1] // 2) * 2
+    return QEMU_RANGE[0] + int(hashlib.sha256(key.encode()).hexdigest()[:8], 16) % (QEMU_RANGE[1] // 4) * 4
 
 
 def gateway_uid(key: str) -> int:
     """The uid the gateway of the sandbox `key` serves as when root starts it (and its gid)."""
     return sandbox_uid(key) + 1
+
+
+def keeper_uid(key: str) -> int:
+    """The uid the console's keeper of the sandbox `key` writes as when root starts it (and its gid)."""
+    return sandbox_uid(key) + 2
 
 
 def drop_to(uid: int, gid: int) -> None:
