@@ -17,7 +17,7 @@ from typing import Any
 import pytest
 
 from vivarium import Sandbox, cgroup, logfile
-from vivarium.net import control
+from vivarium.net import control, netns
 
 from ..fakenet import PUBLIC, FakeNet
 from ..users import processes
@@ -190,6 +190,28 @@ def test_the_console_keeper_started_by_root_copies_as_no_one(capped: Sandbox) ->
     while b"keeper-was-here" not in logfile.read(log) and time.monotonic() < deadline:
         time.sleep(0.2)
     assert b"keeper-was-here" in logfile.read(log) and log.stat().st_uid == int(next(iter(uids)))
+
+
+def test_the_namespace_holder_started_by_root_holds_as_no_one(capped: Sandbox) -> None:
+    """The holder of the fence's namespace made its devices, rules and listeners as root: once QEMU runs, it
+    holds and hands them out as a uid of the sandbox's own (no other process's), no group, no capability, no way
+    back; the fence still works, and a gateway started again still gets its listeners from it (test_fence).
+    On 20d4cda it held as root: Uid 0 0 0 0."""
+    holder = netns.pid(capped.dir.path)
+    assert holder is not None
+    status = proc_status(holder)
+    uids, gids = set(status["Uid"].split()), set(status["Gid"].split())
+    assert len(uids) == 1 and len(gids) == 1 and "0" not in uids | gids, (status["Uid"], status["Gid"])
+    assert status["Groups"] in ("", *gids) and int(status["CapEff"], 16) == 0 and status["NoNewPrivs"] == "1", status
+    control_pid = control.child_pid(capped.dir.path)
+    others = {proc_status(p)["Uid"].split()[0] for p in (capped.pid(), control_pid)}
+    assert not uids & others, (uids, others)
+    fds = netns.take(capped.dir.path, "listen")  # it hands them out still (to root)
+    for fd in fds:
+        os.close(fd)
+    assert len(fds) == 3
+    curl = ["curl", "-s", "-o", "/dev/null", "-w", "%{http_code}", "http://public.test/"]
+    assert capped.exec(curl, capture=True, timeout=60).stdout == "200"
 
 
 STORM = r"""

@@ -16,7 +16,8 @@ namespace too when not root), the TAP device, its address, the rules and the
 listening sockets, then hands their descriptors to whoever asks on its unix
 socket (QEMU's launcher: the TAP; the gateway's serving process: the
 listeners, again after every restart) until QEMU exits. It reads nothing from
-the guest.
+the guest. Started by root itself, it drops to a uid of the sandbox's own once
+QEMU runs (`--drop-to`; userns.holder_uid).
 
 Run as `python -m vivarium.net netns --dir INSTANCE_DIR --qemu-pidfile FILE`
 (inside the new namespace).
@@ -41,6 +42,7 @@ from pathlib import Path
 from vivarium import state
 from vivarium.errors import VMError
 from vivarium.run import find_program
+from vivarium.share import userns
 
 SOCKET = "netns.sock"
 PIDFILE = "netns.pid"
@@ -107,12 +109,15 @@ def start(directory: Path, qemu_pidfile: Path) -> int:
     if not tun_open():
         raise VMError(f"{TUN} is not open to you: a normal user's sandbox needs it for its network namespace's TAP device",
                       hint=TUN_HINT)  # fmt: skip
-    ns = ["--net"] if os.geteuid() == 0 else ["--user", "--map-root-user", "--net"]
+    root = os.geteuid() == 0
+    ns = ["--net"] if root else ["--user", "--map-root-user", "--net"]
+    # run by root itself, the holder drops to a uid of the sandbox's own once QEMU runs (a user's is theirs)
+    drop = ["--drop-to", str(userns.holder_uid(str(directory)))] if root else []
     log = (directory / LOG).open("ab")
     try:
         proc = subprocess.Popen(
             [find_program("unshare"), *ns, sys.executable, "-m", "vivarium.net", "netns",
-             "--dir", str(directory), "--qemu-pidfile", str(qemu_pidfile)],
+             "--dir", str(directory), "--qemu-pidfile", str(qemu_pidfile), *drop],
             stdin=subprocess.DEVNULL, stdout=log, stderr=log, start_new_session=True,
         )  # fmt: skip
     finally:
@@ -200,7 +205,10 @@ def _listen() -> list[socket.socket]:
     return [tcp, dns_tcp, dns_udp]
 
 
-def hold(directory: Path, qemu_pidfile: Path) -> int:
+def hold(directory: Path, qemu_pidfile: Path, drop_to: int | None = None) -> int:
+    """Hold the namespace's devices and listeners, handing them out on request, until QEMU is gone (or never
+    came). `drop_to`: started by root, once QEMU runs, become this uid (and gid): from then on QEMU is watched by
+    its pid and start time (/proc, anyone's to read), not by its pid file (root's), and nothing here is root's."""
     stopping = False
 
     def stop_(signum: int, frame: object) -> None:
@@ -220,23 +228,37 @@ def hold(directory: Path, qemu_pidfile: Path) -> int:
     os.chmod(path, 0o600)
     server.listen(16)
     state.write_pid(directory / PIDFILE)
-    seen, started = False, time.monotonic()
+    qemu: tuple[int, int | None] | None = None  # QEMU's pid and start time, once it runs
+    since = time.monotonic()
     try:
         while not stopping:
             with contextlib.suppress(InterruptedError):
                 ready, _, _ = select.select([server], [], [], 0.2)
                 if ready:
                     _answer(server, tap, listeners)
-            alive = state.pid_running(qemu_pidfile)
-            seen = seen or alive
-            # QEMU is gone, or never came (its launcher died before starting it)
-            if (seen and not alive) or (not seen and time.monotonic() - started > 600):
+            if qemu is None:
+                if state.pid_running(qemu_pidfile):
+                    qpid = int(qemu_pidfile.read_text().strip())
+                    qemu = (qpid, state.started(qpid))
+                    if drop_to is not None:
+                        userns.drop_to(drop_to, drop_to)
+                elif time.monotonic() - since > 600:  # QEMU never came (its launcher died before starting it)
+                    break
+            elif state.started(qemu[0]) != qemu[1] or not _cmdline(qemu[0]):  # QEMU is gone (or exiting)
                 break
     finally:
-        if state.names_me(directory / PIDFILE):
-            path.unlink(missing_ok=True)
-            (directory / PIDFILE).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):  # root's files: once it has dropped root, `stop` takes them away
+            if state.names_me(directory / PIDFILE):
+                path.unlink(missing_ok=True)
+                (directory / PIDFILE).unlink(missing_ok=True)
     return 0
+
+
+def _cmdline(pid: int) -> bytes:
+    try:
+        return Path(f"/proc/{pid}/cmdline").read_bytes()
+    except OSError:
+        return b""
 
 
 def _answer(server: socket.socket, tap: int, listeners: list[int]) -> None:
@@ -255,5 +277,6 @@ def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(prog="vivarium-netns")
     ap.add_argument("--dir", type=Path, required=True)
     ap.add_argument("--qemu-pidfile", type=Path, required=True)
+    ap.add_argument("--drop-to", type=int)
     args = ap.parse_args(argv)
-    return hold(args.dir, args.qemu_pidfile)
+    return hold(args.dir, args.qemu_pidfile, args.drop_to)

@@ -71,8 +71,8 @@ def parse_map(text: str) -> Mapping:
 ROOT_RANGE = (0x7FFE0000, 0x10000)
 # Where QEMU, the gateway and the console's keeper started by root itself (no sudo) drop to: ids of each
 # sandbox's own in the 65536 just above ROOT_RANGE, owned by no one, in no group; chosen by a digest of the
-# sandbox's directory, four per sandbox: QEMU's a multiple of 4, then the gateway's, then the keeper's (one
-# uid each: none can signal another, or write where another writes).
+# sandbox's directory, four per sandbox: QEMU's a multiple of 4, then the gateway's, the console keeper's and the
+# network namespace holder's (one uid each: none can signal another, or write where another writes).
 QEMU_RANGE = (0x7FFF0000, 0x10000)
 
 
@@ -89,6 +89,11 @@ def gateway_uid(key: str) -> int:
 def keeper_uid(key: str) -> int:
     """The uid the console's keeper of the sandbox `key` writes as when root starts it (and its gid)."""
     return sandbox_uid(key) + 2
+
+
+def holder_uid(key: str) -> int:
+    """The uid the holder of the sandbox `key`'s network namespace becomes once QEMU runs, when root starts it."""
+    return sandbox_uid(key) + 3
 
 
 def drop_to(uid: int, gid: int) -> None:
