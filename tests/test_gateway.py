@@ -315,7 +315,8 @@ def test_it_and_the_namespace_exit_with_qemu(tmp_path: Path) -> None:
         sleeper.wait()
     wait_for(lambda: control.pid(tmp_path) is None and netns.pid(tmp_path) is None)
     assert control.pid(tmp_path) is None and netns.pid(tmp_path) is None
-    assert not (tmp_path / "gateway.serving").exists() and not (tmp_path / "netns.sock").exists()
+    assert not (tmp_path / "gateway.serving").exists() and not (tmp_path / netns.SOCKET).exists()
+    assert not (tmp_path / netns.PIDFILE).exists()
 
 
 def test_without_its_namespace_the_gateway_says_so(tmp_path: Path) -> None:

@@ -44,8 +44,10 @@ from vivarium.errors import VMError
 from vivarium.run import find_program
 from vivarium.share import userns
 
-SOCKET = "netns.sock"
-PIDFILE = "netns.pid"
+# The holder's socket and pid file, in a directory of the holder's own: dropped from root, it still removes them.
+HOME = "netns"
+SOCKET = f"{HOME}/holder.sock"
+PIDFILE = f"{HOME}/holder.pid"
 LOG = "netns.err"
 
 # The guest's fenced NIC (found by its MAC in the guest) and the namespace's side of it. That side's MAC is
@@ -113,6 +115,10 @@ def start(directory: Path, qemu_pidfile: Path) -> int:
     ns = ["--net"] if root else ["--user", "--map-root-user", "--net"]
     # run by root itself, the holder drops to a uid of the sandbox's own once QEMU runs (a user's is theirs)
     drop = ["--drop-to", str(userns.holder_uid(str(directory)))] if root else []
+    home = directory / HOME
+    home.mkdir(mode=0o700, exist_ok=True)
+    if root:
+        os.chown(home, int(drop[1]), int(drop[1]), follow_symlinks=False)
     log = (directory / LOG).open("ab")
     try:
         proc = subprocess.Popen(
@@ -228,6 +234,10 @@ def hold(directory: Path, qemu_pidfile: Path, drop_to: int | None = None) -> int
     os.chmod(path, 0o600)
     server.listen(16)
     state.write_pid(directory / PIDFILE)
+    # its own directory, reached through an open descriptor: dropped from root, it has no way through the
+    # instance directory (root's, 0700) above
+    home = os.open(directory / HOME, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
+    mine = Path(f"/proc/self/fd/{home}")
     qemu: tuple[int, int | None] | None = None  # QEMU's pid and start time, once it runs
     since = time.monotonic()
     try:
@@ -247,10 +257,9 @@ def hold(directory: Path, qemu_pidfile: Path, drop_to: int | None = None) -> int
             elif state.started(qemu[0]) != qemu[1] or not _cmdline(qemu[0]):  # QEMU is gone (or exiting)
                 break
     finally:
-        with contextlib.suppress(OSError):  # root's files: once it has dropped root, `stop` takes them away
-            if state.names_me(directory / PIDFILE):
-                path.unlink(missing_ok=True)
-                (directory / PIDFILE).unlink(missing_ok=True)
+        if state.names_me(mine / Path(PIDFILE).name):
+            (mine / Path(SOCKET).name).unlink(missing_ok=True)
+            (mine / Path(PIDFILE).name).unlink(missing_ok=True)
     return 0
 
 
