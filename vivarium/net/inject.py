@@ -55,13 +55,31 @@ class Injected:
 def inject(headers: Sequence[tuple[bytes, bytes]], host: str, port: int, held: Iterable[Secret]) -> Injected:
     """A request's headers with each placeholder replaced by its real value, where the request goes to one
     of that secret's hosts (and, with `header`, only in that header)."""
+    return _inject(headers, _plan(held, host, port))
+
+
+@dataclass(frozen=True)
+class _Planned:
+    """A secret as one connection uses it: whether its host is this connection's, asked once, not per request."""
+
+    name: str
+    placeholder: bytes
+    value: bytes
+    header: bytes | None  # lowercase
+    allowed: bool
+
+
+def _plan(held: Iterable[Secret], host: str, port: int) -> list[_Planned]:
+    return [_Planned(s.name, *s.encoded, s.header.encode() if s.header is not None else None, s.goes_to(host, port)) for s in held]
+
+
+def _inject(headers: Sequence[tuple[bytes, bytes]], plan: Sequence[_Planned]) -> Injected:
     out = Injected(list(headers))
-    for s in held:
-        ph, real = s.encoded
-        allowed = s.goes_to(host, port)
+    for s in plan:
+        ph, real = s.placeholder, s.value
         for i, (name, value) in enumerate(out.headers):
             lname = name.lower()
-            if s.header is not None and lname.decode(errors="replace") != s.header:
+            if s.header is not None and lname != s.header:
                 if ph in value or (lname == b"authorization" and ph in _basic(value)):
                     _note(out.withheld, s.name)
                 continue
@@ -70,7 +88,7 @@ def inject(headers: Sequence[tuple[bytes, bytes]], host: str, port: int, held: I
                 new = _replace_in_basic(value, ph, real)
             if new is None:
                 continue
-            if allowed:
+            if s.allowed:
                 out.headers[i] = (name, new)
                 _note(out.injected, s.name)
             else:
@@ -148,19 +166,26 @@ def rewrite_head(head: bytes, host: str, port: int, held: Sequence[Secret]) -> t
     """A whole request head (request line, header lines, the blank line) with the secrets put in. Only the
     header lines that may hold a placeholder (as it is, or in Authorization) are parsed; the others pass as
     they are."""
+    return _rewrite_head(head, _plan(held, host, port))
+
+
+def _rewrite_head(head: bytes, plan: Sequence[_Planned]) -> tuple[bytes, Injected]:
     lines = head[:-4].split(b"\r\n") if head.endswith(b"\r\n\r\n") else head.split(b"\r\n")
     fields: list[tuple[bytes, bytes]] = []
     at: list[int] = []  # the line of each field
-    placeholders = [s.encoded[0] for s in held]
     for i in range(1, len(lines)):
         line = lines[i]
-        if not (line[:14].lower() == b"authorization:" or any(ph in line for ph in placeholders)):
-            continue
+        if line[:14].lower() != b"authorization:":
+            for s in plan:
+                if s.placeholder in line:
+                    break
+            else:
+                continue
         name, sep, value = line.partition(b":")
         if sep and name and not name[-1:].isspace():
             fields.append((name, value.strip(b" \t")))
             at.append(i)
-    out = inject(fields, host, port, held)
+    out = _inject(fields, plan)
     for i, (name, value), (_, was) in zip(at, out.headers, fields, strict=True):
         if value != was:
             lines[i] = name + b": " + value
@@ -172,18 +197,24 @@ class RequestRewriter:
     bodies pass untouched. Framing ambiguities raise sniff.Unframed: the gateway then ends the connection."""
 
     def __init__(self, host: str, port: int, held: Sequence[Secret]) -> None:
-        self.host, self.port, self.held = host, port, held
+        self.plan = _plan(held, host, port)  # the hosts' rules asked once for the connection, not per request
         self.requests = Requests()
 
     def feed(self, data: bytes) -> tuple[bytes, list[Injected]]:
+        pieces = self.requests.feed(data)
+        if len(pieces) == 1 and pieces[0][0] == "data":
+            return pieces[0][1], []
         out, notes = [], []
-        for kind, piece in self.requests.feed(data):
+        for kind, piece in pieces:
             if kind == "head" and self._may_hold(piece):
-                piece, note = rewrite_head(piece, self.host, self.port, self.held)
+                piece, note = _rewrite_head(piece, self.plan)
                 notes.append(note)
             out.append(piece)
         return b"".join(out), notes
 
     def _may_hold(self, head: bytes) -> bool:
         """Could a placeholder be in this head: as it is, or base64'd in Basic auth? (Most heads hold none: not parsed.)"""
-        return any(s.encoded[0] in head for s in self.held) or b"authorization" in head.lower()
+        for s in self.plan:
+            if s.placeholder in head:
+                return True
+        return b"authorization" in head.lower()
