@@ -115,3 +115,6 @@ def test_only_the_lines_that_hold_a_placeholder_are_touched() -> None:
     out, note = inject.rewrite_head(head, "api.anthropic.com", 443, [s, basic])
     assert out == head.replace(b"x-api-key:\t" + ph, b"x-api-key: " + real)  # the rest byte for byte
     assert note.injected == ["KEY"] and note.withheld == ["GH"]  # Basic auth found in any case, withheld from this host
+    # a placeholder in the request line (a URL) stays: only header values get the real thing
+    out, note = inject.rewrite_head(b"GET /?key=" + ph + b" HTTP/1.1\r\nx-api-key: " + ph + b"\r\n\r\n", "api.anthropic.com", 443, [s])
+    assert out == b"GET /?key=" + ph + b" HTTP/1.1\r\nx-api-key: " + real + b"\r\n\r\n" and note.injected == ["KEY"]

@@ -173,9 +173,8 @@ class Unframed(ValueError):
     """A request whose end cannot be told for sure (its framing is ambiguous or malformed)."""
 
 
-_CONTENT_LENGTH = re.compile(rb"\r\ncontent-length:[ \t]*([^\r\n]*)", re.IGNORECASE)
-_TRANSFER_ENCODING = re.compile(rb"\r\ntransfer-encoding:[ \t]*([^\r\n]*)", re.IGNORECASE)
-_UPGRADE = re.compile(rb"\r\n(upgrade:|connection:[^\r\n]*upgrade)", re.IGNORECASE)
+# The header lines that frame a request or switch protocols, found in one pass over its head.
+_FRAMING = re.compile(rb"\r\n(content-length|transfer-encoding|upgrade|connection):[ \t]*([^\r\n]*)", re.IGNORECASE)
 
 
 class Requests:
@@ -228,8 +227,17 @@ class Requests:
             raise Unframed("not an HTTP request")
         out.append(("head", head))
         self.maybe_opaque = False
-        te = _TRANSFER_ENCODING.findall(head)
-        cl = {v.strip() for v in _CONTENT_LENGTH.findall(head)}
+        te: list[bytes] = []
+        cl: set[bytes] = set()
+        upgrade = head.startswith(b"CONNECT ")
+        for name, value in _FRAMING.findall(head):
+            name = name.lower()
+            if name == b"content-length":
+                cl.add(value.strip())
+            elif name == b"transfer-encoding":
+                te.append(value)
+            elif name == b"upgrade" or b"upgrade" in value.lower():
+                upgrade = True
         if te:
             if cl or len(te) > 1 or te[0].strip().lower() != b"chunked":
                 raise Unframed("Transfer-Encoding with Content-Length, or other than chunked")
@@ -238,7 +246,7 @@ class Requests:
             if len(cl) > 1 or not next(iter(cl)).isdigit():
                 raise Unframed("Content-Length ambiguous or not a number")
             self.left = int(next(iter(cl)))
-        if head.startswith(b"CONNECT ") or _UPGRADE.search(head):
+        if upgrade:
             self.maybe_opaque = True
         return True
 
