@@ -212,15 +212,31 @@ def named_qemu(pid: int, name: str) -> bool:
         return False
 
 
-def pid_running(pidfile: Path) -> bool:
-    """Is the process a plain pid file names (QEMU's own) running? One that is exiting or a zombie is not: a QEMU
-    killed with a large guest takes a while to die, and what watches for the next QEMU must not take it for that one."""
+def alive(pid: int) -> int | None:
+    """When process `pid` started, if it runs and is not on its way out: one that is exiting (its command line
+    already gone) or a zombie is not. A QEMU killed with a large guest takes a while to die, and what watches
+    for the next QEMU must not take it for that one."""
+    try:
+        if not Path(f"/proc/{pid}/cmdline").read_bytes():
+            return None
+    except OSError:
+        return None
+    return started(pid)
+
+
+def named_by(pidfile: Path) -> tuple[int, int] | None:
+    """The process a plain pid file names (QEMU's own), its pid and start time, if it is alive()."""
     try:
         pid = int(pidfile.read_text().strip())
-        cmdline = Path(f"/proc/{pid}/cmdline").read_bytes()
     except (OSError, ValueError):
-        return False
-    return bool(cmdline) and started(pid) is not None
+        return None
+    start = alive(pid) if pid > 0 else None
+    return (pid, start) if start is not None else None
+
+
+def pid_running(pidfile: Path) -> bool:
+    """Is the process a plain pid file names (QEMU's own) running, and not exiting (alive())?"""
+    return named_by(pidfile) is not None
 
 
 def write_pid(path: Path, pid: int | None = None) -> None:

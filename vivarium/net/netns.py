@@ -114,11 +114,12 @@ def start(directory: Path, qemu_pidfile: Path) -> int:
     root = os.geteuid() == 0
     ns = ["--net"] if root else ["--user", "--map-root-user", "--net"]
     # run by root itself, the holder drops to a uid of the sandbox's own once QEMU runs (a user's is theirs)
-    drop = ["--drop-to", str(userns.holder_uid(str(directory)))] if root else []
-    home = directory / HOME
-    home.mkdir(mode=0o700, exist_ok=True)
-    if root:
-        os.chown(home, int(drop[1]), int(drop[1]), follow_symlinks=False)
+    holder = userns.holder_uid(str(directory)) if root else None
+    drop = ["--drop-to", str(holder)] if holder is not None else []
+    if holder is not None:
+        userns.own_dir(directory / HOME, holder)
+    else:
+        (directory / HOME).mkdir(mode=0o700, exist_ok=True)
     log = (directory / LOG).open("ab")
     try:
         proc = subprocess.Popen(
@@ -238,7 +239,7 @@ def hold(directory: Path, qemu_pidfile: Path, drop_to: int | None = None) -> int
     # instance directory (root's, 0700) above
     home = os.open(directory / HOME, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
     mine = Path(f"/proc/self/fd/{home}")
-    qemu: tuple[int, int | None] | None = None  # QEMU's pid and start time, once it runs
+    qemu: tuple[int, int] | None = None  # QEMU's pid and start time, once it runs
     since = time.monotonic()
     try:
         while not stopping:
@@ -247,27 +248,19 @@ def hold(directory: Path, qemu_pidfile: Path, drop_to: int | None = None) -> int
                 if ready:
                     _answer(server, tap, listeners)
             if qemu is None:
-                if state.pid_running(qemu_pidfile):
-                    qpid = int(qemu_pidfile.read_text().strip())
-                    qemu = (qpid, state.started(qpid))
+                qemu = state.named_by(qemu_pidfile)
+                if qemu is not None:
                     if drop_to is not None:
                         userns.drop_to(drop_to, drop_to)
                 elif time.monotonic() - since > 600:  # QEMU never came (its launcher died before starting it)
                     break
-            elif state.started(qemu[0]) != qemu[1] or not _cmdline(qemu[0]):  # QEMU is gone (or exiting)
+            elif state.alive(qemu[0]) != qemu[1]:  # QEMU is gone (or exiting)
                 break
     finally:
         if state.names_me(mine / Path(PIDFILE).name):
             (mine / Path(SOCKET).name).unlink(missing_ok=True)
             (mine / Path(PIDFILE).name).unlink(missing_ok=True)
     return 0
-
-
-def _cmdline(pid: int) -> bytes:
-    try:
-        return Path(f"/proc/{pid}/cmdline").read_bytes()
-    except OSError:
-        return b""
 
 
 def _answer(server: socket.socket, tap: int, listeners: list[int]) -> None:

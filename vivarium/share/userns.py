@@ -104,6 +104,21 @@ def drop_to(uid: int, gid: int) -> None:
     check(libc.prctl(38, 1, 0, 0, 0), "PR_SET_NO_NEW_PRIVS")
 
 
+def own_dir(directory: Path, uid: int) -> None:
+    """`directory` (made 0700 if it is not there) and the plain files in it `uid`'s alone, for a process dropped
+    to `uid` that keeps its files there (an earlier one's of another uid, or root's, become its); anything in it
+    but a plain file or a directory is not one of its files, and goes (never followed)."""
+    directory.mkdir(mode=0o700, exist_ok=True)
+    os.chown(directory, uid, uid, follow_symlinks=False)
+    os.chmod(directory, 0o700, follow_symlinks=False)
+    with os.scandir(directory) as entries:
+        for entry in entries:
+            if entry.is_file(follow_symlinks=False):
+                os.chown(entry.path, uid, uid, follow_symlinks=False)
+            elif not entry.is_dir(follow_symlinks=False):
+                os.unlink(entry.path)
+
+
 def maps(user: str, uid: int, gid: int, guest_uid: int, guest_gid: int) -> tuple[Mapping, Mapping] | str:
     """The uid and gid maps of a share server run by `user` (uid), where the guest's user is the host's uid
     and gid, or why there can be none. Root maps what it likes (its own range, else ROOT_RANGE); a normal

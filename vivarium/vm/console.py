@@ -27,9 +27,10 @@ def start(path: Path, cap: Cap, uid: int | None = None) -> int:
     closes it once QEMU has it: then QEMU's exit is the keeper's end). `uid`: started by root, the keeper
     writes as this uid and gid, which alone owns the log's directory (`path`'s parent, made here)."""
     directory = path.parent
-    directory.mkdir(mode=0o700, exist_ok=True)
     if uid is not None:
-        _own(directory, uid)
+        userns.own_dir(directory, uid)
+    else:
+        directory.mkdir(mode=0o700, exist_ok=True)
     r, w = os.pipe2(os.O_CLOEXEC)
     try:
         # it detaches at once (its first half exits): nobody need reap it
@@ -41,19 +42,6 @@ def start(path: Path, cap: Cap, uid: int | None = None) -> int:
     finally:
         os.close(r)
     return w
-
-
-def _own(directory: Path, uid: int) -> None:
-    """`directory` and the log files in it the keeper's (an earlier keeper's of another uid, or root's);
-    anything there but a plain file is not a log's, and goes (never followed)."""
-    os.chown(directory, uid, uid, follow_symlinks=False)
-    os.chmod(directory, 0o700, follow_symlinks=False)
-    with os.scandir(directory) as entries:
-        for entry in entries:
-            if entry.is_file(follow_symlinks=False):
-                os.chown(entry.path, uid, uid, follow_symlinks=False)
-            elif not entry.is_dir(follow_symlinks=False):
-                os.unlink(entry.path)
 
 
 def keep(path: Path, cap: Cap, source: int = 0, directory: int | None = None) -> None:
