@@ -23,6 +23,7 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import itertools
+import json
 import os
 import select
 import socket
@@ -154,7 +155,19 @@ class FakeNet:
     ns: str = field(default_factory=lambda: f"vvnet{os.getpid() % 100000}")
     veth: str = field(default_factory=lambda: f"vvh{os.getpid() % 100000}")
     server: subprocess.Popen[str] | None = None
-    dns: FakeDNS | None = None
+    dns: FakeDNS | GivenDNS | None = None
+    owned: bool = True  # made by this process (and removed by it): not one handed down by another
+
+    @classmethod
+    def given(cls, described: str) -> FakeNet:
+        """The network another process made and described (describe()): a normal user running the tests cannot
+        make namespaces on the host, so root makes it for them and keeps it while they run."""
+        d = json.loads(described)
+        return cls(ns=d["ns"], veth=d["veth"], dns=GivenDNS(d["dns"]), owned=False)
+
+    def describe(self) -> str:
+        assert self.dns is not None
+        return json.dumps({"ns": self.ns, "veth": self.veth, "dns": self.dns.address})
 
     def __enter__(self) -> FakeNet:
         try:
@@ -193,6 +206,8 @@ class FakeNet:
                 time.sleep(0.1)
 
     def close(self) -> None:
+        if not self.owned:
+            return
         if self.dns is not None:
             self.dns.close()
         if self.server is not None:
@@ -280,6 +295,16 @@ class FakeDNS:
 
     def close(self) -> None:
         self.sock.close()
+
+
+@dataclass(frozen=True)
+class GivenDNS:
+    """The made-up network's DNS server as another process (root's: tests/as_user.py) runs it."""
+
+    address: str
+
+    def close(self) -> None:
+        pass
 
 
 # ------------------------------------------------------------------ namespaces of the tests' own

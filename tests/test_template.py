@@ -34,6 +34,9 @@ def test_the_key_is_the_shape(tmp_path: Path) -> None:
     assert k != template.key_of(img, c, "kvm", Q72)
     assert k != template.key_of(FakeImage("b2"), c, "tcg", Q72)  # type: ignore[arg-type]
     assert k != template.key_of(img, replace(c, vm=replace(c.vm, memory=c.vm.memory // 2)), "tcg", Q72)
+    # its agent user is made in it: another name, or the same name with another uid (a user whose uid changed), is another template
+    assert k != template.key_of(img, replace(c, vm=replace(c.vm, user="someone")), "tcg", Q72)
+    assert k != template.key_of(img, replace(c, uid=c.uid + 1), "tcg", Q72)
     # what a clone gets after the restore does not change the shape
     assert k == template.key_of(img, replace(c, share=(), forward=()), "tcg", Q72)
     # a state saved by one QEMU (or machine type) never loads into another: an upgraded host makes a new template

@@ -3,7 +3,9 @@ useradd gives a new user where /etc/subuid exists and `scripts/setup` gives the 
 
 from __future__ import annotations
 
+import os
 import pwd
+import shutil
 import subprocess
 from collections.abc import Container
 from pathlib import Path
@@ -43,3 +45,32 @@ def processes(uids: Container[int]) -> dict[int, tuple[list[str], str]]:
             if any(int(i) in uids for i in ids):
                 out[int(p.name)] = (ids, cmd)
     return out
+
+
+def link_tree(src: Path, dst: Path) -> None:
+    """`dst` as a copy of `src` made of hard links where they can be made (the same filesystem), else copies."""
+    try:
+        shutil.copytree(src, dst, copy_function=os.link, symlinks=True)
+    except OSError:
+        shutil.rmtree(dst, ignore_errors=True)
+        shutil.copytree(src, dst, symlinks=True)
+
+
+def give_images(cache: Path, to: Path, pw: pwd.struct_passwd) -> None:
+    """The images built in `cache` (a vivarium cache directory), and only those, in the user's cache directory `to`
+    as well: the recipe is the same, so the user's `build` finds them (hard links, the user's: the files are theirs
+    then too). What else `to` holds (templates) is kept, and made the user's."""
+    images = cache / "images"
+    built = {i.name for i in images.iterdir() if i.is_dir() and not i.name.startswith(".")} if images.is_dir() else set()
+    given = to / "images"
+    if given.is_dir():
+        for old in given.iterdir():
+            if old.is_dir() and not old.name.startswith(".") and old.name not in built:
+                shutil.rmtree(old)  # gone from `cache`: a recipe since changed
+    for name in built:
+        if not (given / name / "manifest.json").exists():
+            shutil.rmtree(given / name, ignore_errors=True)
+            link_tree(images / name, given / name)
+    to.mkdir(parents=True, exist_ok=True)
+    for p in [to, *to.rglob("*")]:
+        os.lchown(p, pw.pw_uid, pw.pw_gid)

@@ -60,9 +60,10 @@ class Template:
 
 
 def key_of(image: Image, c: cfg.Config, accel: str, qemu: caps.Qemu) -> str:
-    """A saved state loads only into the same shape, accelerator, QEMU version and machine type."""
-    blob = json.dumps([TEMPLATE_VERSION, LAYOUT, image.build_id, c.vm.memory, c.vm.cpus, c.vm.disk, c.vm.swap, c.vm.user, accel,
-                       qemu.version, qemu.machine])  # fmt: skip
+    """A saved state loads only into the same shape, accelerator, QEMU version and machine type; and it has its
+    agent user made, by name and uid."""
+    blob = json.dumps([TEMPLATE_VERSION, LAYOUT, image.build_id, c.vm.memory, c.vm.cpus, c.vm.disk, c.vm.swap, c.vm.user, c.uid,
+                       accel, qemu.version, qemu.machine])  # fmt: skip
     return hashlib.sha256(blob.encode()).hexdigest()[:16]
 
 

@@ -97,7 +97,12 @@ def vv(*args: str, check: bool = True, cwd: Path | None = None, env: dict[str, s
 
 @pytest.fixture(scope="session")
 def net(session_env: dict[str, str]) -> Iterator[FakeNet]:
-    """The made-up LAN, metadata service, public hosts and DNS (tests/fakenet.py)."""
+    """The made-up LAN, metadata service, public hosts and DNS (tests/fakenet.py); run by a normal user
+    (tests/as_user.py), the one root made for it."""
+    given = os.environ.get("VIVARIUM_TEST_NET")
+    if given:
+        yield FakeNet.given(given)
+        return
     with FakeNet() as n:
         yield n
 
@@ -181,12 +186,13 @@ def shared(project: Path, built: object) -> Iterator[tuple[Sandbox, Path, Path]]
         '[[share]]\nhost = "attack"\nmode = "review"\n'
         "[kube]\nlink_into_share = true\n",
     )
-    # The project belongs to the user the agent runs as (here: agent, 1000, since the tests run as root),
-    # as it does when you run vivarium as yourself in your own project.
-    os.chown(d / "rw", 1000, 1000)
-    for top in ("review", "attack"):
-        for p in [d / top, *(d / top).rglob("*")]:
-            os.lchown(p, 1000, 1000)
+    # The project belongs to the user the agent runs as (agent, 1000, where the tests run as root; else the
+    # user running them), as it does when you run vivarium as yourself in your own project.
+    if os.geteuid() == 0:
+        os.chown(d / "rw", 1000, 1000)
+        for top in ("review", "attack"):
+            for p in [d / top, *(d / top).rglob("*")]:
+                os.lchown(p, 1000, 1000)
     vv("up", "sharebox", cwd=d)
     box = Sandbox("sharebox")
     yield box, (d / "rw").resolve(), (d / "ro").resolve()

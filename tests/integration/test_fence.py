@@ -528,6 +528,7 @@ def test_allowlist_every_request_on_a_keep_alive_connection_is_checked(box: Sand
 
 
 @pytest.mark.same_everywhere
+@pytest.mark.needs_root  # adds an address to the host's loopback
 def test_an_address_the_host_gains_after_the_start_is_still_the_hosts(box: Sandbox, net: FakeNet) -> None:
     # the user opened a range (say, their office's); the host itself joins it later (a VPN comes up)
     set_policy(box, net, "lan-block", cidrs=(f"{PUBLIC}/32", "203.0.113.0/24"))

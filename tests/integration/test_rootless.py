@@ -81,15 +81,6 @@ class _Ids(Container[int]):
         return uid == self.uid or uid in self.sub
 
 
-def _link_tree(src: Path, dst: Path) -> None:
-    """`dst` as a copy of `src` made of hard links where they can be made (the same filesystem), else copies."""
-    try:
-        shutil.copytree(src, dst, copy_function=os.link, symlinks=True)
-    except OSError:
-        shutil.rmtree(dst, ignore_errors=True)
-        shutil.copytree(src, dst, symlinks=True)
-
-
 @pytest.fixture(scope="module")
 def user(session_env: dict[str, str], built: object) -> Iterator[User]:
     base = Path(tempfile.mkdtemp(prefix="vivarium-rootless-", dir="/var/tmp"))
@@ -99,15 +90,11 @@ def user(session_env: dict[str, str], built: object) -> Iterator[User]:
     os.chmod("/dev/net/tun", 0o666)  # as udev makes it on a standard Debian (this machine has no udev: 0600)
     try:
         # The code and its libraries where the user can read them, whatever the checkout's parents allow.
-        _link_tree(REPO / "vivarium", base / "py" / "src" / "vivarium")
-        _link_tree(Path(sysconfig.get_paths()["purelib"]), base / "py" / "site")
+        users.link_tree(REPO / "vivarium", base / "py" / "src" / "vivarium")
+        users.link_tree(Path(sysconfig.get_paths()["purelib"]), base / "py" / "site")
         viv = base / "home" / "viv"
-        images = Path(os.environ["XDG_CACHE_HOME"]) / "vivarium" / "images"
-        for image in images.iterdir():
-            if image.is_dir() and not image.name.startswith("."):
-                _link_tree(image, viv / "cache" / "images" / image.name)
-        for p in [viv, *viv.rglob("*")]:
-            os.lchown(p, pw.pw_uid, pw.pw_gid)
+        users.give_images(Path(os.environ["XDG_CACHE_HOME"]) / "vivarium", viv / "cache", pw)
+        os.lchown(viv, pw.pw_uid, pw.pw_gid)
         env = {"HOME": pw.pw_dir, "USER": USER, "LOGNAME": USER, "PATH": "/usr/local/bin:/usr/bin:/bin:/usr/sbin:/sbin",
                "VIVARIUM_HOME": str(viv), "PYTHONPATH": f"{base / 'py' / 'src'}:{base / 'py' / 'site'}", "LANG": "C.UTF-8"}  # fmt: skip
         if "VIVARIUM_ACCEL" in os.environ:

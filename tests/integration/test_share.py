@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import pwd
 import time
 from pathlib import Path
 from typing import Any
@@ -33,9 +34,9 @@ def test_rw_share_round_trip_with_the_right_owner(shared: tuple[Sandbox, Path, P
     assert box.exec(["sh", "-c", f"echo hello host > {rw}/from-guest.txt"]).returncode == 0
     made = rw / "from-guest.txt"
     assert made.read_text() == "hello host\n"
-    uid = int(box.exec(["id", "-u"], capture=True).stdout)
-    assert made.stat().st_uid == uid  # the agent's uid: the host user's own, or 1000 (agent) when vivarium runs as root
-    assert made.stat().st_uid != 0 or uid == 0
+    # the agent is the user running vivarium, by uid (and name); or agent, 1000, when root runs it
+    assert int(box.exec(["id", "-u"], capture=True).stdout) == (os.geteuid() or 1000)
+    assert made.stat().st_uid == rw.stat().st_uid != 0  # on the host: the share's owner's
 
 
 def test_ro_share_refuses_root_even_after_remount(shared: tuple[Sandbox, Path, Path]) -> None:
@@ -88,7 +89,7 @@ def test_review_share_keeps_the_host_untouched_until_apply(shared: tuple[Sandbox
     assert (review / "src" / "both.txt").read_text() == "the host's edit\n"
     assert (review / "edit.txt").read_text() == "one\nthree\n" and (review / "added.txt").read_text() == "new\n"
     assert not (review / "gone.txt").exists()
-    assert (review / "added.txt").stat().st_uid == 1000  # the share's owner, not root
+    assert (review / "added.txt").stat().st_uid == review.stat().st_uid != 0  # the share's owner, not root
     # what was applied no longer shows; the refused change still does, with the guest's version kept
     d = review_diff(review)
     assert [(c["kind"], c["path"]) for c in d["changes"]] == [("modified", "src/both.txt")]
@@ -97,17 +98,19 @@ def test_review_share_keeps_the_host_untouched_until_apply(shared: tuple[Sandbox
 
 def test_kube_link_into_share_puts_the_guests_kubeconfig_on_the_host(shared: tuple[Sandbox, Path, Path]) -> None:
     box, rw, _ = shared
-    assert box.exec(["readlink", "/home/agent/.kube"], capture=True).stdout.strip() == f"{rw}/.kube"
+    assert box.exec(["sh", "-c", "readlink ~/.kube"], capture=True).stdout.strip() == f"{rw}/.kube"
     assert box.exec(["sh", "-c", "echo 'apiVersion: v1' > ~/.kube/config"]).returncode == 0
     assert (rw / ".kube" / "config").read_text() == "apiVersion: v1\n"
 
 
 def test_the_share_server_is_not_root_nor_is_what_root_in_the_guest_makes(shared: tuple[Sandbox, Path, Path]) -> None:
-    """Run as root, vivarium still serves shares from a user namespace (share/userns.py): the server is root only
-    there, and what root in the guest makes is owned by the namespace's root, a uid no host user is. On 0e6701b the
-    server ran as root of the host and root in the guest made root's files."""
+    """Run as root or by a normal user, vivarium serves shares from a user namespace (share/userns.py): the server
+    is root only there, and what root in the guest makes is owned by the namespace's root, a uid no host user is
+    (the first of the user's subordinate ones). On 0e6701b the server ran as root of the host and root in the guest
+    made root's files."""
     box, rw, _ = shared
-    ns_root = (userns.subordinate(Path("/etc/subuid"), "root", 0) or userns.ROOT_RANGE)[0]
+    me = pwd.getpwuid(os.geteuid())
+    ns_root = (userns.subordinate(Path("/etc/subuid"), me.pw_name, me.pw_uid) or userns.ROOT_RANGE)[0]
     assert box.exec(["sudo", "sh", "-c", f"echo r > {rw}/by-root.txt && chown 0:0 {rw}/from-guest.txt"]).returncode == 0
     for name in ("by-root.txt", "from-guest.txt"):
         st = (rw / name).stat()
