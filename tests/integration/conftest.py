@@ -63,9 +63,16 @@ def write_config(d: Path, text: str) -> Path:
     return d / "vivarium.toml"
 
 
+# The agent user of the tests' sandboxes, whoever runs them: root's default, set for a normal user too
+# (tests/as_user.py), whose own default is themselves (by name and uid). The guest's image then is the same
+# for both (it has the agent made in it): built once.
+AGENT = 'user = "agent"\n'
+
+
 def small_vm(**vm: str) -> str:
-    """The [vm] table (and SSH forward) of a small sandbox for a vivarium.toml: 1G, 2 CPUs (TCG), with `vm` added."""
-    extra = "".join(f'{k} = "{v}"\n' for k, v in vm.items())
+    """The [vm] table (and SSH forward) of a small sandbox for a vivarium.toml: 1G, 2 CPUs (TCG), with `vm` added.
+    The agent is `agent` (1000) whoever runs the tests (AGENT)."""
+    extra = "".join(f'{k} = "{v}"\n' for k, v in {"user": "agent", **vm}.items())
     return f'[vm]\n{extra}memory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n'
 
 
@@ -122,6 +129,7 @@ def project(session_env: dict[str, str], net: FakeNet) -> Path:
         d,
         f"""
 [vm]
+user = "agent"
 memory = "2G"
 cpus = 2
 disk = "20G"

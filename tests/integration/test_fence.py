@@ -24,10 +24,9 @@ import pytest
 from vivarium import Sandbox
 from vivarium import config as cfg
 from vivarium.net import control
-from vivarium.ports import free_port
 
 from ..fakenet import LAN, METADATA, OTHER, PUBLIC, FakeNet, LoopbackServer
-from .conftest import vv
+from .conftest import small_vm, vv
 
 pytestmark = pytest.mark.integration
 
@@ -140,7 +139,7 @@ def unfenced(project: Path, built: object, net: FakeNet) -> Iterator[Sandbox]:
     """The same image on plain QEMU user networking: the control."""
     d = project.parent / "unfenced"
     d.mkdir(exist_ok=True)
-    (d / "vivarium.toml").write_text(f'[vm]\nmemory = "1G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n')
+    (d / "vivarium.toml").write_text(small_vm())
     box = Sandbox("unfenced", cfg.load(d / "vivarium.toml"), fence=False)
     box.up()
     yield box

@@ -18,7 +18,7 @@ import pytest
 from vivarium import Sandbox
 from vivarium.ports import free_port
 
-from .conftest import vv, write_config
+from .conftest import AGENT, vv, write_config
 
 pytestmark = pytest.mark.integration
 
@@ -142,7 +142,7 @@ def test_busy_port_is_one_line_naming_it(box: Sandbox, tmp_path: Path) -> None:
         s.bind(("127.0.0.1", 0))
         s.listen()
         busy = s.getsockname()[1]
-        write_config(tmp_path, f'[vm]\nmemory = "1G"\ncpus = 1\n[[forward]]\nhost = {busy}\nguest = 22\n')
+        write_config(tmp_path, f'[vm]\n{AGENT}memory = "1G"\ncpus = 1\n[[forward]]\nhost = {busy}\nguest = 22\n')
         r = vv("up", "busyport", cwd=tmp_path, check=False)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()

@@ -34,9 +34,8 @@ def test_rw_share_round_trip_with_the_right_owner(shared: tuple[Sandbox, Path, P
     assert box.exec(["sh", "-c", f"echo hello host > {rw}/from-guest.txt"]).returncode == 0
     made = rw / "from-guest.txt"
     assert made.read_text() == "hello host\n"
-    # the agent is the user running vivarium, by uid (and name); or agent, 1000, when root runs it
-    assert int(box.exec(["id", "-u"], capture=True).stdout) == (os.geteuid() or 1000)
-    assert made.stat().st_uid == rw.stat().st_uid != 0  # on the host: the share's owner's
+    assert int(box.exec(["id", "-u"], capture=True).stdout) == 1000  # the agent (conftest.AGENT)
+    assert made.stat().st_uid == rw.stat().st_uid != 0  # on the host: the share's owner's (the user running vivarium, or 1000 under root)
 
 
 def test_ro_share_refuses_root_even_after_remount(shared: tuple[Sandbox, Path, Path]) -> None:
