@@ -110,6 +110,8 @@ class Sandbox:
             if self.exists() and self.pid() is not None:
                 provision.mend(self.dir, self.record().run, progress)
                 return self.status()
+            if not auto_ports:  # a busy port is known now: say so before minutes of building and a template
+                ports.choose(self.config.forward, self.name, auto_ports=False)
             image = provision.image_of(self.dir, self.config, progress)
             if not self.exists():
                 tpl = None if cold else provision.template_for(self.config, image, self._fence, progress, Sandbox)

@@ -16,6 +16,7 @@ from pathlib import Path
 import pytest
 
 from vivarium import Sandbox
+from vivarium import template as template_mod
 from vivarium.ports import free_port
 
 from .conftest import AGENT, vv, write_config
@@ -143,13 +144,15 @@ def test_busy_port_is_one_line_naming_it(box: Sandbox, tmp_path: Path) -> None:
         s.listen()
         busy = s.getsockname()[1]
         write_config(tmp_path, f'[vm]\n{AGENT}memory = "1G"\ncpus = 1\n[[forward]]\nhost = {busy}\nguest = 22\n')
+        templates = set(template_mod.templates_dir().iterdir())
         r = vv("up", "busyport", cwd=tmp_path, check=False)
     assert r.returncode == 1
     lines = r.stderr.strip().splitlines()
     assert any(f"host port {busy}" in ln and ln.startswith("error:") for ln in lines), r.stderr
     assert "Traceback" not in r.stderr
-    assert Sandbox("busyport").pid() is None
-    vv("destroy", "busyport")
+    # said before anything was made: no sandbox, no template of its shape (minutes under TCG, for nothing)
+    assert not Sandbox("busyport").exists()
+    assert set(template_mod.templates_dir().iterdir()) == templates
 
 
 def test_guest_that_never_gets_ready_times_out_cleanly(box: Sandbox, project: Path) -> None:
