@@ -116,8 +116,8 @@ def net(session_env: dict[str, str]) -> Iterator[FakeNet]:
 
 @pytest.fixture(scope="session")
 def project(session_env: dict[str, str], net: FakeNet) -> Path:
-    """A project directory with a vivarium.toml sized for a TCG test VM, its fence
-    pointed at the made-up network (198.51.100.7 opened on purpose)."""
+    """A project directory with a vivarium.toml sized for a TCG test VM (small_vm's shape: one template serves
+    both), its fence pointed at the made-up network (198.51.100.7 opened on purpose)."""
     assert net.dns is not None
     d = Path(os.environ["XDG_STATE_HOME"]).parent / "project"
     d.mkdir(parents=True, exist_ok=True)
@@ -130,10 +130,10 @@ def project(session_env: dict[str, str], net: FakeNet) -> Path:
         f"""
 [vm]
 user = "agent"
-memory = "2G"
+memory = "1G"
 cpus = 2
-disk = "20G"
-swap = "1G"
+disk = "10G"
+swap = "256M"
 
 [[forward]]
 host = {free_port()}
