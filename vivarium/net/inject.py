@@ -166,10 +166,12 @@ def rewrite_head(head: bytes, host: str, port: int, held: Sequence[Secret]) -> t
     """A whole request head (request line, header lines, the blank line) with the secrets put in. Only the
     header lines that may hold a placeholder (as it is, or in Authorization) are parsed; the others pass as
     they are."""
-    return _rewrite_head(head, _plan(held, host, port))
+    out, note = _rewrite_head(head, _plan(held, host, port))
+    return out, note if note is not None else Injected([])
 
 
-def _rewrite_head(head: bytes, plan: Sequence[_Planned]) -> tuple[bytes, Injected]:
+def _rewrite_head(head: bytes, plan: Sequence[_Planned]) -> tuple[bytes, Injected | None]:
+    """The head rewritten, and what was done; None where no header line may hold a placeholder (most heads)."""
     if not head.endswith(b"\r\n\r\n"):
         head += b"\r\n\r\n"
     # the header lines that may hold a placeholder (the request line never counts): found by searching, not by
@@ -186,6 +188,8 @@ def _rewrite_head(head: bytes, plan: Sequence[_Planned]) -> tuple[bytes, Injecte
     while i != -1:
         starts.add(i + 2)
         i = lower.find(b"\r\nauthorization:", i + 2)
+    if not starts:
+        return head, None
     fields: list[tuple[bytes, bytes]] = []
     spans: list[tuple[int, int]] = []  # where each field's line is
     for start in sorted(starts):
@@ -213,19 +217,17 @@ class RequestRewriter:
 
     def feed(self, data: bytes) -> tuple[bytes, list[Injected]]:
         pieces = self.requests.feed(data)
-        if len(pieces) == 1 and pieces[0][0] == "data":
-            return pieces[0][1], []
+        if len(pieces) == 1:  # the usual read: one head, or a part of a body
+            kind, piece = pieces[0]
+            if kind == "data":
+                return piece, []
+            piece, note = _rewrite_head(piece, self.plan)
+            return piece, [note] if note is not None else []
         out, notes = [], []
         for kind, piece in pieces:
-            if kind == "head" and self._may_hold(piece):
+            if kind == "head":
                 piece, note = _rewrite_head(piece, self.plan)
-                notes.append(note)
+                if note is not None:
+                    notes.append(note)
             out.append(piece)
         return b"".join(out), notes
-
-    def _may_hold(self, head: bytes) -> bool:
-        """Could a placeholder be in this head: as it is, or base64'd in Basic auth? (Most heads hold none: not parsed.)"""
-        for s in self.plan:
-            if s.placeholder in head:
-                return True
-        return b"authorization" in head.lower()
