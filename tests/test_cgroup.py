@@ -87,3 +87,36 @@ def test_the_hosts_layout_is_read_from_its_mounts(tmp_path: Path) -> None:
     assert hybrid.dirs("b") == tuple(Path(f"/sys/fs/cgroup/{c}/vivarium/b") for c in ("pids", "memory", "blkio", "cpu,cpuacct"))
     with pytest.raises(cgroup.Unavailable, match="pids and memory"):
         _ = layout("cgroup /sys/fs/cgroup/pids cgroup rw,pids 0 0\n" + unified, "").version
+
+
+def test_where_a_start_made_the_cgroup_is_read_back_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The instance's record names the cgroup (a user scope's path is systemd's to choose) or why there is none;
+    a record that climbs out of the hierarchy is no cgroup."""
+    v2 = tmp_path / "v2"
+    scope = "/user.slice/user-1000.slice/user@1000.service/app.slice/vivarium-box-0123abcd-00ff00ff.scope"
+    (v2 / scope.lstrip("/") / "sandbox").mkdir(parents=True)
+    (v2 / "cgroup.controllers").write_text("cpu io memory pids\n")
+    (tmp_path / "mounts").write_text(f"cgroup2 {v2} cgroup2 rw,nosuid,nodev,noexec,relatime 0 0\n")
+    monkeypatch.setattr(cgroup, "MOUNTS", tmp_path / "mounts")
+    layout = Layout.read(tmp_path / "mounts")
+    instance = tmp_path / "instance"
+    instance.mkdir()
+    cgroup.remember(instance, layout.group(f"{scope}/sandbox"))
+    group = cgroup.of("box", instance)
+    assert group is not None and group.path == f"{scope}/sandbox" and group.scope == scope.rsplit("/", 1)[1]
+    assert group.dirs == (v2 / scope.lstrip("/") / "sandbox",)
+    for bad in (f"{scope}/../../../../../etc", "relative/sandbox", f"{scope}//sandbox", f"{scope}/missing"):
+        (instance / cgroup.RECORD).write_text(bad + "\n")
+        assert cgroup.of("box", instance) is None, bad
+    cgroup.remember(instance, None, "the user's systemd would not make a scope: Access denied")
+    assert cgroup.of("box", instance) is None
+    assert cgroup.why_none(instance) == "the user's systemd would not make a scope: Access denied"
+
+
+def test_without_a_user_manager_no_scope_is_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A normal user with no systemd user manager running: one line saying so, the socket named."""
+    monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
+    monkeypatch.setattr(os, "getuid", lambda: tmp_path.stat().st_uid)
+    assert cgroup.manager_socket() == tmp_path / "systemd" / "private"
+    with pytest.raises(cgroup.Unavailable, match=f"no systemd user manager to make a scope \\({tmp_path}/systemd/private is not there\\)"):
+        cgroup._ask_for_scope("vivarium-box-0123abcd-00ff00ff.scope")

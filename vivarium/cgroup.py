@@ -6,23 +6,33 @@ fair share of a group (the default weight: a sandbox busy on every core leaves e
 
 Where it lives:
 
-- cgroup v2 with the pids and memory controllers: `vivarium/<sandbox>` under the hierarchy's root, the
-  controllers enabled on the way down (what Docker's cgroupfs driver does). Root only, for now.
+- cgroup v2 with the pids and memory controllers, run by root: `vivarium/<sandbox>` under the hierarchy's
+  root, the controllers enabled on the way down (what Docker's cgroupfs driver does).
+- cgroup v2, run by a normal user on a systemd host: a transient scope of the user's own systemd
+  (`vivarium-<sandbox>-….scope`, `Delegate=yes`), asked for over the user manager's private socket with
+  this process in it (`systemd-run --user --scope` does the same for itself). A process of a login session
+  cannot move itself into the subtree systemd delegates to its user (the kernel asks for write access to the
+  common ancestor, `user-UID.slice`, root's): the user manager has PID 1 move it. In the scope, the
+  launching process takes a leaf of its own (`vivarium`: a cgroup whose controllers are enabled for its
+  children may hold no process) and the sandbox's processes `sandbox`, with the limits; systemd removes the
+  scope once both are empty.
 - a hybrid host (pids and memory bound to v1 hierarchies, as on this project's build machines and older
-  distributions): `vivarium/<sandbox>` in each of the pids, memory, blkio and cpu hierarchies.
-- neither, or not writable by whoever runs vivarium (a normal user: systemd delegates its user a subtree,
-  but a process in a login session cannot move into it; a transient scope is the way there, not done yet):
+  distributions): `vivarium/<sandbox>` in each of the pids, memory, blkio and cpu hierarchies, run by root.
+- neither (a normal user without systemd, or whose systemd delegates no pids and memory controllers):
   no cgroup; the sandbox runs, and `status` says why it has none.
 
 A launch joins the cgroup while it starts the sandbox's processes (each inherits it at fork; QEMU's seccomp
-filter forbids it to start any of its own) and leaves it afterwards.
+filter forbids it to start any of its own) and leaves it afterwards. Where it is is kept in the instance's
+directory (`remember`): a scope's name is the user manager's to place.
 """
 
 from __future__ import annotations
 
 import contextlib
+import fnmatch
 import hashlib
 import os
+import secrets
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -31,6 +41,8 @@ from pathlib import Path
 BASE = "vivarium"
 MOUNTS = Path("/proc/self/mounts")
 V1 = ("pids", "memory", "blkio", "cpu")  # the v1 hierarchies a sandbox gets a directory in (pids and memory required)
+RECORD = "cgroup"  # in the instance's directory: the cgroup's path, as /proc/PID/cgroup names it
+SCOPE_LAUNCHER, SCOPE_SANDBOX = "vivarium", "sandbox"  # a user scope's two leaves
 
 
 class Unavailable(Exception):
@@ -79,11 +91,22 @@ class Layout:
             return 1
         raise Unavailable("the host has no cgroup hierarchy with the pids and memory controllers")
 
-    def dirs(self, leaf: str) -> tuple[Path, ...]:
+    def mounts(self) -> tuple[Path, ...]:
+        """The hierarchies a sandbox's cgroup has a directory in: v2's, or v1's pids, memory, blkio and cpu."""
         if self.version == 2:
             assert self.v2 is not None
-            return (self.v2 / BASE / leaf,)
-        return tuple(self.v1[c] / BASE / leaf for c in V1 if c in self.v1)
+            return (self.v2,)
+        return tuple(self.v1[c] for c in V1 if c in self.v1)
+
+    def dirs(self, leaf: str) -> tuple[Path, ...]:
+        return tuple(m / BASE / leaf for m in self.mounts())
+
+    def group(self, path: str) -> Group:
+        """The cgroup at `path` (as /proc/PID/cgroup names it) in each of the hierarchies."""
+        mounts = self.mounts()
+        parts = path.split("/")
+        scope = parts[-2] if len(parts) > 2 and parts[-1] == SCOPE_SANDBOX and fnmatch.fnmatch(parts[-2], "vivarium-*.scope") else ""
+        return Group(self.version, tuple(m / path.lstrip("/") for m in mounts), mounts, scope)
 
 
 def memory_for(guest: int) -> int:
@@ -102,11 +125,13 @@ class Group:
 
     version: int
     dirs: tuple[Path, ...]
+    mounts: tuple[Path, ...]  # each directory's hierarchy
+    scope: str = ""  # the user's systemd's scope it is a leaf of (`SCOPE_SANDBOX`), if it is one
 
     @property
     def path(self) -> str:
         """Where it is, as /proc/PID/cgroup names it (from a hierarchy's root)."""
-        return "/" + str(self.dirs[0].relative_to(self.dirs[0].parent.parent))
+        return "/" + str(self.dirs[0].relative_to(self.mounts[0]))
 
     def _find(self, filename: str) -> Path | None:
         return next((d / filename for d in self.dirs if (d / filename).exists()), None)
@@ -138,82 +163,235 @@ class Group:
 
     @contextlib.contextmanager
     def joined(self) -> Iterator[None]:
-        """This process in the cgroup (what it starts meanwhile stays there), back where it was afterwards."""
+        """This process in the cgroup (what it starts meanwhile stays there), back where it was afterwards.
+        A user scope's from outside it (a later `up` mending a running sandbox): moved there by the user's
+        systemd, and afterwards into the scope's launcher leaf (its login session's cgroup is not the user's
+        to move into). Unavailable if it cannot be joined."""
         was = _own_paths()
-        for d in self.dirs:
-            (d / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        try:
+            for d in self.dirs:
+                (d / "cgroup.procs").write_text(f"{os.getpid()}\n")
+        except PermissionError:
+            if not self.scope:
+                raise Unavailable(f"no permission to move this process into {self.dirs[0]}") from None
+            _call_manager("AttachProcessesToUnit", "ssau", (self.scope, "/" + SCOPE_SANDBOX, [os.getpid()]), "move this process into its scope")
+            _moved_to(self.path)
+            was = {"2": str(Path(self.path).parent / SCOPE_LAUNCHER)}
+            (self.mounts[0] / was["2"].lstrip("/")).mkdir(mode=0o755, exist_ok=True)
         try:
             yield
         finally:
-            for d in self.dirs:
-                root = d.parent.parent
+            for root in self.mounts:
                 back = root / was.get(_key(self.version, root, was), "/").lstrip("/")
                 with contextlib.suppress(OSError):
                     (back / "cgroup.procs").write_text(f"{os.getpid()}\n")
 
 
 def make(name: str, limits: Limits, layout: Layout | None = None) -> Group:
-    """The cgroup `name` with these limits, made (or found, its limits set again); Unavailable if it cannot be."""
+    """The cgroup `name` with these limits, made (or found, its limits set again); Unavailable if it cannot be.
+    Where vivarium may not write the hierarchy itself (a normal user), a scope of the user's systemd, which
+    this process is then in (`SCOPE_LAUNCHER`)."""
     layout = layout or Layout.read()
+    try:
+        return _made(name, limits, layout)
+    except Unavailable as e:
+        if os.geteuid() == 0 or layout.version != 2:
+            raise
+        try:
+            return _scoped(name, limits, layout)
+        except Unavailable as scoped:
+            raise Unavailable(f"{e}, and {scoped}") from None
+
+
+def _made(name: str, limits: Limits, layout: Layout) -> Group:
+    """`vivarium/<name>` under each hierarchy's root, made by whoever may (root)."""
     version = layout.version
     dirs = layout.dirs(name)
     try:
         if version == 2:
             assert layout.v2 is not None
-            wanted = [c for c in ("pids", "memory", "io", "cpu") if c in layout.v2_controllers]
             for parent in (layout.v2, layout.v2 / BASE):
                 parent.mkdir(mode=0o755, exist_ok=True)
-                enabled = set((parent / "cgroup.subtree_control").read_text().split())
-                for c in (c for c in wanted if c not in enabled):
-                    try:
-                        (parent / "cgroup.subtree_control").write_text(f"+{c}")
-                    except OSError:
-                        if c in ("pids", "memory"):  # IO and CPU weights are best effort; pids and memory are what it is for
-                            raise
+                _enable(parent, layout.v2_controllers)
         for d in dirs:
             d.mkdir(mode=0o755, parents=True, exist_ok=True)
     except PermissionError:
         raise Unavailable(f"no permission to make a cgroup under {dirs[0].parent}") from None
     except OSError as e:
         raise Unavailable(f"cannot make a cgroup under {dirs[0].parent}: {e.strerror or e}") from None
-    group = Group(version, dirs)
-    _write(group, "pids.max", "pids.max", str(limits.pids))
-    _write(group, "memory.max", "memory.limit_in_bytes", str(limits.memory))
-    weight = limits.io_weight if version == 2 else min(1000, max(10, limits.io_weight * 5))  # v1: 10-1000, 500 the default
-    with contextlib.suppress(OSError):  # only with an IO scheduler that weighs (BFQ, io.cost): best effort
-        _write(group, "io.weight", "blkio.weight", f"default {weight}" if version == 2 else str(weight))
+    group = Group(version, dirs, layout.mounts())
+    _set_limits(group, limits)
     return group
 
 
-def find(name: str, layout: Layout | None = None) -> Group | None:
-    """The cgroup `name` if it exists."""
+def _scoped(name: str, limits: Limits, layout: Layout) -> Group:
+    """A scope of the user's systemd with this process in it, its leaf `SCOPE_SANDBOX` limited."""
+    assert layout.v2 is not None
+    scope = layout.v2 / _ask_for_scope(f"vivarium-{name}-{secrets.token_hex(4)}.scope").lstrip("/")
     try:
-        layout = layout or Layout.read()
-        dirs = layout.dirs(name)
-        return Group(layout.version, dirs) if all(d.is_dir() for d in dirs) else None
+        launcher = scope / SCOPE_LAUNCHER
+        launcher.mkdir(mode=0o755, exist_ok=True)  # the scope's own cgroup is then left without a process:
+        (launcher / "cgroup.procs").write_text(f"{os.getpid()}\n")  # its children may have controllers
+        delegated = frozenset((scope / "cgroup.controllers").read_text().split())
+        if not {"pids", "memory"} <= delegated:
+            only = " ".join(sorted(delegated)) or "none"
+            raise Unavailable(f"the user's systemd delegates no pids and memory controllers to its scopes (only: {only})")
+        _enable(scope, delegated)
+        (scope / SCOPE_SANDBOX).mkdir(mode=0o755, exist_ok=True)
+    except OSError as e:
+        raise Unavailable(f"cannot make a cgroup in {scope}: {e.strerror or e}") from None
+    group = Group(2, (scope / SCOPE_SANDBOX,), (layout.v2,), scope.name)
+    _set_limits(group, limits)
+    return group
+
+
+def _enable(parent: Path, offered: frozenset[str]) -> None:
+    """The controllers a sandbox's cgroup needs enabled for `parent`'s children (IO and CPU: where offered)."""
+    enabled = set((parent / "cgroup.subtree_control").read_text().split())
+    for c in (c for c in ("pids", "memory", "io", "cpu") if c in offered and c not in enabled):
+        try:
+            (parent / "cgroup.subtree_control").write_text(f"+{c}")
+        except OSError:
+            if c in ("pids", "memory"):  # IO and CPU weights are best effort; pids and memory are what it is for
+                raise
+
+
+def _set_limits(group: Group, limits: Limits) -> None:
+    _write(group, "pids.max", "pids.max", str(limits.pids))
+    _write(group, "memory.max", "memory.limit_in_bytes", str(limits.memory))
+    weight = limits.io_weight if group.version == 2 else min(1000, max(10, limits.io_weight * 5))  # v1: 10-1000, 500 the default
+    with contextlib.suppress(OSError):  # only with an IO scheduler that weighs (BFQ, io.cost): best effort
+        _write(group, "io.weight", "blkio.weight", f"default {weight}" if group.version == 2 else str(weight))
+
+
+def manager_socket() -> Path:
+    """The user's systemd's private socket (there whether or not a user bus is): what `systemctl --user` uses."""
+    runtime = Path(os.environ.get("XDG_RUNTIME_DIR") or "/nonexistent")
+    with contextlib.suppress(OSError):
+        if runtime.stat().st_uid == os.getuid():  # unset, or another user's, under `su` or `sudo -u`
+            return runtime / "systemd" / "private"
+    return Path(f"/run/user/{os.getuid()}/systemd/private")
+
+
+def _ask_for_scope(unit: str) -> str:
+    """Have the user's systemd make the transient scope `unit` with this process in it; its cgroup's path."""
+    properties = [
+        ("PIDs", ("au", [os.getpid()])),
+        ("Delegate", ("b", True)),
+        ("CollectMode", ("s", "inactive-or-failed")),  # gone once empty, whatever its end
+        ("Description", ("s", "vivarium sandbox's host processes")),
+    ]
+    _call_manager("StartTransientUnit", "ssa(sv)a(sa(sv))", (unit, "fail", properties, []), "make a scope")
+    return _moved_to(unit)  # by the job, once it runs
+
+
+def _moved_to(ending: str, timeout: float = 10.0) -> str:
+    """This process's cgroup once its path ends with `ending` (the user's systemd moves it)."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        path = _own_paths().get("2", "")
+        if path.endswith("/" + ending.lstrip("/")):
+            return path
+        time.sleep(0.02)
+    raise Unavailable(f"the user's systemd did not move this process into {ending} within {timeout:.0f} s")
+
+
+def _call_manager(method: str, signature: str, body: tuple[object, ...], what: str, timeout: float = 10.0) -> None:
+    """Call `method` of the user's systemd over its private socket; Unavailable, with its reason, if it fails."""
+    from jeepney import DBusAddress, MessageType, new_method_call  # only here: a normal user's launch
+    from jeepney.io.blocking import prep_socket
+    from jeepney.low_level import Parser
+
+    where = manager_socket()
+    if not where.is_socket():
+        raise Unavailable(f"no systemd user manager to {what} ({where} is not there)")
+    manager = DBusAddress("/org/freedesktop/systemd1", bus_name="org.freedesktop.systemd1", interface="org.freedesktop.systemd1.Manager")
+    call = new_method_call(manager, method, signature, body)
+    deadline = time.monotonic() + timeout
+    try:  # a peer-to-peer connection (EXTERNAL auth: the kernel's word on our uid), so no Hello
+        with contextlib.closing(prep_socket(str(where), timeout=timeout)) as sock:
+            sock.settimeout(timeout)
+            sock.sendall(call.serialise(serial=1))
+            parser, seen = Parser(), 0
+            while (reply := parser.get_next_message()) is None or reply.header.fields.get(_REPLY_SERIAL) != 1:
+                data = sock.recv(65536)  # signals (UnitNew, JobNew) may come first
+                seen += len(data)
+                if not data or seen > 1 << 20 or time.monotonic() > deadline:
+                    raise Unavailable(f"the user's systemd did not answer when asked to {what}")
+                parser.add_data(data)
+    except (OSError, ValueError) as e:  # jeepney's AuthenticationError is a ValueError
+        raise Unavailable(f"cannot reach the user's systemd at {where}: {getattr(e, 'strerror', None) or e}") from None
+    if reply.header.message_type != MessageType.method_return:
+        said = reply.body[0] if reply.body and isinstance(reply.body[0], str) else reply.header.fields.get(_ERROR_NAME, "")
+        raise Unavailable(f"the user's systemd would not {what}: {said}")
+
+
+_REPLY_SERIAL, _ERROR_NAME = 5, 4  # D-Bus header fields
+
+
+def remember(directory: Path, group: Group | None, why: str = "") -> None:
+    """Keep where the sandbox living in `directory` has its cgroup (a user scope's path is systemd's choice),
+    or why its start could make none."""
+    (directory / RECORD).write_text((group.path if group is not None else f"none: {why}") + "\n")
+
+
+def find(name: str, layout: Layout | None = None) -> Group | None:
+    """The cgroup `vivarium/<name>` if it exists."""
+    return _existing(f"/{BASE}/{name}", layout)
+
+
+def of(name: str, directory: Path) -> Group | None:
+    """The cgroup of sandbox `name` (living in `directory`), if it has one now: where its last start made it."""
+    try:
+        path = (directory / RECORD).read_text().strip()
+    except OSError:
+        path = f"/{BASE}/{leaf_name(name, directory)}"  # started before where was kept
+    parts = path.split("/")
+    if not path.startswith("/") or any(p in ("", ".", "..") for p in parts[1:]) or "\0" in path:
+        return None
+    return _existing(path)
+
+
+def _existing(path: str, layout: Layout | None = None) -> Group | None:
+    try:
+        group = (layout or Layout.read()).group(path)
+        return group if all(d.is_dir() for d in group.dirs) else None
     except (Unavailable, OSError):
         return None
 
 
-def of(name: str, directory: Path) -> Group | None:
-    """The cgroup of sandbox `name` (living in `directory`), if it has one now."""
-    return find(leaf_name(name, directory))
-
-
-def why_none() -> str:
-    """Why a sandbox here has no cgroup: the reason make() would give."""
+def why_none(directory: Path | None = None) -> str:
+    """Why a sandbox here has no cgroup ("" where one is made): what the last start of the one living in
+    `directory` found, or the reason make() would give."""
+    with contextlib.suppress(OSError):
+        if directory is not None and (said := (directory / RECORD).read_text().strip()).startswith("none: "):
+            return said.removeprefix("none: ")
     try:
         layout = Layout.read()
         base = layout.dirs("x")[0].parent
         while not base.exists():
             base = base.parent
-        return "" if os.access(base, os.W_OK) else f"no permission to make a cgroup under {base}"
+        if os.access(base, os.W_OK):
+            return ""
+        if os.geteuid() != 0 and layout.version == 2:  # a scope of the user's systemd, which make() asks for
+            manager = manager_socket()
+            return "" if manager.is_socket() else f"no permission to make a cgroup under {base}, and no systemd user manager ({manager})"
+        return f"no permission to make a cgroup under {base}"
     except (Unavailable, OSError) as e:
         return str(e)
 
 
+def where() -> str:
+    """Where a sandbox's cgroup is made here, in a few words (why_none() is "")."""
+    layout = Layout.read()
+    if os.geteuid() != 0 and layout.version == 2 and not os.access(layout.v2 or "/", os.W_OK):
+        return "a transient scope of the user's systemd, cgroup v2"
+    return f"cgroup v{layout.version}, under {layout.mounts()[0] / BASE}"
+
+
 def remove(group: Group, wait: float = 2.0) -> bool:
-    """Its directories removed once its processes are gone (they end as QEMU does); False if some stay."""
+    """Its directories removed once its processes are gone (they end as QEMU does); False if some stay.
+    (A user scope's, and the scope, systemd removes once the launching process has left its leaf too.)"""
     deadline = time.monotonic() + wait
     while True:
         try:

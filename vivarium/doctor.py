@@ -106,10 +106,9 @@ def _userns() -> Check:
 def _cgroup() -> Check:
     why = cgroup.why_none()
     if why:
-        fix = "run vivarium as root for [limits] (a systemd scope for a user is not done yet)"
+        fix = "run vivarium as root, or as a user of a systemd host (cgroup v2) whose user manager runs (`loginctl enable-linger`)"
         return Check("sandbox limits", False, f"sandboxes run without a cgroup: {why}", fix, required=False)
-    version = cgroup.Layout.read().version
-    return Check("sandbox limits", True, f"each sandbox's host processes in a cgroup of its own (v{version}): [limits] hold", required=False)
+    return Check("sandbox limits", True, f"each sandbox's host processes in a cgroup of its own ({cgroup.where()}): [limits] hold", required=False)
 
 
 def _free_disk() -> Check:

@@ -81,7 +81,7 @@ def status(d: state.InstanceDir, agents: Callable[[str], dict[str, str]]) -> Sta
 
 def _cgroup(d: state.InstanceDir) -> dict[str, Any]:
     group = cgroup.of(d.name, d.path)
-    return group.usage() if group is not None else {"none": cgroup.why_none() or "made by none of its starts"}
+    return group.usage() if group is not None else {"none": cgroup.why_none(d.path) or "made by none of its starts"}
 
 
 def _on_disk(path: Path) -> int:

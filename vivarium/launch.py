@@ -174,9 +174,12 @@ def _cgroup(how: Launch) -> cgroup.Group | None:
     c = how.config
     limits = cgroup.Limits(c.limits.pids, c.limits.memory or cgroup.memory_for(c.vm.memory), c.limits.io_weight)
     try:
-        return cgroup.make(cgroup.leaf_name(how.name, how.dir.path), limits)
-    except cgroup.Unavailable:
+        group = cgroup.make(cgroup.leaf_name(how.name, how.dir.path), limits)
+    except cgroup.Unavailable as e:
+        cgroup.remember(how.dir.path, None, str(e))
         return None
+    cgroup.remember(how.dir.path, group)
+    return group
 
 
 def _launch_gateway(how: Launch) -> subprocess.Popen[bytes]:

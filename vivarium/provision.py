@@ -68,5 +68,8 @@ def mend(d: state.InstanceDir, run: record.Run | None, progress: Progress) -> No
     if run is not None and run.network != "unfenced" and fence.pid(d.path) is None:
         progress("start", "restarting the egress gateway")
         group = cgroup.of(d.name, d.path)
-        with group.joined() if group is not None else contextlib.nullcontext():  # the sandbox's, like the first
+        with contextlib.ExitStack() as joined:
+            if group is not None:  # the sandbox's, like the first (if this process may join it)
+                with contextlib.suppress(cgroup.Unavailable):
+                    joined.enter_context(group.joined())
             fence.start(d.path, d.pidfile)

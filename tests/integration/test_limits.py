@@ -6,8 +6,10 @@ The sandbox here has small caps (logs.*, limits.pids), so that an attack bounded
 
 from __future__ import annotations
 
+import io
 import json
 import os
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -20,6 +22,7 @@ from vivarium import Sandbox, cgroup, logfile
 from vivarium.net import control, netns
 
 from ..fakenet import PUBLIC, FakeNet
+from ..test_cgroup import STORM as STORM_FORKS
 from ..users import processes
 from .conftest import fenced, small_vm, vv, write_config
 
@@ -325,3 +328,98 @@ def test_a_restored_sandbox_reaches_out_at_once(capped: Sandbox) -> None:
     took = time.monotonic() - started
     print(f"restored, then out by name and by address: exit {r.returncode} in {took:.1f} s")
     assert r.returncode == 0 and took < 15, (r.returncode, r.stderr, took)
+
+
+# Run by the guest's agent as a stand-in for vivarium on a user's systemd host: vivarium's own cgroup module
+# makes a sandbox's cgroup as a launch does and starts a fork storm in it, as a launch starts the sandbox's
+# processes; the storm's forks are killed, one long-lived process left as the sandbox's. A later run (as a
+# later `up` mending the sandbox would) joins the cgroup from outside and starts one more.
+STAND_IN = """
+import json, os, subprocess, sys
+from pathlib import Path
+sys.path.insert(0, "/tmp/vv")
+import cgroup
+out = {"why_none": cgroup.why_none()}
+here = Path("/tmp/vv")
+def own(pid="self"):
+    return Path(f"/proc/{pid}/cgroup").read_text().strip()
+def detached(argv):  # nothing of it holds the SSH session open
+    return subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, stdin=subprocess.DEVNULL, text=True, start_new_session=True)
+if sys.argv[2] == "make":
+    try:
+        group = cgroup.make("stand-in-0123abcd", cgroup.Limits(pids=16, memory=256 << 20, io_weight=100))
+    except cgroup.Unavailable as e:
+        print(json.dumps(dict(out, unavailable=str(e))))
+        sys.exit()
+    cgroup.remember(here, group)
+    with group.joined():
+        storm = detached([sys.executable, "-c", sys.argv[1], "50"])
+    made, failed = map(int, storm.stdout.readline().split())
+    out.update(made=made, failed=failed, usage=group.usage(), launcher=own(), storm=own(storm.pid), where=cgroup.where())
+    for pid in group.pids():  # the storm and what it forked
+        os.kill(pid, 9)
+    storm.wait()
+    with group.joined():
+        detached(["sleep", "600"])
+else:
+    group = cgroup.of("stand-in", here)
+    out.update(found=group is not None and group.path)
+    with group.joined():
+        late = detached(["sleep", "600"])
+    out.update(late=own(late.pid), mender=own(), pids=len(group.pids()))
+    for pid in group.pids():
+        os.kill(pid, 9)
+    late.wait()
+    out["removed"] = cgroup.remove(group, wait=10.0)
+print(json.dumps(out))
+"""
+
+
+@pytest.mark.same_everywhere
+def test_a_normal_users_sandbox_gets_a_scope_of_its_systemd(neighbour: Sandbox) -> None:
+    """vivarium run by a normal user on a systemd host (cgroup v2): the guest stands in for the host, its agent
+    for the user, a process of a system service (sshd's) for one of a login session: neither may move itself
+    into the subtree systemd delegates to the user. Without the user's systemd there is no cgroup, and why is
+    said; with it (lingering), the sandbox's cgroup is a transient scope's leaf, its pids.max holds against a
+    fork storm, the launching process is in the scope's other leaf; a later process (a later `up` restarting
+    the sandbox's gateway) joins it from outside through systemd, and the scope is gone once both are empty.
+    On 4d7720c a normal user's sandbox had no cgroup at all (no permission under /sys/fs/cgroup)."""
+    import jeepney
+
+    payload = io.BytesIO()
+    with tarfile.open(fileobj=payload, mode="w") as tar:
+        tar.add(cgroup.__file__, arcname="cgroup.py")
+        tar.add(Path(jeepney.__file__).parent, arcname="jeepney", filter=lambda t: None if "__pycache__" in t.name else t)
+    assert neighbour.exec(["sh", "-c", "rm -rf /tmp/vv && mkdir /tmp/vv && tar -C /tmp/vv -x"], input=payload.getvalue()).returncode == 0
+
+    def stand_in(phase: str) -> dict[str, Any]:
+        r = neighbour.exec(["python3", "-c", STAND_IN, STORM_FORKS, phase], capture=True, timeout=120)
+        assert r.returncode == 0, r.stderr
+        result: dict[str, Any] = json.loads(r.stdout.strip().splitlines()[-1])
+        return result
+
+    alone = stand_in("make")  # no user manager runs for the agent yet
+    assert "no systemd user manager" in alone["why_none"] and "no systemd user manager" in alone["unavailable"], alone
+    # What a host's login does: pam_systemd (not in the guest's image) gives the user manager its runtime
+    # directory; lingering starts it without a session.
+    setup = (
+        "mkdir -p /etc/systemd/system/user@.service.d && printf '[Service]\\nEnvironment=XDG_RUNTIME_DIR=/run/user/%%i\\n' "
+        "> /etc/systemd/system/user@.service.d/runtime-dir.conf && systemctl daemon-reload && loginctl enable-linger agent "
+        "&& timeout 60 sh -c 'until test -S /run/user/1000/systemd/private; do sleep 0.2; done'"
+    )
+    assert neighbour.exec(["sudo", "sh", "-c", setup], timeout=120).returncode == 0
+    made = stand_in("make")
+    print(f"a normal user's sandbox cgroup: {made}")
+    user = "/user.slice/user-1000.slice/user@1000.service/"
+    scope = made["usage"]["path"].removesuffix("/sandbox")
+    assert made["why_none"] == "" and made["where"].startswith("a transient scope"), made
+    assert scope.startswith(user) and scope.rsplit("/", 1)[1].startswith("vivarium-stand-in-0123abcd-"), made
+    assert made["storm"] == f"0::{scope}/sandbox" and made["launcher"] == f"0::{scope}/vivarium", made
+    assert made["failed"] > 0 and made["made"] < 16, made  # the kernel said no at the sandbox's own limit
+    assert made["usage"]["pids_max"] == 16 and made["usage"]["memory_max"] == 256 << 20, made
+    mended = stand_in("mend")  # from outside the scope, where it is kept (systemd named it)
+    print(f"joined later from outside: {mended}")
+    assert mended["found"] == f"{scope}/sandbox" and mended["late"] == f"0::{scope}/sandbox", mended
+    assert mended["mender"] == f"0::{scope}/vivarium" and mended["pids"] == 2 and mended["removed"], mended
+    gone = f"timeout 20 sh -c 'while test -e /sys/fs/cgroup{scope}; do sleep 0.2; done'"
+    assert neighbour.exec(["sh", "-c", gone], timeout=60).returncode == 0  # the scope, emptied, is systemd's to remove
