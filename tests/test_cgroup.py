@@ -89,7 +89,7 @@ def test_the_hosts_layout_is_read_from_its_mounts(tmp_path: Path) -> None:
         _ = layout("cgroup /sys/fs/cgroup/pids cgroup rw,pids 0 0\n" + unified, "").version
 
 
-def test_where_a_start_made_the_cgroup_is_read_back_and_checked(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+def test_where_a_start_made_the_cgroup_is_read_back_and_checked(tmp_path: Path) -> None:
     """The instance's record names the cgroup (a user scope's path is systemd's to choose) or why there is none;
     a record that climbs out of the hierarchy is no cgroup."""
     v2 = tmp_path / "v2"
@@ -97,19 +97,18 @@ def test_where_a_start_made_the_cgroup_is_read_back_and_checked(tmp_path: Path, 
     (v2 / scope.lstrip("/") / "sandbox").mkdir(parents=True)
     (v2 / "cgroup.controllers").write_text("cpu io memory pids\n")
     (tmp_path / "mounts").write_text(f"cgroup2 {v2} cgroup2 rw,nosuid,nodev,noexec,relatime 0 0\n")
-    monkeypatch.setattr(cgroup, "MOUNTS", tmp_path / "mounts")
     layout = Layout.read(tmp_path / "mounts")
     instance = tmp_path / "instance"
     instance.mkdir()
     cgroup.remember(instance, layout.group(f"{scope}/sandbox"))
-    group = cgroup.of("box", instance)
+    group = cgroup.of("box", instance, layout)
     assert group is not None and group.path == f"{scope}/sandbox" and group.scope == scope.rsplit("/", 1)[1]
     assert group.dirs == (v2 / scope.lstrip("/") / "sandbox",)
     for bad in (f"{scope}/../../../../../etc", "relative/sandbox", f"{scope}//sandbox", f"{scope}/missing"):
         (instance / cgroup.RECORD).write_text(bad + "\n")
-        assert cgroup.of("box", instance) is None, bad
+        assert cgroup.of("box", instance, layout) is None, bad
     cgroup.remember(instance, None, "the user's systemd would not make a scope: Access denied")
-    assert cgroup.of("box", instance) is None
+    assert cgroup.of("box", instance, layout) is None
     assert cgroup.why_none(instance) == "the user's systemd would not make a scope: Access denied"
 
 

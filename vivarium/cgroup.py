@@ -340,7 +340,7 @@ def find(name: str, layout: Layout | None = None) -> Group | None:
     return _existing(f"/{BASE}/{name}", layout)
 
 
-def of(name: str, directory: Path) -> Group | None:
+def of(name: str, directory: Path, layout: Layout | None = None) -> Group | None:
     """The cgroup of sandbox `name` (living in `directory`), if it has one now: where its last start made it."""
     try:
         path = (directory / RECORD).read_text().strip()
@@ -349,7 +349,7 @@ def of(name: str, directory: Path) -> Group | None:
     parts = path.split("/")
     if not path.startswith("/") or any(p in ("", ".", "..") for p in parts[1:]) or "\0" in path:
         return None
-    return _existing(path)
+    return _existing(path, layout)
 
 
 def _existing(path: str, layout: Layout | None = None) -> Group | None:
