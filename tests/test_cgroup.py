@@ -113,9 +113,11 @@ def test_where_a_start_made_the_cgroup_is_read_back_and_checked(tmp_path: Path) 
 
 
 def test_without_a_user_manager_no_scope_is_asked_for(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """A normal user with no systemd user manager running: one line saying so, the socket named."""
+    """A normal user with no systemd user manager running: one line saying so, the socket named (its
+    runtime directory's, which is theirs)."""
     monkeypatch.setenv("XDG_RUNTIME_DIR", str(tmp_path))
-    monkeypatch.setattr(os, "getuid", lambda: tmp_path.stat().st_uid)
+    monkeypatch.setattr(os, "getuid", lambda: tmp_path.stat().st_uid)  # as a normal user would own it
+    monkeypatch.setattr(os, "geteuid", lambda: 4242)
     assert cgroup.manager_socket() == tmp_path / "systemd" / "private"
     with pytest.raises(cgroup.Unavailable, match=f"no systemd user manager to make a scope \\({tmp_path}/systemd/private is not there\\)"):
         cgroup._ask_for_scope("vivarium-box-0123abcd-00ff00ff.scope")

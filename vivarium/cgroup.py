@@ -6,19 +6,19 @@ fair share of a group (the default weight: a sandbox busy on every core leaves e
 
 Where it lives:
 
-- cgroup v2 with the pids and memory controllers, run by root: `vivarium/<sandbox>` under the hierarchy's
-  root, the controllers enabled on the way down (what Docker's cgroupfs driver does).
-- cgroup v2, run by a normal user on a systemd host: a transient scope of the user's own systemd
-  (`vivarium-<sandbox>-….scope`, `Delegate=yes`), asked for over the user manager's private socket with
-  this process in it (`systemd-run --user --scope` does the same for itself). A process of a login session
-  cannot move itself into the subtree systemd delegates to its user (the kernel asks for write access to the
-  common ancestor, `user-UID.slice`, root's): the user manager has PID 1 move it. In the scope, the
-  launching process takes a leaf of its own (`vivarium`: a cgroup whose controllers are enabled for its
-  children may hold no process) and the sandbox's processes `sandbox`, with the limits; systemd removes the
-  scope once both are empty.
+- cgroup v2 on a host that systemd runs: a transient scope (`vivarium-<sandbox>-….scope`, `Delegate=yes`)
+  of systemd's (run by root: the cgroups there are systemd's to make) or of the user's own systemd (a
+  normal user), asked for over the manager's private socket with this process in it (`systemd-run
+  --scope` does the same for itself). A process of a login session cannot move itself into the subtree
+  systemd delegates to its user (the kernel asks for write access to the common ancestor, `user-UID.slice`,
+  root's): the user manager has PID 1 move it. In the scope, the launching process takes a leaf of its own
+  (`vivarium`: a cgroup whose controllers are enabled for its children may hold no process) and the
+  sandbox's processes `sandbox`, with the limits; systemd removes the scope once both are empty.
+- cgroup v2 without systemd (or whose systemd would not make the scope), run by root: `vivarium/<sandbox>`
+  under the hierarchy's root, the controllers enabled on the way down (what Docker's cgroupfs driver does).
 - a hybrid host (pids and memory bound to v1 hierarchies, as on this project's build machines and older
   distributions): `vivarium/<sandbox>` in each of the pids, memory, blkio and cpu hierarchies, run by root.
-- neither (a normal user without systemd, or whose systemd delegates no pids and memory controllers):
+- neither (a normal user without a systemd user manager, or whose systemd delegates no pids and memory controllers):
   no cgroup; the sandbox runs, and `status` says why it has none.
 
 A launch joins the cgroup while it starts the sandbox's processes (each inherits it at fork; QEMU's seccomp
@@ -42,7 +42,8 @@ BASE = "vivarium"
 MOUNTS = Path("/proc/self/mounts")
 V1 = ("pids", "memory", "blkio", "cpu")  # the v1 hierarchies a sandbox gets a directory in (pids and memory required)
 RECORD = "cgroup"  # in the instance's directory: the cgroup's path, as /proc/PID/cgroup names it
-SCOPE_LAUNCHER, SCOPE_SANDBOX = "vivarium", "sandbox"  # a user scope's two leaves
+SCOPE_LAUNCHER, SCOPE_SANDBOX = "vivarium", "sandbox"  # a scope's two leaves
+SYSTEMD = Path("/run/systemd/system")  # there when systemd runs the host (sd_booted)
 
 
 class Unavailable(Exception):
@@ -188,19 +189,17 @@ class Group:
 
 
 def make(name: str, limits: Limits, layout: Layout | None = None) -> Group:
-    """The cgroup `name` with these limits, made (or found, its limits set again); Unavailable if it cannot be.
-    Where vivarium may not write the hierarchy itself (a normal user), a scope of the user's systemd, which
-    this process is then in (`SCOPE_LAUNCHER`)."""
+    """The cgroup `name` with these limits; Unavailable if it cannot be made. Where systemd runs the host, a
+    scope of its own (root) or of the user's systemd (a normal user), which this process is then in
+    (`SCOPE_LAUNCHER`); otherwise made by root under each hierarchy's root (or found, its limits set again)."""
     layout = layout or Layout.read()
-    try:
-        return _made(name, limits, layout)
-    except Unavailable as e:
-        if os.geteuid() == 0 or layout.version != 2:
-            raise
+    if layout.version == 2 and SYSTEMD.is_dir():
         try:
             return _scoped(name, limits, layout)
-        except Unavailable as scoped:
-            raise Unavailable(f"{e}, and {scoped}") from None
+        except Unavailable:
+            if os.geteuid() != 0:
+                raise
+    return _made(name, limits, layout)  # root: a cgroup of its own making (no systemd, or it would not)
 
 
 def _made(name: str, limits: Limits, layout: Layout) -> Group:
@@ -225,7 +224,7 @@ def _made(name: str, limits: Limits, layout: Layout) -> Group:
 
 
 def _scoped(name: str, limits: Limits, layout: Layout) -> Group:
-    """A scope of the user's systemd with this process in it, its leaf `SCOPE_SANDBOX` limited."""
+    """A scope of systemd's (root) or of the user's systemd with this process in it, its leaf `SCOPE_SANDBOX` limited."""
     assert layout.v2 is not None
     scope = layout.v2 / _ask_for_scope(f"vivarium-{name}-{secrets.token_hex(4)}.scope").lstrip("/")
     try:
@@ -235,7 +234,7 @@ def _scoped(name: str, limits: Limits, layout: Layout) -> Group:
         delegated = frozenset((scope / "cgroup.controllers").read_text().split())
         if not {"pids", "memory"} <= delegated:
             only = " ".join(sorted(delegated)) or "none"
-            raise Unavailable(f"the user's systemd delegates no pids and memory controllers to its scopes (only: {only})")
+            raise Unavailable(f"{_manager()} delegates no pids and memory controllers to its scopes (only: {only})")
         _enable(scope, delegated)
         (scope / SCOPE_SANDBOX).mkdir(mode=0o755, exist_ok=True)
     except OSError as e:
@@ -264,8 +263,15 @@ def _set_limits(group: Group, limits: Limits) -> None:
         _write(group, "io.weight", "blkio.weight", f"default {weight}" if group.version == 2 else str(weight))
 
 
+def _manager() -> str:
+    return "systemd" if os.geteuid() == 0 else "the user's systemd"
+
+
 def manager_socket() -> Path:
-    """The user's systemd's private socket (there whether or not a user bus is): what `systemctl --user` uses."""
+    """systemd's private socket (root's), or the user's systemd's (there whether or not a user bus is): what
+    `systemctl` and `systemctl --user` use."""
+    if os.geteuid() == 0:
+        return Path("/run/systemd/private")
     runtime = Path(os.environ.get("XDG_RUNTIME_DIR") or "/nonexistent")
     with contextlib.suppress(OSError):
         if runtime.stat().st_uid == os.getuid():  # unset, or another user's, under `su` or `sudo -u`
@@ -274,7 +280,7 @@ def manager_socket() -> Path:
 
 
 def _ask_for_scope(unit: str) -> str:
-    """Have the user's systemd make the transient scope `unit` with this process in it; its cgroup's path."""
+    """Have systemd (the user's, for a normal user) make the transient scope `unit` with this process in it; its cgroup's path."""
     properties = [
         ("PIDs", ("au", [os.getpid()])),
         ("Delegate", ("b", True)),
@@ -293,18 +299,18 @@ def _moved_to(ending: str, timeout: float = 10.0) -> str:
         if path.endswith("/" + ending.lstrip("/")):
             return path
         time.sleep(0.02)
-    raise Unavailable(f"the user's systemd did not move this process into {ending} within {timeout:.0f} s")
+    raise Unavailable(f"{_manager()} did not move this process into {ending} within {timeout:.0f} s")
 
 
 def _call_manager(method: str, signature: str, body: tuple[object, ...], what: str, timeout: float = 10.0) -> None:
-    """Call `method` of the user's systemd over its private socket; Unavailable, with its reason, if it fails."""
+    """Call `method` of systemd (the user's, for a normal user) over its private socket; Unavailable, with its reason, if it fails."""
     from jeepney import DBusAddress, MessageType, new_method_call  # only here: a normal user's launch
     from jeepney.io.blocking import prep_socket
     from jeepney.low_level import Parser
 
     where = manager_socket()
     if not where.is_socket():
-        raise Unavailable(f"no systemd user manager to {what} ({where} is not there)")
+        raise Unavailable(f"no systemd {'' if os.geteuid() == 0 else 'user manager '}to {what} ({where} is not there)")
     manager = DBusAddress("/org/freedesktop/systemd1", bus_name="org.freedesktop.systemd1", interface="org.freedesktop.systemd1.Manager")
     call = new_method_call(manager, method, signature, body)
     deadline = time.monotonic() + timeout
@@ -317,13 +323,13 @@ def _call_manager(method: str, signature: str, body: tuple[object, ...], what: s
                 data = sock.recv(65536)  # signals (UnitNew, JobNew) may come first
                 seen += len(data)
                 if not data or seen > 1 << 20 or time.monotonic() > deadline:
-                    raise Unavailable(f"the user's systemd did not answer when asked to {what}")
+                    raise Unavailable(f"{_manager()} did not answer when asked to {what}")
                 parser.add_data(data)
     except (OSError, ValueError) as e:  # jeepney's AuthenticationError is a ValueError
-        raise Unavailable(f"cannot reach the user's systemd at {where}: {getattr(e, 'strerror', None) or e}") from None
+        raise Unavailable(f"cannot reach {_manager()} at {where}: {getattr(e, 'strerror', None) or e}") from None
     if reply.header.message_type != MessageType.method_return:
         said = reply.body[0] if reply.body and isinstance(reply.body[0], str) else reply.header.fields.get(_ERROR_NAME, "")
-        raise Unavailable(f"the user's systemd would not {what}: {said}")
+        raise Unavailable(f"{_manager()} would not {what}: {said}")
 
 
 _REPLY_SERIAL, _ERROR_NAME = 5, 4  # D-Bus header fields
@@ -368,15 +374,13 @@ def why_none(directory: Path | None = None) -> str:
             return said.removeprefix("none: ")
     try:
         layout = Layout.read()
+        if layout.version == 2 and SYSTEMD.is_dir() and os.geteuid() != 0:  # a scope of the user's systemd
+            manager = manager_socket()
+            return "" if manager.is_socket() else f"no systemd user manager runs for this user ({manager} is not there)"
         base = layout.dirs("x")[0].parent
         while not base.exists():
             base = base.parent
-        if os.access(base, os.W_OK):
-            return ""
-        if os.geteuid() != 0 and layout.version == 2:  # a scope of the user's systemd, which make() asks for
-            manager = manager_socket()
-            return "" if manager.is_socket() else f"no permission to make a cgroup under {base}, and no systemd user manager ({manager})"
-        return f"no permission to make a cgroup under {base}"
+        return "" if os.access(base, os.W_OK) else f"no permission to make a cgroup under {base}"
     except (Unavailable, OSError) as e:
         return str(e)
 
@@ -384,8 +388,8 @@ def why_none(directory: Path | None = None) -> str:
 def where() -> str:
     """Where a sandbox's cgroup is made here, in a few words (why_none() is "")."""
     layout = Layout.read()
-    if os.geteuid() != 0 and layout.version == 2 and not os.access(layout.v2 or "/", os.W_OK):
-        return "a transient scope of the user's systemd, cgroup v2"
+    if layout.version == 2 and SYSTEMD.is_dir():
+        return "a transient scope of systemd's, cgroup v2" if os.geteuid() == 0 else "a transient scope of the user's systemd, cgroup v2"
     return f"cgroup v{layout.version}, under {layout.mounts()[0] / BASE}"
 
 
