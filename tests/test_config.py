@@ -179,3 +179,13 @@ def test_log_caps_default_and_refuse_a_size_too_small(tmp_path: Path) -> None:
     assert (c.logs.console_size, c.logs.audit_keep) == (1 << 20, 0)
     with pytest.raises(ConfigError, match=r"logs\.audit_size: 1K is too small for a log"):
         cfg.load(write(tmp_path, '[logs]\naudit_size = "1K"\n'), host=HOST)
+
+
+def test_doctor_shows_its_details_as_they_are(monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]) -> None:
+    """A check's detail and fix are text, not markup: `[limits]` (a settings table's name) stays in the line."""
+    from vivarium import doctor
+
+    monkeypatch.setattr(doctor, "checks", lambda: [doctor.Check("limits", True, "[limits] hold", "[bold]x[/]", required=False)])
+    assert cli.main(["doctor"]) == 0
+    shown = capsys.readouterr().out
+    assert "[limits] hold" in shown and "[bold]x[/]" in shown, shown

@@ -75,6 +75,6 @@ def cmd_doctor(args: argparse.Namespace) -> int:
         t = Table("check", "", "detail", "fix")
         for c in results:
             mark = "[green]ok[/]" if c.ok else ("[red]missing[/]" if c.required else "[yellow]no[/]")
-            t.add_row(c.name, mark, c.detail, c.fix)
+            t.add_row(c.name, mark, escape(c.detail), escape(c.fix))
         out.print(t)
     return 1 if bad else 0
