@@ -23,7 +23,7 @@ Where it lives:
 
 A launch joins the cgroup while it starts the sandbox's processes (each inherits it at fork; QEMU's seccomp
 filter forbids it to start any of its own) and leaves it afterwards. Where it is is kept in the instance's
-directory (`remember`): a scope's name is the user manager's to place.
+directory (`remember`): a scope's place is systemd's to choose.
 """
 
 from __future__ import annotations
@@ -127,7 +127,7 @@ class Group:
     version: int
     dirs: tuple[Path, ...]
     mounts: tuple[Path, ...]  # each directory's hierarchy
-    scope: str = ""  # the user's systemd's scope it is a leaf of (`SCOPE_SANDBOX`), if it is one
+    scope: str = ""  # the systemd scope it is the leaf `SCOPE_SANDBOX` of, if it is one
 
     @property
     def path(self) -> str:
@@ -167,7 +167,7 @@ class Group:
         """This process in the cgroup (what it starts meanwhile stays there), back where it was afterwards.
         A user scope's from outside it (a later `up` mending a running sandbox): moved there by the user's
         systemd, and afterwards into the scope's launcher leaf (its login session's cgroup is not the user's
-        to move into). Unavailable if it cannot be joined."""
+        to move back into). Unavailable if it cannot be joined."""
         was = _own_paths()
         try:
             for d in self.dirs:
@@ -292,7 +292,7 @@ def _ask_for_scope(unit: str) -> str:
 
 
 def _moved_to(ending: str, timeout: float = 10.0) -> str:
-    """This process's cgroup once its path ends with `ending` (the user's systemd moves it)."""
+    """This process's cgroup once its path ends with `ending` (systemd moves it)."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
         path = _own_paths().get("2", "")
@@ -304,9 +304,9 @@ def _moved_to(ending: str, timeout: float = 10.0) -> str:
 
 def _call_manager(method: str, signature: str, body: tuple[object, ...], what: str, timeout: float = 10.0) -> None:
     """Call `method` of systemd (the user's, for a normal user) over its private socket; Unavailable, with its reason, if it fails."""
-    from jeepney import DBusAddress, MessageType, new_method_call  # only here: a normal user's launch
+    from jeepney import DBusAddress, MessageType, new_method_call  # only here: a launch on a systemd host
     from jeepney.io.blocking import prep_socket
-    from jeepney.low_level import Parser
+    from jeepney.low_level import HeaderFields, Parser
 
     where = manager_socket()
     if not where.is_socket():
@@ -319,7 +319,7 @@ def _call_manager(method: str, signature: str, body: tuple[object, ...], what: s
             sock.settimeout(timeout)
             sock.sendall(call.serialise(serial=1))
             parser, seen = Parser(), 0
-            while (reply := parser.get_next_message()) is None or reply.header.fields.get(_REPLY_SERIAL) != 1:
+            while (reply := parser.get_next_message()) is None or reply.header.fields.get(HeaderFields.reply_serial) != 1:
                 data = sock.recv(65536)  # signals (UnitNew, JobNew) may come first
                 seen += len(data)
                 if not data or seen > 1 << 20 or time.monotonic() > deadline:
@@ -328,11 +328,8 @@ def _call_manager(method: str, signature: str, body: tuple[object, ...], what: s
     except (OSError, ValueError) as e:  # jeepney's AuthenticationError is a ValueError
         raise Unavailable(f"cannot reach {_manager()} at {where}: {getattr(e, 'strerror', None) or e}") from None
     if reply.header.message_type != MessageType.method_return:
-        said = reply.body[0] if reply.body and isinstance(reply.body[0], str) else reply.header.fields.get(_ERROR_NAME, "")
+        said = reply.body[0] if reply.body and isinstance(reply.body[0], str) else reply.header.fields.get(HeaderFields.error_name, "")
         raise Unavailable(f"{_manager()} would not {what}: {said}")
-
-
-_REPLY_SERIAL, _ERROR_NAME = 5, 4  # D-Bus header fields
 
 
 def remember(directory: Path, group: Group | None, why: str = "") -> None:
@@ -395,7 +392,7 @@ def where() -> str:
 
 def remove(group: Group, wait: float = 2.0) -> bool:
     """Its directories removed once its processes are gone (they end as QEMU does); False if some stay.
-    (A user scope's, and the scope, systemd removes once the launching process has left its leaf too.)"""
+    (A scope's: the scope itself systemd removes once the launching process has left its leaf too.)"""
     deadline = time.monotonic() + wait
     while True:
         try:
