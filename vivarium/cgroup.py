@@ -13,7 +13,8 @@ Where it lives:
   systemd delegates to its user (the kernel asks for write access to the common ancestor, `user-UID.slice`,
   root's): the user manager has PID 1 move it. In the scope, the launching process takes a leaf of its own
   (`vivarium`: a cgroup whose controllers are enabled for its children may hold no process) and the
-  sandbox's processes `sandbox`, with the limits; systemd removes the scope once both are empty.
+  sandbox's processes `sandbox`, with the limits (root's goes back where it was once they are started);
+  systemd removes the scope once both are empty.
 - cgroup v2 without systemd (or whose systemd would not make the scope), run by root: `vivarium/<sandbox>`
   under the hierarchy's root, the controllers enabled on the way down (what Docker's cgroupfs driver does).
 - a hybrid host (pids and memory bound to v1 hierarchies, as on this project's build machines and older
@@ -128,6 +129,7 @@ class Group:
     dirs: tuple[Path, ...]
     mounts: tuple[Path, ...]  # each directory's hierarchy
     scope: str = ""  # the systemd scope it is the leaf `SCOPE_SANDBOX` of, if it is one
+    home: str = ""  # where root's launching process was before systemd put it in the scope: it goes back there
 
     @property
     def path(self) -> str:
@@ -168,7 +170,7 @@ class Group:
         A user scope's from outside it (a later `up` mending a running sandbox): moved there by the user's
         systemd, and afterwards into the scope's launcher leaf (its login session's cgroup is not the user's
         to move back into). Unavailable if it cannot be joined."""
-        was = _own_paths()
+        was = {"2": self.home} if self.home else _own_paths()
         try:
             for d in self.dirs:
                 (d / "cgroup.procs").write_text(f"{os.getpid()}\n")
@@ -226,6 +228,7 @@ def _made(name: str, limits: Limits, layout: Layout) -> Group:
 def _scoped(name: str, limits: Limits, layout: Layout) -> Group:
     """A scope of systemd's (root) or of the user's systemd with this process in it, its leaf `SCOPE_SANDBOX` limited."""
     assert layout.v2 is not None
+    home = _own_paths().get("2", "") if os.geteuid() == 0 else ""  # a user's is not theirs to go back into
     scope = layout.v2 / _ask_for_scope(f"vivarium-{name}-{secrets.token_hex(4)}.scope").lstrip("/")
     try:
         launcher = scope / SCOPE_LAUNCHER
@@ -239,7 +242,7 @@ def _scoped(name: str, limits: Limits, layout: Layout) -> Group:
         (scope / SCOPE_SANDBOX).mkdir(mode=0o755, exist_ok=True)
     except OSError as e:
         raise Unavailable(f"cannot make a cgroup in {scope}: {e.strerror or e}") from None
-    group = Group(2, (scope / SCOPE_SANDBOX,), (layout.v2,), scope.name)
+    group = Group(2, (scope / SCOPE_SANDBOX,), (layout.v2,), scope.name, home)
     _set_limits(group, limits)
     return group
 

@@ -331,10 +331,11 @@ def test_a_restored_sandbox_reaches_out_at_once(capped: Sandbox) -> None:
     assert r.returncode == 0 and took < 15, (r.returncode, r.stderr, took)
 
 
-# Run by the guest's agent as a stand-in for vivarium on a user's systemd host: vivarium's own cgroup module
-# makes a sandbox's cgroup as a launch does and starts a fork storm in it, as a launch starts the sandbox's
-# processes; the storm's forks are killed, one long-lived process left as the sandbox's. A later run (as a
-# later `up` mending the sandbox would) joins the cgroup from outside and starts one more.
+# Run by the guest's agent (and by root) as a stand-in for vivarium on a systemd host: vivarium's own cgroup
+# module makes a sandbox's cgroup as a launch does and starts a long-lived process and a fork storm in it, as
+# a launch starts the sandbox's processes; the storm is killed, the long-lived process left as the
+# sandbox's. A later run (as a later `up` mending the sandbox would) joins the cgroup from outside and
+# starts one more.
 STAND_IN = """
 import json, os, subprocess, sys
 from pathlib import Path
@@ -354,14 +355,13 @@ if sys.argv[2] == "make":
         sys.exit()
     cgroup.remember(here, group)
     with group.joined():
+        kept = detached(["sleep", "600"])  # the sandbox's, while nothing else is (root's launcher goes back home)
         storm = detached([sys.executable, "-c", sys.argv[1], "50"])
     made, failed = map(int, storm.stdout.readline().split())
     out.update(made=made, failed=failed, usage=group.usage(), launcher=own(), storm=own(storm.pid), where=cgroup.where())
-    for pid in group.pids():  # the storm and what it forked
+    for pid in set(group.pids()) - {kept.pid}:  # the storm and what it forked
         os.kill(pid, 9)
     storm.wait()
-    with group.joined():
-        detached(["sleep", "600"])
 else:
     group = cgroup.of("stand-in", here)
     out.update(found=group is not None and group.path)
@@ -431,6 +431,7 @@ def test_a_normal_users_sandbox_gets_a_scope_of_its_systemd(neighbour: Sandbox) 
     scope = rooted["usage"]["path"].removesuffix("/sandbox")
     assert scope.startswith("/system.slice/vivarium-stand-in-0123abcd-") and rooted["where"] == "a transient scope of systemd's, cgroup v2", rooted
     assert rooted["storm"] == f"0::{scope}/sandbox" and rooted["failed"] > 0 and rooted["made"] < 16, rooted
+    assert scope not in rooted["launcher"], rooted  # root went back where it was
     mended = stand_in("mend", root=True)
     assert mended["late"] == f"0::{scope}/sandbox" and mended["removed"], mended
     assert neighbour.exec(["sh", "-c", gone, scope], timeout=60).returncode == 0
