@@ -195,7 +195,7 @@ def make(name: str, limits: Limits, layout: Layout | None = None) -> Group:
     scope of its own (root) or of the user's systemd (a normal user), which this process is then in
     (`SCOPE_LAUNCHER`); otherwise made by root under each hierarchy's root (or found, its limits set again)."""
     layout = layout or Layout.read()
-    if layout.version == 2 and SYSTEMD.is_dir():
+    if _systemd_scopes(layout):
         try:
             return _scoped(name, limits, layout)
         except Unavailable:
@@ -264,6 +264,11 @@ def _set_limits(group: Group, limits: Limits) -> None:
     weight = limits.io_weight if group.version == 2 else min(1000, max(10, limits.io_weight * 5))  # v1: 10-1000, 500 the default
     with contextlib.suppress(OSError):  # only with an IO scheduler that weighs (BFQ, io.cost): best effort
         _write(group, "io.weight", "blkio.weight", f"default {weight}" if group.version == 2 else str(weight))
+
+
+def _systemd_scopes(layout: Layout) -> bool:
+    """A sandbox's cgroup here is a systemd scope: systemd runs the host, on cgroup v2."""
+    return layout.version == 2 and SYSTEMD.is_dir()
 
 
 def _manager() -> str:
@@ -341,11 +346,6 @@ def remember(directory: Path, group: Group | None, why: str = "") -> None:
     (directory / RECORD).write_text((group.path if group is not None else f"none: {why}") + "\n")
 
 
-def find(name: str, layout: Layout | None = None) -> Group | None:
-    """The cgroup `vivarium/<name>` if it exists."""
-    return _existing(f"/{BASE}/{name}", layout)
-
-
 def of(name: str, directory: Path, layout: Layout | None = None) -> Group | None:
     """The cgroup of sandbox `name` (living in `directory`), if it has one now: where its last start made it."""
     try:
@@ -374,7 +374,7 @@ def why_none(directory: Path | None = None) -> str:
             return said.removeprefix("none: ")
     try:
         layout = Layout.read()
-        if layout.version == 2 and SYSTEMD.is_dir() and os.geteuid() != 0:  # a scope of the user's systemd
+        if _systemd_scopes(layout) and os.geteuid() != 0:  # a scope of the user's systemd
             manager = manager_socket()
             return "" if manager.is_socket() else f"no systemd user manager runs for this user ({manager} is not there)"
         base = layout.dirs("x")[0].parent
@@ -388,7 +388,7 @@ def why_none(directory: Path | None = None) -> str:
 def where() -> str:
     """Where a sandbox's cgroup is made here, in a few words (why_none() is "")."""
     layout = Layout.read()
-    if layout.version == 2 and SYSTEMD.is_dir():
+    if _systemd_scopes(layout):
         return "a transient scope of systemd's, cgroup v2" if os.geteuid() == 0 else "a transient scope of the user's systemd, cgroup v2"
     return f"cgroup v{layout.version}, under {layout.mounts()[0] / BASE}"
 
