@@ -2,18 +2,21 @@
 vivarium runs it (in a user namespace, share/userns.py) against the root virtiofsd of before (0e6701b),
 and against other settings of it (cache mode, writeback), each a share of its own in the same VM.
 
-    sudo .venv/bin/python -m bench.share     (root: to run the root virtiofsd of before as the baseline)
+    sudo .venv/bin/python -m bench.share [--runs N]    (root: to run the root virtiofsd of before as the baseline)
 
 (a) sequential write then read of 200 MB (dd, fsync on write, caches dropped before the read)
 (b) 5,000 small files created, then read back
 each on every share (virtiofs; 9p is not in Debian's cloud kernel) and on the guest's disk, printed
-as time ratios: against the disk (1.0 = as fast as the disk) and against the root server.
+as time ratios: against the disk (1.0 = as fast as the disk) and against the root server, each taken within
+a round (this machine's speed drifts) and the median of the rounds' shown.
 """
 
 from __future__ import annotations
 
+import argparse
 import json
 import os
+import statistics
 import sys
 import tempfile
 from collections.abc import Callable
@@ -57,70 +60,107 @@ print(json.dumps({"write": w, "read": r, "create": c, "readsmall": rd}))
 """
 
 
-# share directory: (what it is, how its server's command line differs from vivarium's)
+# share directory: (what it is, how its server's command line differs from vivarium's, the share's mode)
 VARIANTS = {
-    "root": ("root virtiofsd, no namespace (0e6701b)", "root"),
-    "ns": ("vivarium: user namespace, cache=auto", ""),
-    "always": ("user namespace, cache=always", "cache=always"),
-    "writeback": ("user namespace, cache=auto, writeback", "writeback"),
+    "root": ("root virtiofsd, no namespace (0e6701b)", "root", "rw"),
+    "ns": ("vivarium: user namespace, cache=auto", "", "rw"),
+    "always": ("user namespace, cache=always", "cache=always", "rw"),
+    "writeback": ("user namespace, cache=auto, writeback", "writeback", "rw"),
+    "review": ("vivarium, mode=review (the guest's writes on its disk)", "", "review"),
 }
-# Not measured: a thread pool (--thread-pool-size). QEMU 7.2's virtiofsd dies of its own seccomp filter as soon as
-# its pool starts a thread (sched_getaffinity, SIGSYS: seen here), and the guest's file operations hang.
+# The Rust daemon's (Debian 13) own settings. The C one (Debian 12) cannot run a thread pool: QEMU 7.2's
+# virtiofsd dies of its own seccomp filter as soon as its pool starts a thread (sched_getaffinity, SIGSYS:
+# seen here), and the guest's file operations hang.
+RUST_VARIANTS = {
+    "pool": ("user namespace, cache=auto, --thread-pool-size=4", "pool", "rw"),
+    "metadata": ("user namespace, cache=metadata", "cache=metadata", "rw"),
+}
 
 
-def _variant_argv(original: Callable[..., list[str]], tags: dict[str, str]) -> Callable[..., list[str]]:
+def _variant_argv(original: Callable[..., list[str]], tags: dict[str, str], variants: dict[str, tuple[str, str, str]]) -> Callable[..., list[str]]:
     def argv(binary: str, share: virtiofs.ShareSpec, fd: int, ids: Any) -> list[str]:
         out = original(binary, share, fd, ids)
-        how = VARIANTS[tags[share.tag]][1]
+        how = variants[tags[share.tag]][1]
         if how == "root":  # confine.py without a user namespace: the server as root, as before
             at = out.index("--uid-map")
             out[at : at + 4] = []
-        elif how == "cache=always":
-            out = [a.replace("cache=auto", "cache=always") for a in out]
+        elif how.startswith("cache="):
+            out = [a.replace("cache=auto", how) for a in out]
         elif how == "writeback":
             out.insert(out.index("--fd=" + str(fd)) + 1, "--writeback" if not virtiofs.is_c_daemon(binary) else "-owriteback")
+        elif how == "pool":
+            out.insert(out.index("--fd=" + str(fd)) + 1, "--thread-pool-size=4")
         return out
 
     return argv
 
 
 def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--runs", type=int, default=1, help="rounds over every place (the median is shown); default 1")
+    parser.add_argument("--only", metavar="NAME,...", help="these settings only (the root server is always measured): "
+                        + ", ".join([*VARIANTS, *RUST_VARIANTS]))  # fmt: skip
+    args = parser.parse_args()
+    runs = args.runs
+    variants = dict(VARIANTS)
+    if not virtiofs.is_c_daemon(virtiofs.find_virtiofsd()):
+        variants.update(RUST_VARIANTS)
+    if args.only:
+        wanted = {"root", *args.only.split(",")}
+        if unknown := wanted - set(variants):
+            parser.error(f"no such setting here: {', '.join(sorted(unknown))}")
+        variants = {name: v for name, v in variants.items() if name in wanted}
     with tempfile.TemporaryDirectory(prefix="vivarium-bench-share-") as tmp:
         d = Path(tmp)
-        shares = "".join(f'[[share]]\nhost = "{name}"\nmode = "rw"\n' for name in VARIANTS)
+        shares = "".join(f'[[share]]\nhost = "{name}"\nmode = "{v[2]}"\n' for name, v in variants.items())
         (d / "vivarium.toml").write_text(
             f'[vm]\nmemory = "2G"\ncpus = 2\ndisk = "10G"\nswap = "256M"\n[[forward]]\nhost = {free_port()}\nguest = 22\n{shares}'
         )
         d.chmod(0o711)  # the shares' owner (below) passes through, as into a home
-        for name in VARIANTS:
+        for name in variants:
             (d / name).mkdir()
         config = cfg.load(d / "vivarium.toml")
-        for name in VARIANTS:
+        for name in variants:
             os.chown(d / name, config.uid, config.uid)  # the project belongs to the user the agent runs as
-        virtiofs.virtiofsd_argv = _variant_argv(virtiofs.virtiofsd_argv, {f"share{i}": name for i, name in enumerate(VARIANTS)})
+        tags = {f"share{i}": name for i, name in enumerate(variants)}
+        virtiofs.virtiofsd_argv = _variant_argv(virtiofs.virtiofsd_argv, tags, variants)
         box = Sandbox("bench-share", config)
         box.up()
         try:
-            if len(box.status().shares) != len(VARIANTS):
+            if len(box.status().shares) != len(variants):
                 print("the shares could not be served here (see `vivarium doctor`)", file=sys.stderr)
                 return 1
-            results = {}
-            for where, path in [*((name, str((d / name).resolve())) for name in VARIANTS), ("disk", "~/bench-disk")]:
-                r = box.exec(["python3", "-c", SCRIPT, path], capture=True, timeout=1800)
-                if r.returncode != 0:
-                    raise RuntimeError(r.stderr)
-                results[where] = json.loads(r.stdout.strip().splitlines()[-1])
+            places = [*((name, str((d / name).resolve())) for name in variants), ("disk", "~/bench-disk")]
+            results: dict[str, list[dict[str, float]]] = {where: [] for where, _ in places}
+            for round_ in range(runs):  # round by round, each round's order turned by one: drift reaches all alike
+                turn = round_ % len(places)
+                for where, path in places[turn:] + places[:turn]:
+                    print(f"round {round_ + 1}/{runs}: {where}", file=sys.stderr, flush=True)
+                    r = box.exec(["python3", "-c", SCRIPT, path], capture=True, timeout=1800)
+                    if r.returncode != 0:
+                        raise RuntimeError(r.stderr)
+                    results[where].append(json.loads(r.stdout.strip().splitlines()[-1]))
         finally:
             box.destroy()
+    median = {where: {key: statistics.median(r[key] for r in rs) for key in rs[0]} for where, rs in results.items()}
+
+    def spread(where: str, key: str) -> str:  # each run's time, where there were several
+        times = sorted(r[key] for r in results[where])
+        return f" ({'-'.join(f'{t:.1f}' for t in times)})" if len(times) > 1 else ""
+
+    def ratio(where: str, base: str, key: str) -> float:  # a ratio to a baseline of the same round: the median of them
+        return statistics.median(a[key] / b[key] for a, b in zip(results[where], results[base], strict=True))
+
     rows = []
     for key, what in (("write", "200 MB sequential write"), ("read", "200 MB sequential read"),
                       ("create", "5,000 small files created"), ("readsmall", "5,000 small files read")):  # fmt: skip
-        disk, root = results["disk"][key], results["root"][key]
-        rows.append((what, f"disk {disk:.2f}s"))
-        for name, (label, _) in VARIANTS.items():
-            t = results[name][key]
-            rows.append((f"  {label}", f"{t:.2f}s, /disk {t / disk:.2f}x, /root server {t / root:.2f}x"))
-    report("shared directories vs the guest's own disk and the root server of before (same VM, same run)", rows)
+        rows.append((what, f"disk {median['disk'][key]:.2f}s{spread('disk', key)}"))
+        for name, (label, _, _) in variants.items():
+            t = median[name][key]
+            against = f"/disk {ratio(name, 'disk', key):.2f}x, /root server {ratio(name, 'root', key):.2f}x"
+            rows.append((f"  {label}", f"{t:.2f}s{spread(name, key)}, {against}"))
+    daemon = "the C virtiofsd" if virtiofs.is_c_daemon(virtiofs.find_virtiofsd()) else "the Rust virtiofsd"
+    report(f"shared directories ({daemon}) vs the guest's own disk and the root server of before (same VM, median of {runs})", rows)
     return 0
 
 
