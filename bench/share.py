@@ -102,8 +102,11 @@ def main() -> int:
                         + ", ".join([*VARIANTS, *RUST_VARIANTS]))  # fmt: skip
     args = parser.parse_args()
     runs = args.runs
+    if runs < 1:
+        parser.error("--runs: at least 1")
+    c_daemon = virtiofs.is_c_daemon(virtiofs.find_virtiofsd())
     variants = dict(VARIANTS)
-    if not virtiofs.is_c_daemon(virtiofs.find_virtiofsd()):
+    if not c_daemon:
         variants.update(RUST_VARIANTS)
     if args.only:
         wanted = {"root", *args.only.split(",")}
@@ -159,7 +162,7 @@ def main() -> int:
             t = median[name][key]
             against = f"/disk {ratio(name, 'disk', key):.2f}x, /root server {ratio(name, 'root', key):.2f}x"
             rows.append((f"  {label}", f"{t:.2f}s{spread(name, key)}, {against}"))
-    daemon = "the C virtiofsd" if virtiofs.is_c_daemon(virtiofs.find_virtiofsd()) else "the Rust virtiofsd"
+    daemon = "the C virtiofsd" if c_daemon else "the Rust virtiofsd"
     report(f"shared directories ({daemon}) vs the guest's own disk and the root server of before (same VM, median of {runs})", rows)
     return 0
 
