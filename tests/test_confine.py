@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import resource
 import shutil
 import stat
 import subprocess
@@ -13,6 +14,7 @@ import sys
 import tempfile
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -165,3 +167,28 @@ def test_a_normal_users_server_meets_the_same_limits(normal_user: tuple[pwd.stru
     ro = subprocess.run([*argv[:5], "--ro", *ns, "--", "sh", "-c", f"echo x > {d}/new.txt"], capture_output=True, text=True,
                         timeout=60, check=False, user=pw.pw_uid, group=pw.pw_gid, extra_groups=[])  # fmt: skip
     assert ro.returncode != 0 and "Read-only file system" in ro.stderr, ro.stderr
+
+
+def _session_limits() -> None:  # a login session's: systemd gives 1024 soft (whatever this machine's hard one is)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+
+
+def test_the_server_may_hold_a_descriptor_per_file_the_guest_knows(normal_user: tuple[pwd.struct_passwd, Path]) -> None:
+    """Started from a login session (1024 open files), the server gets root's 1,000,000 (at most fs.nr_open) when
+    root starts it, and the whole hard limit when a normal user does; both in their user namespace, where
+    neither could raise it itself. On a9b15c2 both kept 1024 (the C daemon then failed the guest's 1007th file)."""
+    pw, base = normal_user
+    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    # root without CAP_SYS_RESOURCE (this project's build machines: a container's root) may not raise the hard limit
+    try_raise = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({hard + 1}, {hard + 1}))"
+    may = subprocess.run([sys.executable, "-c", try_raise], capture_output=True, timeout=60, check=False).returncode == 0
+    for who, ids, expect in (("root", userns.maps(pw.pw_name, pw.pw_uid, pw.pw_gid, 1000, 1000), min(confine.NOFILE, nr_open) if may else hard),
+                             ("user", userns.maps(pw.pw_name, pw.pw_uid, pw.pw_gid, 1000, 1000), hard)):  # fmt: skip
+        assert not isinstance(ids, str), ids
+        ns = ["--uid-map", userns.format_map(ids[0]), "--gid-map", userns.format_map(ids[1])]
+        argv = [sys.executable, "-m", "vivarium.share.confine", "--root", str(base), *ns, "--", "sh", "-c", "ulimit -Sn; ulimit -Hn"]
+        as_user: dict[str, Any] = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []} if who == "user" else {}
+        r = subprocess.run(argv, capture_output=True, text=True, cwd=base, timeout=60, check=False, preexec_fn=_session_limits, **as_user)
+        assert r.returncode == 0, (who, r.stderr)
+        assert r.stdout.split() == [str(expect)] * 2, (who, r.stdout, r.stderr)

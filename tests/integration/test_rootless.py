@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import os
 import pwd
+import resource
 import shutil
 import subprocess
 import sys
@@ -37,6 +38,13 @@ USER = "vivarium-it"
 NAME = "rootless"
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = os.path.realpath(sys.executable)  # the system's interpreter, not the checkout's venv (its parents may be closed)
+LOGIN_NOFILE = 1024  # the open-file limit systemd gives a login session (soft; the hard one is 524288 there)
+
+
+def _login_limits() -> None:
+    """The limits of a user's login session, whatever the test's own are (this machine's are 20000 both)."""
+    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LOGIN_NOFILE, hard))
 
 
 @dataclass(frozen=True)
@@ -60,7 +68,7 @@ class User:
         else:
             env, ids = self.env, {"user": self.pw.pw_uid, "group": self.pw.pw_gid, "extra_groups": []}
         proc = subprocess.run([PYTHON, "-m", "vivarium", *args], capture_output=True, text=True, cwd=cwd or self.home, env=env,
-                              stdin=subprocess.DEVNULL, timeout=timeout, check=False, **ids)  # fmt: skip
+                              stdin=subprocess.DEVNULL, timeout=timeout, check=False, preexec_fn=_login_limits, **ids)  # fmt: skip
         if check and proc.returncode != 0:
             raise AssertionError(f"vivarium {' '.join(args)} (as {USER}) exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
@@ -185,6 +193,19 @@ def test_root_in_the_guest_gets_no_more_than_the_user(sandbox: tuple[User, Path,
     assert not (docs / "new").exists()
 
 
+MANY = 3000  # files the guest creates in its share, and so inodes of it the share server holds open
+
+
+def test_the_share_serves_more_files_than_a_login_sessions_limit(sandbox: tuple[User, Path, Path]) -> None:
+    """Started from a login session (1024 open files), the share still serves a tree of thousands of files: its
+    server holds a descriptor for each file the guest has looked up. On a9b15c2 the guest's 1007th new file failed
+    with 'Too many open files' (the C daemon stayed at the session's 1024; under sudo too)."""
+    user, project, _ = sandbox
+    out = user.exec(f"mkdir {project}/many && cd {project}/many && seq -f f%g {MANY} | xargs touch && ls | wc -l && cat * | wc -c")
+    assert out.split() == [str(MANY), "0"], out[-500:]
+    assert len(os.listdir(project / "many")) == MANY
+
+
 def test_the_fence_holds(sandbox: tuple[User, Path, Path]) -> None:
     user, _, _ = sandbox
     out = user.exec(
@@ -205,5 +226,8 @@ def test_under_sudo_it_is_the_user_who_ran_sudo(sandbox: tuple[User, Path, Path]
     user.run("stop", NAME, sudo=True)
     user.run("up", NAME, cwd=project, sudo=True)
     assert user.exec(f"cat {project}/before-sudo.txt").strip() == "the user's"
+    # its share server, started by root for the user, serves more files than the session's open-file limit too
+    out = user.exec(f"mkdir {project}/many-sudo && cd {project}/many-sudo && seq -f f%g {MANY} | xargs touch && ls | wc -l")
+    assert out.split() == [str(MANY)], out[-500:]
     assert_nothing_runs_as_root(user, project)
     assert user.run("exec", NAME, "--", "id", "-u", sudo=True).stdout.strip() == "1000"

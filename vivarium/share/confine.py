@@ -2,8 +2,9 @@
 
     python -m vivarium.share.confine --root DIR [--ro] [--protect REL]... -- virtiofsd ARGS...
 
-Given --uid-map, it first enters a user namespace of the share's own (userns.py: the guest's user
-is the host user there, the guest's other ids subordinate ones). Then, in a private
+It first raises its open-file limit (open_files below). Given --uid-map, it then enters a user namespace
+of the share's own (userns.py: the guest's user is the host user there, the guest's other ids subordinate
+ones). Then, in a private
 mount namespace of its own (so nothing here shows on the host), it
   - makes DIR read-only (--ro), or makes each existing --protect path read-only
     (a read-only bind mount: root in the guest remounting its own view changes
@@ -23,6 +24,7 @@ import ctypes
 import errno
 import os
 import platform
+import resource
 import stat
 import struct
 import sys
@@ -185,6 +187,32 @@ def protect(root: str, rel: str) -> str:
             os.close(fd)
 
 
+NOFILE = 1_000_000  # what both daemons ask for themselves, which in a user namespace they cannot get past the hard limit
+
+
+def open_files() -> tuple[int, int]:
+    """Raise this process's open-file limit for the server: it holds a descriptor for each inode the guest has
+    looked up, and a login session's 1024 (systemd's soft limit) ran out at the guest's 1007th new file. Root
+    raises both limits to NOFILE (at most fs.nr_open) while it still may, before the user namespace; anyone
+    raises the soft limit to the hard one. The sandbox's cgroup bounds the kernel memory those descriptors take.
+    Returns the limits it leaves."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if os.geteuid() == 0 and hard != resource.RLIM_INFINITY and hard < NOFILE:
+        try:
+            with open("/proc/sys/fs/nr_open") as f:
+                most = int(f.read())
+        except (OSError, ValueError):
+            most = NOFILE
+        try:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, min(NOFILE, most)), max(hard, min(NOFILE, most))))
+        except (OSError, ValueError):
+            pass  # not root of the host's namespace after all (a container): the soft limit below still rises
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft != hard:
+        resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+    return resource.getrlimit(resource.RLIMIT_NOFILE)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m vivarium.share.confine")
     p.add_argument("--root", required=True)
@@ -197,6 +225,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     command = args.command[1:] if args.command[:1] == ["--"] else args.command
     if not command:
         p.error("no command")
+    open_files()
     if args.uid_map:
         userns.enter(args.uid_map, args.gid_map or ())
         try:
