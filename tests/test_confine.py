@@ -4,6 +4,7 @@ the host. Any command stands in for virtiofsd: the limits are the process's, wha
 
 from __future__ import annotations
 
+import json
 import os
 import pwd
 import resource
@@ -192,3 +193,27 @@ def test_the_server_may_hold_a_descriptor_per_file_the_guest_knows(normal_user: 
         r = subprocess.run(argv, capture_output=True, text=True, cwd=base, timeout=60, check=False, preexec_fn=_session_limits, **as_user)
         assert r.returncode == 0, (who, r.stderr)
         assert r.stdout.split() == [str(expect)] * 2, (who, r.stdout, r.stderr)
+
+
+def test_doctor_says_how_many_files_a_share_server_may_keep_open() -> None:
+    """`vivarium doctor` reports what open_files gives a server started from its own limits: short of 65,536 (a hard
+    limit of 4096 here), a warning with the fix; this machine's own limits as they are."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+
+    def doctor(limit: int) -> dict[str, Any]:
+        def lower() -> None:
+            resource.setrlimit(resource.RLIMIT_NOFILE, (min(1024, limit), limit))
+
+        r = subprocess.run([sys.executable, "-m", "vivarium", "doctor", "--json"], capture_output=True, text=True, timeout=120,
+                           check=False, preexec_fn=lower)  # fmt: skip
+        found: list[dict[str, Any]] = [c for c in json.loads(r.stdout) if c["name"] == "share open files"]
+        assert len(found) == 1, r.stdout
+        return found[0]
+
+    low = doctor(4096)
+    assert not low["ok"] and "4,096 files" in low["detail"] and "Too many open files" in low["detail"] and "ulimit -Hn" in low["fix"], low
+    mine = doctor(hard)
+    may = subprocess.run([sys.executable, "-c", f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({hard + 1}, {hard + 1}))"],
+                         capture_output=True, timeout=60, check=False).returncode == 0  # fmt: skip
+    most = max(hard, min(confine.NOFILE, int(Path("/proc/sys/fs/nr_open").read_text()))) if may else hard
+    assert f"{most:,} files" in mine["detail"] and mine["ok"] == (most >= 65536), mine

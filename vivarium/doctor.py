@@ -3,7 +3,10 @@
 from __future__ import annotations
 
 import os
+import resource
 import shutil
+import subprocess
+import sys
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -15,6 +18,7 @@ from vivarium.share import virtiofs
 from vivarium.vm import accel, caps
 
 MIN_FREE = 8 << 30  # an image build needs a few GiB; instances grow from there
+MIN_OPEN_FILES = 65536  # files of a share the guest may keep looked up at once (a project with its node_modules)
 
 
 @dataclass(frozen=True)
@@ -44,6 +48,7 @@ def checks(kernel: Path | None = None) -> list[Check]:
         out.append(Check("KVM usable", False, str(e), e.hint, required=False))
     out.append(_qemu())
     out.append(_shares())
+    out.append(_open_files())
     out.append(_userns())
     out.append(_fence())
     out.append(_cgroup())
@@ -72,6 +77,24 @@ def _shares() -> Check:
     elif "subordinate" in why:
         fix = "./scripts/setup (it gives your user subordinate ids)"
     return Check("shared directories", False, f"{why}; `up` refuses a sandbox with shares (`up --no-share` starts one without)", fix, required=False)
+
+
+def _open_files() -> Check:
+    """How many files a share server may hold open: one per file of the share the guest has looked up, so a guest
+    past it gets 'Too many open files'. Found by confine.open_files itself, in a child (it changes the limits)."""
+    name, fix = "share open files", "raise the hard open-file limit: `ulimit -Hn`, nofile in /etc/security/limits.conf, LimitNOFILE="
+    code = "from vivarium.share import confine; print(confine.open_files()[0])"
+    try:
+        r = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=30, check=True)
+        most = int(r.stdout)
+    except (OSError, subprocess.SubprocessError, ValueError) as e:
+        return Check(name, False, f"not found: {e}", required=False)
+    if most == resource.RLIM_INFINITY:
+        return Check(name, True, "a share server may keep any number of files open", required=False)
+    detail = f"a share server may keep {most:,} files open (one per file of the share the guest has looked up)"
+    if most < MIN_OPEN_FILES:
+        return Check(name, False, f"{detail}; past that the guest gets 'Too many open files'", fix, required=False)
+    return Check(name, True, detail, required=False)
 
 
 def _fence() -> Check:
