@@ -170,8 +170,15 @@ def test_a_normal_users_server_meets_the_same_limits(normal_user: tuple[pwd.stru
     assert ro.returncode != 0 and "Read-only file system" in ro.stderr, ro.stderr
 
 
-def _session_limits() -> None:  # a login session's: systemd gives 1024 soft (whatever this machine's hard one is)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (1024, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
+def _root_server_gets() -> int:
+    """The open-file limit open_files leaves a server root starts with, from this process's hard limit: NOFILE (at
+    most fs.nr_open) unless the hard one is already more, or the hard one where root may not raise it (without
+    CAP_SYS_RESOURCE: a container's root, as on this project's build machines)."""
+    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
+    try_raise = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({hard + 1}, {hard + 1}))"
+    if subprocess.run([sys.executable, "-c", try_raise], capture_output=True, timeout=60, check=False).returncode != 0:
+        return hard
+    return max(hard, min(confine.NOFILE, int(Path("/proc/sys/fs/nr_open").read_text())))
 
 
 def test_the_server_may_hold_a_descriptor_per_file_the_guest_knows(normal_user: tuple[pwd.struct_passwd, Path]) -> None:
@@ -179,18 +186,14 @@ def test_the_server_may_hold_a_descriptor_per_file_the_guest_knows(normal_user: 
     root starts it, and the whole hard limit when a normal user does; both in their user namespace, where
     neither could raise it itself. On a9b15c2 both kept 1024 (the C daemon then failed the guest's 1007th file)."""
     pw, base = normal_user
-    nr_open = int(Path("/proc/sys/fs/nr_open").read_text())
-    hard = resource.getrlimit(resource.RLIMIT_NOFILE)[1]
-    # root without CAP_SYS_RESOURCE (this project's build machines: a container's root) may not raise the hard limit
-    try_raise = f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({hard + 1}, {hard + 1}))"
-    may = subprocess.run([sys.executable, "-c", try_raise], capture_output=True, timeout=60, check=False).returncode == 0
-    for who, ids, expect in (("root", userns.maps(pw.pw_name, pw.pw_uid, pw.pw_gid, 1000, 1000), min(confine.NOFILE, nr_open) if may else hard),
-                             ("user", userns.maps(pw.pw_name, pw.pw_uid, pw.pw_gid, 1000, 1000), hard)):  # fmt: skip
-        assert not isinstance(ids, str), ids
-        ns = ["--uid-map", userns.format_map(ids[0]), "--gid-map", userns.format_map(ids[1])]
-        argv = [sys.executable, "-m", "vivarium.share.confine", "--root", str(base), *ns, "--", "sh", "-c", "ulimit -Sn; ulimit -Hn"]
-        as_user: dict[str, Any] = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []} if who == "user" else {}
-        r = subprocess.run(argv, capture_output=True, text=True, cwd=base, timeout=60, check=False, preexec_fn=_session_limits, **as_user)
+    ids = userns.maps(pw.pw_name, pw.pw_uid, pw.pw_gid, 1000, 1000)
+    assert not isinstance(ids, str), ids
+    ns = ["--uid-map", userns.format_map(ids[0]), "--gid-map", userns.format_map(ids[1])]
+    argv = [sys.executable, "-m", "vivarium.share.confine", "--root", str(base), *ns, "--", "sh", "-c", "ulimit -Sn; ulimit -Hn"]
+    as_root: dict[str, Any] = {}
+    as_user: dict[str, Any] = {"user": pw.pw_uid, "group": pw.pw_gid, "extra_groups": []}
+    for who, ids_of, expect in (("root", as_root, _root_server_gets()), ("user", as_user, resource.getrlimit(resource.RLIMIT_NOFILE)[1])):
+        r = subprocess.run(argv, capture_output=True, text=True, cwd=base, timeout=60, check=False, preexec_fn=users.login_limits, **ids_of)
         assert r.returncode == 0, (who, r.stderr)
         assert r.stdout.split() == [str(expect)] * 2, (who, r.stdout, r.stderr)
 
@@ -213,7 +216,5 @@ def test_doctor_says_how_many_files_a_share_server_may_keep_open() -> None:
     low = doctor(4096)
     assert not low["ok"] and "4,096 files" in low["detail"] and "Too many open files" in low["detail"] and "ulimit -Hn" in low["fix"], low
     mine = doctor(hard)
-    may = subprocess.run([sys.executable, "-c", f"import resource; resource.setrlimit(resource.RLIMIT_NOFILE, ({hard + 1}, {hard + 1}))"],
-                         capture_output=True, timeout=60, check=False).returncode == 0  # fmt: skip
-    most = max(hard, min(confine.NOFILE, int(Path("/proc/sys/fs/nr_open").read_text()))) if may else hard
+    most = _root_server_gets()
     assert f"{most:,} files" in mine["detail"] and mine["ok"] == (most >= 65536), mine

@@ -5,12 +5,21 @@ from __future__ import annotations
 
 import os
 import pwd
+import resource
 import shutil
 import subprocess
 from collections.abc import Container
 from pathlib import Path
 
 from vivarium.share import userns
+
+LOGIN_NOFILE = 1024  # the open-file limit systemd gives a login session (soft; the hard one is 524288 there)
+
+
+def login_limits() -> None:
+    """A login session's open-file limits, whatever the tests' own are (this machine's are 20000 both): systemd's
+    soft 1024, the hard one kept. For a child's preexec_fn."""
+    resource.setrlimit(resource.RLIMIT_NOFILE, (LOGIN_NOFILE, resource.getrlimit(resource.RLIMIT_NOFILE)[1]))
 
 
 def make(name: str, home: Path | None = None) -> pwd.struct_passwd:

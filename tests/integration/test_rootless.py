@@ -11,7 +11,6 @@ from __future__ import annotations
 
 import os
 import pwd
-import resource
 import shutil
 import subprocess
 import sys
@@ -38,13 +37,6 @@ USER = "vivarium-it"
 NAME = "rootless"
 REPO = Path(__file__).resolve().parents[2]
 PYTHON = os.path.realpath(sys.executable)  # the system's interpreter, not the checkout's venv (its parents may be closed)
-LOGIN_NOFILE = 1024  # the open-file limit systemd gives a login session (soft; the hard one is 524288 there)
-
-
-def _login_limits() -> None:
-    """The limits of a user's login session, whatever the test's own are (this machine's are 20000 both)."""
-    _, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    resource.setrlimit(resource.RLIMIT_NOFILE, (LOGIN_NOFILE, hard))
 
 
 @dataclass(frozen=True)
@@ -68,7 +60,7 @@ class User:
         else:
             env, ids = self.env, {"user": self.pw.pw_uid, "group": self.pw.pw_gid, "extra_groups": []}
         proc = subprocess.run([PYTHON, "-m", "vivarium", *args], capture_output=True, text=True, cwd=cwd or self.home, env=env,
-                              stdin=subprocess.DEVNULL, timeout=timeout, check=False, preexec_fn=_login_limits, **ids)  # fmt: skip
+                              stdin=subprocess.DEVNULL, timeout=timeout, check=False, preexec_fn=users.login_limits, **ids)  # fmt: skip
         if check and proc.returncode != 0:
             raise AssertionError(f"vivarium {' '.join(args)} (as {USER}) exited {proc.returncode}:\n{proc.stdout}\n{proc.stderr}")
         return proc
